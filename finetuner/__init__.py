@@ -1,0 +1,1 @@
+"""Knowledge into weights: gated LoRA distillation (see the finetuner issue)."""

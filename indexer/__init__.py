@@ -1,0 +1,1 @@
+"""Documents in, vectors out: durable store, chunking, embedding worker, vector index."""

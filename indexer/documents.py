@@ -1,0 +1,72 @@
+"""The indexer's value types: what goes in (DocumentIn), what comes back (Ack, Hit, IndexStats)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+AckStatus = Literal["stored", "unchanged", "deleted", "not_found"]
+
+
+@dataclass(frozen=True)
+class DocumentIn:
+    """A document as a client sends it. `valid_from` is unix seconds; None = acknowledgement time."""
+
+    id: str
+    text: str
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    valid_from: float | None = None
+    supersedes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Returned only after the change is durably committed."""
+
+    id: str
+    version: int
+    status: AckStatus
+    chunks: int
+    seq: int
+    acked_at: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk of the newest indexed version of its document."""
+
+    doc_id: str
+    version: int
+    chunk_id: int
+    ordinal: int
+    text: str
+    score: float
+    source: str
+    valid_from: float
+    metadata: dict[str, str]
+    supersedes: tuple[str, ...] = ()
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LagStats:
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    documents: int
+    chunks: int
+    deleted: int
+    pending: int
+    indexed_vectors: int
+    ingest_docs_per_s: float
+    freshness: LagStats
+    embedder: str
+    index_kind: str

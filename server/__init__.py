@@ -1,0 +1,1 @@
+"""The gRPC edge, answer composition and generation backends."""

@@ -1,0 +1,98 @@
+"""Domain values -> protobuf messages (the reverse of validation.py)."""
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kfresh.indexer.documents import Ack, Hit, IndexStats
+from kfresh.server.answerer import AnswerResult
+from kfresh.v1 import kfresh_pb2 as pb
+
+ACK_STATUS = {
+    "stored": pb.ACK_STATUS_STORED,
+    "unchanged": pb.ACK_STATUS_UNCHANGED,
+    "deleted": pb.ACK_STATUS_DELETED,
+    "not_found": pb.ACK_STATUS_NOT_FOUND,
+}
+
+
+def timestamp(unix_s: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix_s * 1e9))
+    return ts
+
+
+def ack_to_proto(ack: Ack) -> pb.IngestResponse:
+    return pb.IngestResponse(
+        id=ack.id,
+        version=ack.version,
+        status=ACK_STATUS[ack.status],
+        chunks=ack.chunks,
+        seq=ack.seq,
+        acked_at=timestamp(ack.acked_at),
+    )
+
+
+def hit_to_chunk(hit: Hit) -> pb.Chunk:
+    return pb.Chunk(
+        doc_id=hit.doc_id,
+        version=hit.version,
+        chunk_id=hit.chunk_id,
+        ordinal=hit.ordinal,
+        text=hit.text,
+        score=hit.score,
+        source=hit.source,
+        valid_from=timestamp(hit.valid_from),
+        metadata=hit.metadata,
+    )
+
+
+def hit_to_citation(hit: Hit, index: int, *, primary: bool) -> pb.Citation:
+    return pb.Citation(
+        index=index,
+        doc_id=hit.doc_id,
+        version=hit.version,
+        source=hit.source,
+        valid_from=timestamp(hit.valid_from),
+        score=hit.score,
+        text=hit.text,
+        primary=primary,
+    )
+
+
+def answer_done(result: AnswerResult) -> pb.AnswerDone:
+    last = len(result.citations)
+    return pb.AnswerDone(
+        citations=[hit_to_citation(h, i, primary=i == last) for i, h in enumerate(result.citations, start=1)],
+        superseded=[hit_to_citation(h, 0, primary=False) for h in result.superseded],
+        timings=pb.Timings(
+            retrieval_ms=result.retrieval_ms,
+            time_to_first_token_ms=result.ttft_ms,
+            total_ms=result.total_ms,
+        ),
+        finish_reason=result.finish_reason,
+        output_tokens=result.output_tokens,
+        model=result.model,
+        adapter=result.adapter,
+    )
+
+
+def stats_to_proto(stats: IndexStats, *, model: str, backend: str, model_ready: bool, uptime_s: float) -> pb.StatsResponse:
+    lag = stats.freshness
+    return pb.StatsResponse(
+        documents=stats.documents,
+        chunks=stats.chunks,
+        pending=stats.pending,
+        deleted=stats.deleted,
+        indexed_vectors=stats.indexed_vectors,
+        ingest_docs_per_s=stats.ingest_docs_per_s,
+        freshness=pb.LagPercentiles(
+            p50_ms=lag.p50_ms, p95_ms=lag.p95_ms, p99_ms=lag.p99_ms, max_ms=lag.max_ms, count=lag.count
+        ),
+        embedder=stats.embedder,
+        index_kind=stats.index_kind,
+        model=model,
+        adapter="",
+        generation_backend=backend,
+        model_ready=model_ready,
+        uptime_s=uptime_s,
+    )

@@ -1,0 +1,111 @@
+"""Thin gRPC servicer: decode + validate, call the domain, encode. Errors map in server/errors.py."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kfresh.config import KfreshConfig
+from kfresh.errors import InvalidInput, NotFound, Unavailable
+from kfresh.server import convert, validation
+from kfresh.server.answerer import AnswerDelta, Answerer
+from kfresh.server.errors import rpc
+from kfresh.server.generation.base import GenerationBackend
+from kfresh.v1 import kfresh_pb2 as pb
+from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kfresh.indexer.service import Indexer
+
+
+class Runtime:
+    """What the servicer talks to; the indexer appears once it has loaded (UNAVAILABLE before)."""
+
+    def __init__(self, cfg: KfreshConfig, backend: GenerationBackend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.indexer: Indexer | None = None
+        self.answerer: Answerer | None = None
+        self.started_at = time.monotonic()
+
+    def attach_indexer(self, indexer: Indexer) -> None:
+        self.indexer = indexer
+        self.answerer = Answerer(indexer, self.backend, self.cfg.answer)
+
+    def require_indexer(self) -> Indexer:
+        if self.indexer is None:
+            raise Unavailable("the index is still loading; retry shortly")
+        return self.indexer
+
+    def require_answerer(self) -> Answerer:
+        self.require_indexer()
+        assert self.answerer is not None
+        return self.answerer
+
+
+class KfreshServicer(pb_grpc.KfreshServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    @rpc
+    async def Ingest(
+        self, request_iterator: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.IngestResponse]:
+        indexer = self._rt.require_indexer()
+        position = 0
+        async for req in request_iterator:
+            position += 1
+            try:
+                validation.reject_unknown_fields(req)
+                op = req.WhichOneof("op")
+                if op == "upsert":
+                    ack = await asyncio.to_thread(indexer.upsert, validation.document_from_proto(req.upsert))
+                elif op == "delete_id":
+                    ack = await asyncio.to_thread(indexer.delete, validation.check_doc_id(req.delete_id, "delete_id"))
+                else:
+                    raise InvalidInput("request has neither upsert nor delete_id")
+            except InvalidInput as exc:
+                raise InvalidInput(f"ingest message #{position}: {exc}") from None
+            yield convert.ack_to_proto(ack)
+
+    @rpc
+    async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        validation.reject_unknown_fields(request)
+        doc_id = validation.check_doc_id(request.id)
+        ack = await asyncio.to_thread(self._rt.require_indexer().delete, doc_id)
+        if ack.status == "not_found":
+            raise NotFound(f"document {doc_id!r} does not exist")
+        return pb.DeleteResponse(id=ack.id, version=ack.version)
+
+    @rpc
+    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
+        query = validation.retrieve_query(request, self._rt.cfg.retrieval)
+        indexer = self._rt.require_indexer()
+        start = time.perf_counter()
+        hits = await asyncio.to_thread(indexer.search, query.query, query.k, query.filters or None)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        return pb.RetrieveResponse(chunks=[convert.hit_to_chunk(h) for h in hits], retrieval_ms=elapsed_ms)
+
+    @rpc
+    async def Answer(self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AnswerResponse]:
+        query = validation.answer_query(request, self._rt.cfg.answer, self._rt.cfg.retrieval)
+        async for event in self._rt.require_answerer().answer(query):
+            if isinstance(event, AnswerDelta):
+                yield pb.AnswerResponse(delta=event.text)
+            else:
+                yield pb.AnswerResponse(done=convert.answer_done(event))
+
+    @rpc
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        validation.reject_unknown_fields(request)
+        stats = await asyncio.to_thread(self._rt.require_indexer().stats)
+        return convert.stats_to_proto(
+            stats,
+            model=self._rt.backend.model,
+            backend=self._rt.backend.name,
+            model_ready=self._rt.backend.ready,
+            uptime_s=time.monotonic() - self._rt.started_at,
+        )

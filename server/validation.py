@@ -1,0 +1,127 @@
+"""Edge validation: protobuf messages in, domain values out, or InvalidInput saying what is wrong."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from kfresh.config import AnswerConfig, RetrievalConfig
+from kfresh.errors import InvalidInput
+from kfresh.indexer.documents import DocumentIn
+from kfresh.v1 import kfresh_pb2 as pb
+
+MAX_ID_CHARS = 256
+MAX_FILTER_PAIRS = 32
+
+
+def reject_unknown_fields(message: Message, path: str = "request") -> None:
+    """Fields this server does not know are an error, not silently ignored (a client/schema mismatch)."""
+    if len(UnknownFieldSet(message)):
+        numbers = sorted({f.field_number for f in UnknownFieldSet(message)})
+        raise InvalidInput(f"{path} has unknown field number(s) {numbers}: client and server schemas differ")
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        if field.is_repeated:
+            for i, item in enumerate(value):
+                reject_unknown_fields(item, f"{path}.{field.name}[{i}]")
+        else:
+            reject_unknown_fields(value, f"{path}.{field.name}")
+
+
+def _check_filter(filters: dict[str, str], field: str) -> dict[str, str]:
+    if len(filters) > MAX_FILTER_PAIRS:
+        raise InvalidInput(f"{field} has {len(filters)} pairs; at most {MAX_FILTER_PAIRS} are allowed")
+    for key in filters:
+        if not key:
+            raise InvalidInput(f"{field} has an empty key")
+    return dict(filters)
+
+
+def document_from_proto(doc: pb.Document) -> DocumentIn:
+    """Shape checks only; size limits that depend on config are enforced by the indexer."""
+    if not doc.id.strip():
+        raise InvalidInput("document.id is empty")
+    if len(doc.id) > MAX_ID_CHARS:
+        raise InvalidInput(f"document.id is {len(doc.id)} characters; at most {MAX_ID_CHARS} are allowed")
+    if not doc.text.strip():
+        raise InvalidInput(f"document {doc.id!r} has empty text")
+    valid_from = None
+    if doc.HasField("valid_from"):
+        valid_from = doc.valid_from.seconds + doc.valid_from.nanos / 1e9
+    return DocumentIn(
+        id=doc.id,
+        text=doc.text,
+        source=doc.source,
+        metadata=dict(doc.metadata),
+        valid_from=valid_from,
+        supersedes=tuple(doc.supersedes),
+    )
+
+
+def check_doc_id(doc_id: str, field: str = "id") -> str:
+    if not doc_id.strip():
+        raise InvalidInput(f"{field} is empty")
+    if len(doc_id) > MAX_ID_CHARS:
+        raise InvalidInput(f"{field} is {len(doc_id)} characters; at most {MAX_ID_CHARS} are allowed")
+    return doc_id
+
+
+def _check_k(k: int, default: int, limit: int, field: str) -> int:
+    if k == 0:
+        return default
+    if not 1 <= k <= limit:
+        raise InvalidInput(f"{field} must be between 1 and {limit} (or 0 for the default {default}); got {k}")
+    return k
+
+
+def _check_text(text: str, limit: int, field: str) -> str:
+    if not text.strip():
+        raise InvalidInput(f"{field} is empty")
+    if len(text) > limit:
+        raise InvalidInput(f"{field} is {len(text)} characters; at most {limit} are allowed")
+    return text
+
+
+@dataclass(frozen=True)
+class RetrieveQuery:
+    query: str
+    k: int
+    filters: dict[str, str]
+
+
+def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQuery:
+    reject_unknown_fields(req)
+    return RetrieveQuery(
+        query=_check_text(req.query, cfg.max_query_chars, "query"),
+        k=_check_k(req.k, cfg.default_k, cfg.max_k, "k"),
+        filters=_check_filter(dict(req.filter), "filter"),
+    )
+
+
+@dataclass(frozen=True)
+class AnswerQuery:
+    question: str
+    k: int
+    filters: dict[str, str]
+    closed_book: bool
+    max_tokens: int
+    temperature: float
+    adapter: str
+
+
+def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalConfig) -> AnswerQuery:
+    reject_unknown_fields(req)
+    temperature = req.temperature if req.HasField("temperature") else cfg.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidInput(f"temperature must be between 0 and 2; got {temperature}")
+    return AnswerQuery(
+        question=_check_text(req.question, retrieval.max_query_chars, "question"),
+        k=_check_k(req.k, cfg.default_k, retrieval.max_k, "k"),
+        filters=_check_filter(dict(req.filter), "filter"),
+        closed_book=req.closed_book,
+        max_tokens=_check_k(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
+        temperature=temperature,
+        adapter=req.adapter,
+    )

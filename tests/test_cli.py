@@ -1,0 +1,56 @@
+"""The CLI explains itself and fails with clear messages (no server needed)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kfresh.cli import build_parser, main
+from kfresh.sources import SourceError, read_source
+
+SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "demo", "provision", "config"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: kfresh " + command in capsys.readouterr().out
+
+
+def test_serve_help_lists_settings_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--embedder.max_wait_ms" in out and "--generation.backend {vllm,remote}" in out
+    assert "How long the worker waits to fill a micro-batch" in out
+
+
+def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--retrieval.max_k", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "retrieval.max_k" in err and "Traceback" not in err
+
+
+def test_console_script_runs() -> None:
+    out = subprocess.run([sys.executable, "-m", "kfresh.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+def test_unreachable_server_is_unavailable_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--addr", "127.0.0.1:1", "--timeout", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "Traceback" not in err
+
+
+def test_jsonl_errors_say_where(tmp_path) -> None:
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"id": "a", "text": "ok"}\n{"id": "b"}\n')
+    with pytest.raises(SourceError, match=r"docs.jsonl:2: missing field\(s\) \['text'\]"):
+        list(read_source(str(bad)))
+    bad.write_text('{"id": "a", "text": "ok", "valid_from": "yesterday"}\n')
+    with pytest.raises(SourceError, match="ISO-8601"):
+        list(read_source(str(bad)))
