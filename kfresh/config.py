@@ -79,9 +79,10 @@ class AnswerConfig(_Section):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     temperature: float = Field(0.0, ge=0, le=2, description="Default sampling temperature (0 = greedy).")
     conflict_similarity: float = Field(
-        0.75, ge=0, le=1, description="Passages from different documents this similar are treated as versions of one fact; the newest wins."
+        0.65, ge=0, le=1, description="Passages from different documents this similar are treated as versions of one fact; the newest wins."
     )
     min_score: float = Field(0.2, ge=-1, le=1, description="Passages scoring below this are not shown to the model.")
+    score_margin: float = Field(0.25, ge=0, le=2, description="Passages scoring this far below the best one are not shown to the model.")
     max_concurrent: int = Field(32, ge=1, description="Concurrent generations; beyond it RESOURCE_EXHAUSTED.")
 
 

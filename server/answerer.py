@@ -31,6 +31,7 @@ class AnswerDelta:
 class AnswerResult:
     citations: list[Hit]
     superseded: list[Hit]
+    primary: Hit | None
     retrieval_ms: float
     ttft_ms: float
     total_ms: float
@@ -66,12 +67,18 @@ class Answerer:
         start = time.perf_counter()
         passages: list[Hit] = []
         superseded: list[Hit] = []
+        primary: Hit | None = None
         if not query.closed_book:
             hits = await asyncio.to_thread(
                 self._indexer.search, query.question, query.k, query.filters or None, with_vectors=True
             )
-            resolved = resolve_conflicts(hits, similarity=self._cfg.conflict_similarity, min_score=self._cfg.min_score)
-            passages, superseded = resolved.kept, resolved.superseded
+            resolved = resolve_conflicts(
+                hits,
+                similarity=self._cfg.conflict_similarity,
+                min_score=self._cfg.min_score,
+                score_margin=self._cfg.score_margin,
+            )
+            passages, superseded, primary = resolved.kept, resolved.superseded, resolved.primary
         retrieval_ms = (time.perf_counter() - start) * 1000
         messages = build_messages(query.question, passages) if not query.closed_book else closed_book_messages(query.question)
         request = GenerationRequest(
@@ -100,6 +107,7 @@ class Answerer:
         yield AnswerResult(
             citations=passages,
             superseded=superseded,
+            primary=primary,
             retrieval_ms=retrieval_ms,
             ttft_ms=ttft_ms,
             total_ms=total_ms,

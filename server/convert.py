@@ -60,9 +60,8 @@ def hit_to_citation(hit: Hit, index: int, *, primary: bool) -> pb.Citation:
 
 
 def answer_done(result: AnswerResult) -> pb.AnswerDone:
-    last = len(result.citations)
     return pb.AnswerDone(
-        citations=[hit_to_citation(h, i, primary=i == last) for i, h in enumerate(result.citations, start=1)],
+        citations=[hit_to_citation(h, i, primary=h is result.primary) for i, h in enumerate(result.citations, start=1)],
         superseded=[hit_to_citation(h, 0, primary=False) for h in result.superseded],
         timings=pb.Timings(
             retrieval_ms=result.retrieval_ms,

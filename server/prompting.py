@@ -30,7 +30,8 @@ class Resolved:
 
     @property
     def primary(self) -> Hit | None:
-        return self.kept[-1] if self.kept else None
+        """The passage the answer rests on: the best-scoring one that survived conflict resolution."""
+        return max(self.kept, key=lambda h: h.score) if self.kept else None
 
 
 def _conflicts(older: Hit, newer: Hit, similarity: float) -> bool:
@@ -43,13 +44,18 @@ def _conflicts(older: Hit, newer: Hit, similarity: float) -> bool:
     return float(np.dot(older.vector, newer.vector)) >= similarity
 
 
-def resolve_conflicts(hits: list[Hit], *, similarity: float, min_score: float = -1.0) -> Resolved:
-    """Drop passages superseded by a newer one (explicitly, or near-duplicates from another document).
+def resolve_conflicts(
+    hits: list[Hit], *, similarity: float, min_score: float = -1.0, score_margin: float = 2.0
+) -> Resolved:
+    """Drop weak passages and passages superseded by a newer one (explicitly, or the same fact elsewhere).
 
-    Two passages from different documents whose embeddings are at least `similarity` apart in cosine
-    are treated as two versions of one fact; the one with the older `valid_from` is dropped.
+    Two passages from different documents whose embeddings have a cosine of at least `similarity` are
+    treated as two versions of one fact; the one with the older `valid_from` is dropped. Passages below
+    `min_score`, or more than `score_margin` below the best one, are not shown: fewer, better passages
+    help a small model more than more passages.
     """
-    candidates = [h for h in hits if h.score >= min_score]
+    best = max((h.score for h in hits), default=0.0)
+    candidates = [h for h in hits if h.score >= min_score and h.score >= best - score_margin]
     ordered = sorted(candidates, key=lambda h: (h.valid_from, h.doc_id, h.ordinal))
     kept: list[Hit] = []
     superseded: list[Hit] = []

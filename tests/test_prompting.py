@@ -19,12 +19,27 @@ def _hit(doc_id: str, text: str, valid_from: float, vec: list[float], *, superse
 
 def test_newer_near_duplicate_from_another_document_wins() -> None:
     old = _hit("a", "The mayor is Jonas.", 0.0, [1, 0.1, 0])
-    new = _hit("b", "The mayor is Ilka.", DAY, [1, 0.15, 0])
+    new = _hit("b", "The mayor is Ilka.", DAY, [1, 0.15, 0], score=0.85)
     other = _hit("c", "The library opens at nine.", 0.5 * DAY, [0, 0, 1])
     resolved = resolve_conflicts([new, other, old], similarity=0.9)
     assert [h.doc_id for h in resolved.kept] == ["c", "b"]  # oldest first, the winner last
     assert [h.doc_id for h in resolved.superseded] == ["a"]
     assert resolved.primary is not None and resolved.primary.doc_id == "b"
+
+
+def test_primary_is_the_best_surviving_passage_not_merely_the_newest() -> None:
+    relevant = _hit("arch", "The architect is Tomas.", 0.0, [1, 0, 0], score=0.9)
+    newer_unrelated = _hit("tower", "The tower is tall.", DAY, [0, 1, 0], score=0.5)
+    resolved = resolve_conflicts([newer_unrelated, relevant], similarity=0.9)
+    assert resolved.primary is not None and resolved.primary.doc_id == "arch"
+
+
+def test_passages_far_below_the_best_are_dropped() -> None:
+    best = _hit("a", "x", 0.0, [1, 0, 0], score=0.8)
+    close = _hit("b", "y", 0.0, [0, 1, 0], score=0.6)
+    far = _hit("c", "z", 0.0, [0, 0, 1], score=0.4)
+    resolved = resolve_conflicts([best, close, far], similarity=0.9, score_margin=0.25)
+    assert sorted(h.doc_id for h in resolved.kept) == ["a", "b"]
 
 
 def test_explicit_supersedes_wins_even_when_dissimilar() -> None:

@@ -1,0 +1,124 @@
+"""Rows of the document store and the content hash that decides whether a re-ingest is a no-op.
+
+Tables: documents (current version of each document), versions (attributes of each version that still
+has chunk rows: an older indexed version keeps answering with its own metadata until it is swapped out),
+chunks (chunk_id is the FAISS id; embedding is float32 bytes once embedded), changes (append-only log).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from kfresh.indexer.documents import DocumentIn
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents(
+    doc_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    valid_from REAL NOT NULL,
+    source TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    supersedes TEXT NOT NULL,
+    text TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    acked_at REAL NOT NULL,
+    indexed_at REAL,
+    lag_ms REAL
+);
+CREATE TABLE IF NOT EXISTS versions(
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    valid_from REAL NOT NULL,
+    source TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    supersedes TEXT NOT NULL,
+    PRIMARY KEY(doc_id, version)
+);
+CREATE TABLE IF NOT EXISTS chunks(
+    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id, version);
+CREATE INDEX IF NOT EXISTS chunks_unembedded ON chunks(doc_id) WHERE embedding IS NULL;
+CREATE TABLE IF NOT EXISTS changes(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    op TEXT NOT NULL CHECK(op IN ('upsert', 'delete')),
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class DocState:
+    """The current (acknowledged) version of a document."""
+
+    doc_id: str
+    version: int
+    deleted: bool
+    acked_at: float
+    indexed_at: float | None
+    seq: int
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    chunk_id: int
+    ordinal: int
+    text: str
+    embedding: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class ChunkHitRow:
+    """A chunk joined with its version's attributes and its document's current state, for search results."""
+
+    chunk_id: int
+    doc_id: str
+    version: int
+    ordinal: int
+    text: str
+    source: str
+    valid_from: float
+    metadata: dict[str, str]
+    supersedes: tuple[str, ...]
+    doc_deleted: bool
+    embedding: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the worker made searchable: written back in one transaction per micro-batch."""
+
+    doc_id: str
+    version: int
+    deleted: bool
+    indexed_at: float
+    lag_ms: float
+    chunk_ids: np.ndarray | None = None
+    vectors: np.ndarray | None = None
+
+
+def content_hash(doc: DocumentIn) -> str:
+    """Identity of a document's content: equal hashes mean a re-ingest changes nothing."""
+    payload = json.dumps(
+        [doc.text, doc.source, sorted(doc.metadata.items()), doc.valid_from, list(doc.supersedes)],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def vec_from_blob(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32)

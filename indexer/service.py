@@ -1,0 +1,253 @@
+"""The Indexer facade used by the gRPC server: durable acks in, fresh searches out.
+
+An upsert reserves queue room, commits to SQLite (the Ack), then hands the change to the background
+worker; a search embeds the query and reads a consistent view of the vector index. start() restores the
+index from a snapshot (or rebuilds it from stored embeddings) and re-queues whatever was acknowledged but
+never embedded, so a SIGKILL loses nothing that was acknowledged and re-embeds nothing that was embedded.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+
+import numpy as np
+
+from kfresh.config import KfreshConfig
+from kfresh.errors import InvalidInput, Overloaded, Unavailable
+from kfresh.indexer import validation
+from kfresh.indexer.chunking import split
+from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats
+from kfresh.indexer.embedder import Embedder, create_embedder
+from kfresh.indexer.freshness import LagRing, RateMeter
+from kfresh.indexer.queue import Pending, WorkQueue
+from kfresh.indexer.recovery import recover_index
+from kfresh.indexer.search import search_index
+from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
+from kfresh.indexer.state import IndexState, SeqTracker
+from kfresh.indexer.store import Store
+from kfresh.indexer.worker import Worker
+
+log = logging.getLogger("kfresh.indexer")
+
+
+class Indexer:
+    """Streaming retrieval index over a durable document store. Thread-safe; call start() first."""
+
+    def __init__(self, cfg: KfreshConfig, *, embedder: Embedder | None = None) -> None:
+        self.cfg = cfg
+        self._embedder = embedder
+        self._embedder_lock = threading.Lock()
+        self._lifecycle = threading.Lock()
+        self._started = False
+        self._store: Store | None = None
+        self._state: IndexState | None = None
+        self._worker: Worker | None = None
+        self._snapshots: SnapshotWriter | None = None
+        self._queue = WorkQueue(cfg.embedder.queue_size)
+        self._tracker = SeqTracker(0)
+        self._lags = LagRing()
+        self._ingest_rate = RateMeter()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder, loaded on first use (from the packaged model unless one was passed in)."""
+        if self._embedder is None:
+            with self._embedder_lock:
+                if self._embedder is None:
+                    self._embedder = create_embedder(self.cfg)
+        return self._embedder
+
+    def start(self) -> None:
+        """Open the store, restore the index, re-queue unindexed acknowledged documents, start the worker."""
+        with self._lifecycle:
+            if self._started:
+                return
+            started = time.perf_counter()
+            embedder = self.embedder
+            store = Store(self.cfg.store.path)
+            try:
+                recovered = recover_index(store, self.cfg.index, embedder)
+            except BaseException:
+                store.close()
+                raise
+            self._store, self._state = store, recovered.state
+            self._queue = WorkQueue(self.cfg.embedder.queue_size)
+            self._tracker = SeqTracker(store.max_seq())
+            for doc, chunks in store.unembedded():
+                self._tracker.register_recovered(doc.seq)
+                self._queue.put(
+                    Pending(doc.doc_id, doc.version, "upsert", doc.seq, doc.acked_at, chunks, recovered=True),
+                    reserved=False,
+                )
+            self._snapshots = SnapshotWriter(self.cfg.index.snapshot_dir)
+            self._worker = Worker(
+                cfg=self.cfg, store=store, state=recovered.state, queue=self._queue, tracker=self._tracker,
+                embedder=embedder, lags=self._lags, snapshots=self._snapshots,
+            )
+            if recovered.rebuilt:
+                self._worker.request_snapshot()
+            requeued = len(self._queue)
+            self._worker.start()
+            self._started = True
+            log.info(
+                "indexer.started vectors=%d requeued=%d rebuilt=%s ms=%.0f",
+                recovered.state.index.ntotal, requeued, recovered.rebuilt,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def close(self) -> None:
+        """Stop the worker after its current batch, write a final snapshot, close the store."""
+        with self._lifecycle:
+            if not self._started:
+                return
+            self._started = False
+            assert self._worker and self._snapshots and self._store
+            stopped = self._worker.stop(timeout_s=60)
+            try:
+                self._snapshots.close()
+                if stopped:  # capturing while the worker still mutates the index would be inconsistent
+                    write_snapshot(self.cfg.index.snapshot_dir, self._worker.capture())
+                else:
+                    log.error("indexer.worker_did_not_stop: no final snapshot; the next start replays the store")
+            except Exception:
+                log.exception("indexer.final_snapshot_failed: the next start replays from the store")
+            self._store.close()
+            log.info("indexer.closed")
+
+    def __enter__(self) -> Indexer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def healthy(self) -> bool:
+        """Started and the background worker is running."""
+        return self._started and self._worker is not None and self._worker.alive
+
+    @property
+    def worker_failures(self) -> int:
+        return self._worker.failures if self._worker else 0
+
+    def _require_started(self) -> tuple[Store, IndexState]:
+        if not self._started or self._store is None or self._state is None:
+            raise Unavailable("the indexer is not started")
+        return self._store, self._state
+
+    # -- writes ------------------------------------------------------------------------------------
+    def upsert(self, doc: DocumentIn) -> Ack:
+        """Durably store `doc` (a new version unless unchanged) and queue it for indexing."""
+        store, _ = self._require_started()
+        validation.check_document(doc, self.cfg.store)
+        chunks = split(doc.text, self.cfg.store)
+        self._reserve()
+        try:
+            with self._tracker.lock:
+                ack = store.upsert(doc, chunks)
+                if ack.status == "stored":
+                    self._tracker.register(ack.seq)
+        except sqlite3.Error as exc:
+            self._queue.unreserve()
+            log.exception("indexer.store_write_failed doc_id=%s", doc.id)
+            raise Unavailable(f"the document store could not commit: {exc}") from exc
+        except BaseException:
+            self._queue.unreserve()
+            raise
+        if ack.status != "stored":
+            self._queue.unreserve()
+            return ack
+        self._queue.put(Pending(doc.id, ack.version, "upsert", ack.seq, ack.acked_at, ack.chunks))
+        self._ingest_rate.record()
+        return ack
+
+    def delete(self, doc_id: str) -> Ack:
+        """Durably delete; once this returns no search shows the document, the index catches up after."""
+        store, state = self._require_started()
+        validation.check_doc_id(doc_id)
+        self._reserve()
+        try:
+            with self._tracker.lock:
+                ack = store.delete(doc_id)
+                if ack.status == "deleted":
+                    self._tracker.register(ack.seq)
+                    state.hide(doc_id, ack.version)
+        except sqlite3.Error as exc:
+            self._queue.unreserve()
+            raise Unavailable(f"the document store could not commit: {exc}") from exc
+        except BaseException:
+            self._queue.unreserve()
+            raise
+        if ack.status != "deleted":
+            self._queue.unreserve()
+            return ack
+        self._queue.put(Pending(doc_id, ack.version, "delete", ack.seq, ack.acked_at))
+        return ack
+
+    def _reserve(self) -> None:
+        if not self._queue.reserve(self.cfg.embedder.queue_wait_ms / 1000):
+            raise Overloaded(
+                f"indexing queue is full ({self.cfg.embedder.queue_size} changes waiting); retry later"
+            )
+
+    # -- reads -------------------------------------------------------------------------------------
+    def search(
+        self, query: str, k: int, filters: dict[str, str] | None = None, *, with_vectors: bool = False
+    ) -> list[Hit]:
+        """Top-k chunks for `query` among the newest indexed versions; `filters` match metadata exactly."""
+        self._require_started()
+        validation.check_query(query, self.cfg.retrieval)
+        k = validation.check_k(k, self.cfg.retrieval)
+        filters = validation.check_metadata(filters, "filters")
+        vec = self.embedder.encode([query])[0]
+        return self._search(vec, k, filters, with_vectors)
+
+    def search_vector(
+        self, vec: np.ndarray, k: int, filters: dict[str, str] | None = None, *, with_vectors: bool = False
+    ) -> list[Hit]:
+        """search() for an already embedded query (unit norm, the embedder's dimension)."""
+        self._require_started()
+        k = validation.check_k(k, self.cfg.retrieval)
+        filters = validation.check_metadata(filters, "filters")
+        q = np.asarray(vec, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.embedder.dim or not np.all(np.isfinite(q)):
+            raise InvalidInput(f"vector must hold {self.embedder.dim} finite numbers")
+        return self._search(q, k, filters, with_vectors)
+
+    def _search(self, q: np.ndarray, k: int, filters: dict[str, str], with_vectors: bool) -> list[Hit]:
+        store, state = self._require_started()
+        try:
+            return search_index(state, store, q, k, filters or None, with_vectors=with_vectors)
+        except sqlite3.Error as exc:  # e.g. closed underneath a late search during shutdown
+            raise Unavailable(f"the document store is unavailable: {exc}") from exc
+
+    def wait_until_indexed(self, doc_id: str, version: int, timeout_s: float) -> bool:
+        """True once `version` (or a newer one) of `doc_id` is applied to the index; False on timeout."""
+        store, state = self._require_started()
+        deadline = time.monotonic() + timeout_s
+
+        def done() -> bool:
+            if state.docmap.version(doc_id) >= version:
+                return True
+            cur = store.current(doc_id)
+            return cur is not None and cur.version >= version and cur.indexed_at is not None
+
+        with state.applied:
+            while not done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                state.applied.wait(min(left, 0.1))
+        return True
+
+    def stats(self) -> IndexStats:
+        store, state = self._require_started()
+        live, chunks, deleted = store.counts()
+        return IndexStats(
+            documents=live, chunks=chunks, deleted=deleted, pending=self._queue.in_use,
+            indexed_vectors=state.index.ntotal, ingest_docs_per_s=self._ingest_rate.rate(),
+            freshness=self._lags.stats(), embedder=self.embedder.name, index_kind=state.index.kind,
+        )

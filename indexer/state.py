@@ -1,0 +1,81 @@
+"""The in-memory side of the index shared by searches and the worker, and the applied-sequence watermark."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kfresh.indexer.docmap import DocMap
+from kfresh.indexer.rwlock import RWLock
+from kfresh.indexer.vectors import VectorIndex
+
+
+@dataclass
+class IndexState:
+    """Everything a search must see consistently. `lock` guards index, docmap and unsaved together.
+
+    hidden: doc_id -> version of an acknowledged delete; chunks of older versions are invisible to searches
+    until the worker has removed them. unsaved: vectors made searchable whose store write may still be in
+    flight (with_vectors falls back to them); replaced at the next swap.
+    """
+
+    index: VectorIndex
+    docmap: DocMap
+    lock: RWLock = field(default_factory=RWLock)
+    hidden: dict[str, int] = field(default_factory=dict)
+    hidden_lock: threading.Lock = field(default_factory=threading.Lock)
+    unsaved: dict[int, np.ndarray] = field(default_factory=dict)
+    applied: threading.Condition = field(default_factory=threading.Condition)
+
+    def hide(self, doc_id: str, version: int) -> None:
+        with self.hidden_lock:
+            self.hidden[doc_id] = max(version, self.hidden.get(doc_id, 0))
+
+    def unhide_upto(self, doc_id: str, version: int) -> None:
+        """The index no longer holds any chunk of `doc_id` older than `version`."""
+        with self.hidden_lock:
+            if self.hidden.get(doc_id, version + 1) <= version:
+                del self.hidden[doc_id]
+
+    def hidden_copy(self) -> dict[str, int]:
+        with self.hidden_lock:
+            return dict(self.hidden)
+
+    def notify_applied(self) -> None:
+        with self.applied:
+            self.applied.notify_all()
+
+
+class SeqTracker:
+    """Which change sequence numbers are durably acked but not yet in the index.
+
+    `lock` is held around each store commit and its registration, so at any instant every committed seq is
+    either registered pending or applied. The watermark (every seq <= it is in the index) is then exact.
+    """
+
+    def __init__(self, last_committed: int) -> None:
+        self.lock = threading.Lock()
+        self._last = last_committed
+        self._pending: Counter[int] = Counter()
+
+    def register(self, seq: int) -> None:
+        """Call with `lock` held, right after the commit that produced `seq`."""
+        self._pending[seq] += 1
+        self._last = max(self._last, seq)
+
+    def register_recovered(self, seq: int) -> None:
+        with self.lock:
+            self.register(seq)
+
+    def done(self, seqs: list[int]) -> None:
+        with self.lock:
+            for seq in seqs:
+                self._pending[seq] -= 1
+                if self._pending[seq] <= 0:
+                    del self._pending[seq]
+
+    def watermark(self) -> int:
+        with self.lock:
+            return min(self._pending) - 1 if self._pending else self._last

@@ -1,0 +1,68 @@
+"""Input checks at the indexer's edge; each failure names the offending field (-> INVALID_ARGUMENT)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from kfresh.config import RetrievalConfig, StoreConfig
+from kfresh.errors import InvalidInput
+from kfresh.indexer.documents import DocumentIn
+
+MAX_ID_CHARS = 256
+
+
+def check_doc_id(doc_id: Any, field: str = "id") -> str:
+    if not isinstance(doc_id, str) or not doc_id.strip():
+        raise InvalidInput(f"{field} must be a non-empty string")
+    if len(doc_id) > MAX_ID_CHARS:
+        raise InvalidInput(f"{field} is {len(doc_id)} characters; at most {MAX_ID_CHARS} are allowed")
+    return doc_id
+
+
+def check_document(doc: DocumentIn, cfg: StoreConfig) -> None:
+    if not isinstance(doc, DocumentIn):
+        raise InvalidInput("document must be a DocumentIn")
+    check_doc_id(doc.id)
+    if not isinstance(doc.text, str) or not doc.text.strip():
+        raise InvalidInput("text must be non-empty")
+    if len(doc.text) > cfg.max_document_chars:
+        raise InvalidInput(f"text is {len(doc.text)} characters; at most {cfg.max_document_chars} are allowed")
+    if not isinstance(doc.source, str):
+        raise InvalidInput("source must be a string")
+    check_metadata(doc.metadata, "metadata")
+    vf = doc.valid_from
+    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, (int, float)) or not math.isfinite(vf)):
+        raise InvalidInput("valid_from must be a finite number of unix seconds or unset")
+    if isinstance(doc.supersedes, str) or not isinstance(doc.supersedes, (tuple, list)):
+        raise InvalidInput("supersedes must be a list of document ids")
+    for other in doc.supersedes:
+        check_doc_id(other, "supersedes[]")
+
+
+def check_metadata(metadata: Any, field: str) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidInput(f"{field} must be a map of strings to strings")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInput(f"{field} keys and values must be strings (got {key!r}: {type(value).__name__})")
+    return dict(metadata)
+
+
+def check_query(query: Any, cfg: RetrievalConfig) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("query must be non-empty")
+    if len(query) > cfg.max_query_chars:
+        raise InvalidInput(f"query is {len(query)} characters; at most {cfg.max_query_chars} are allowed")
+    return query
+
+
+def check_k(k: Any, cfg: RetrievalConfig) -> int:
+    """k=0 means the configured default."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InvalidInput("k must be a non-negative integer")
+    if k > cfg.max_k:
+        raise InvalidInput(f"k is {k}; at most {cfg.max_k} is allowed")
+    return k or cfg.default_k

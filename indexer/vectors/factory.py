@@ -1,0 +1,37 @@
+"""Build the configured vector index, empty or from snapshot bytes."""
+from __future__ import annotations
+
+from kfresh.config import IndexConfig
+from kfresh.indexer.vectors.base import VectorIndex
+
+
+def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
+    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA."""
+    if cfg.kind == "flat":
+        from kfresh.indexer.vectors.flat import FlatIndex
+
+        return FlatIndex(dim)
+    if cfg.kind == "ivf":
+        from kfresh.indexer.vectors.ivf import IvfIndex
+
+        return IvfIndex(dim, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe, train_min=cfg.ivf_train_min)
+    if cfg.kind == "gpu":
+        from kfresh.indexer.vectors.gpu import create_gpu_index
+
+        return create_gpu_index(dim, compact_ratio=cfg.compact_ratio)
+    raise ValueError(f"unknown index kind {cfg.kind!r}")
+
+
+def index_from_bytes(cfg: IndexConfig, dim: int, data: bytes | memoryview) -> VectorIndex:
+    """Restore an index of `cfg.kind` written by VectorIndex.to_bytes()."""
+    if cfg.kind == "flat":
+        from kfresh.indexer.vectors.flat import FlatIndex
+
+        return FlatIndex.from_bytes(data, dim)
+    if cfg.kind == "ivf":
+        from kfresh.indexer.vectors.ivf import IvfIndex
+
+        return IvfIndex.from_bytes(data, dim, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe, train_min=cfg.ivf_train_min)
+    index = create_index(cfg, dim)
+    index.load_bytes(data)  # type: ignore[attr-defined]
+    return index

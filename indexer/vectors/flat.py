@@ -1,0 +1,70 @@
+"""Exact search: FAISS IndexIDMap2 over IndexFlatIP. The default; ids can be removed (O(n) per batch)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kfresh.indexer.vectors.base import VectorIndex, as_ids, as_vecs, threads_for
+
+
+def serialize(index: Any) -> bytes:
+    import faiss
+
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes | memoryview) -> Any:
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+class FlatIndex(VectorIndex):
+    kind = "flat"
+
+    def __init__(self, dim: int, *, faiss_index: Any | None = None) -> None:
+        import faiss
+
+        self.dim = dim
+        self._index: Any = faiss_index if faiss_index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        ids = as_ids(ids)
+        if len(ids):
+            self._index.add_with_ids(as_vecs(vecs, self.dim), ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        ids = as_ids(ids)
+        return int(self._index.remove_ids(ids)) if len(ids) else 0
+
+    def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = as_vecs(vecs, self.dim)
+        if self._index.ntotal == 0 or k <= 0:
+            return self._empty(len(q), max(k, 0))
+        with threads_for(len(q)):
+            scores, ids = self._index.search(q, k)
+        return scores, ids
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors), e.g. to train an IVF index on them."""
+        import faiss
+
+        n = self._index.ntotal
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        vecs = self._index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), dtype=np.float32)
+        return ids, vecs
+
+    def to_bytes(self) -> bytes:
+        return serialize(self._index)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, dim: int) -> FlatIndex:
+        index = deserialize(data)
+        if index.d != dim:
+            raise ValueError(f"snapshot index has dim {index.d}, expected {dim}")
+        return cls(dim, faiss_index=index)

@@ -1,0 +1,297 @@
+"""The gRPC service over loopback with the real indexer, the packaged models and the real vLLM engine."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from kfresh.client import SERVICE_NAME, KfreshClient, document
+from kfresh.config import KfreshConfig
+from kfresh.server.app import running_server
+from kfresh.v1 import kfresh_pb2 as pb
+
+pytestmark = pytest.mark.slow
+DAY = 86_400.0
+T0 = 1_790_000_000.0
+
+
+class ServerHandle:
+    """A server running on the engine's loop thread until stop() is called."""
+
+    def __init__(self, loop_runner: Any, cfg: KfreshConfig, backend: Any) -> None:
+        self._runner = loop_runner
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+        self.runtime: Any = None
+        self._task = asyncio.run_coroutine_threadsafe(self._main(cfg, backend), loop_runner.loop)
+        if not self._ready.wait(120):
+            self._task.result(timeout=1)
+            raise TimeoutError("server did not start")
+
+    async def _main(self, cfg: KfreshConfig, backend: Any) -> None:
+        self._stop = asyncio.Event()
+        async with running_server(cfg, backend=backend) as srv:
+            self.port = srv.port
+            self.runtime = srv.runtime
+            self._ready.set()
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self._runner.loop.call_soon_threadsafe(self._stop.set)
+        self._task.result(timeout=60)
+
+
+def _cfg(tmp: Path, **over: Any) -> KfreshConfig:
+    cfg = KfreshConfig().with_home(tmp)
+    data = cfg.model_dump()
+    data["server"]["port"] = 0
+    data["answer"]["max_tokens"] = 40
+    for dotted, value in over.items():
+        section, field = dotted.split("__")
+        data[section][field] = value
+    return KfreshConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    cfg = _cfg(tmp_path_factory.mktemp("server"), store__max_document_chars=5_000)
+    handle = ServerHandle(engine_loop, cfg, vllm_backend)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture()
+def client(server: ServerHandle) -> Iterator[KfreshClient]:
+    with KfreshClient(f"127.0.0.1:{server.port}") as c:
+        c.wait_ready(timeout=120)
+        yield c
+
+
+def _ingest(client: KfreshClient, *docs: pb.Document) -> list[pb.IngestResponse]:
+    return list(client.ingest(docs, timeout=30))
+
+
+def _visible(client: KfreshClient, query: str, doc_id: str, version: int, timeout: float = 10.0) -> float:
+    """Poll Retrieve until doc_id@version appears; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(c.doc_id == doc_id and c.version == version for c in client.retrieve(query, k=10).chunks):
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"{doc_id} v{version} not searchable after {timeout} s")
+
+
+def _answer(client: KfreshClient, question: str, **options: Any) -> tuple[str, pb.AnswerDone]:
+    text, done = [], None
+    for event in client.answer(question, timeout=120, **options):
+        if event.HasField("done"):
+            done = event.done
+        else:
+            text.append(event.delta)
+    assert done is not None, "stream ended without the final message"
+    return "".join(text), done
+
+
+def test_health_and_reflection(client: KfreshClient, server: ServerHandle) -> None:
+    assert client.health("") == health_pb2.HealthCheckResponse.SERVING
+    assert client.health(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"kfresh.v1.Kfresh", "grpc.health.v1.Health"} <= services
+
+
+def test_ingest_then_retrieve_returns_the_new_document(client: KfreshClient) -> None:
+    acks = _ingest(client, document("quill-1", "The Quillon observatory on Mount Teva opened its dome in 2031.", source="t"))
+    assert acks[0].status == pb.ACK_STATUS_STORED and acks[0].version == 1
+    assert _visible(client, "Quillon observatory dome", "quill-1", 1) < 2.0
+    chunk = client.retrieve("Quillon observatory dome", k=1).chunks[0]
+    assert chunk.doc_id == "quill-1" and chunk.source == "t" and "Mount Teva" in chunk.text
+
+
+def test_identical_reingest_is_idempotent(client: KfreshClient) -> None:
+    doc = document("same-1", "Brindle ferries carry eleven bicycles each.", metadata={"k": "v"})
+    first = _ingest(client, doc)[0]
+    again = _ingest(client, doc)[0]
+    assert first.status == pb.ACK_STATUS_STORED
+    assert again.status == pb.ACK_STATUS_UNCHANGED and again.version == first.version
+
+
+def test_upsert_never_returns_the_old_version_afterwards(client: KfreshClient) -> None:
+    _ingest(client, document("sal-1", "The Salvo river ferry ticket costs 3 crowns."))
+    _visible(client, "Salvo river ferry ticket", "sal-1", 1)
+    ack = _ingest(client, document("sal-1", "The Salvo river ferry ticket costs 9 crowns since the reform."))[0]
+    assert ack.version == 2
+    _visible(client, "Salvo river ferry ticket", "sal-1", 2)
+    for _ in range(50):
+        chunks = [c for c in client.retrieve("Salvo river ferry ticket price", k=10).chunks if c.doc_id == "sal-1"]
+        assert chunks and all(c.version == 2 and "9 crowns" in c.text for c in chunks)
+
+
+def test_delete_removes_from_every_later_search(client: KfreshClient) -> None:
+    _ingest(client, document("gone-1", "The Orrin lighthouse keeper feeds seven cats."))
+    _visible(client, "Orrin lighthouse keeper cats", "gone-1", 1)
+    reply = client.delete("gone-1")
+    assert reply.version == 2
+    for _ in range(20):
+        assert all(c.doc_id != "gone-1" for c in client.retrieve("Orrin lighthouse keeper cats", k=10).chunks)
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete("gone-1")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metadata_filter(client: KfreshClient) -> None:
+    _ingest(
+        client,
+        document("flt-a", "Tessel bakery sells rye loaves.", metadata={"city": "north"}),
+        document("flt-b", "Tessel bakery sells wheat loaves.", metadata={"city": "south"}),
+    )
+    _visible(client, "Tessel bakery loaves", "flt-b", 1)
+    chunks = client.retrieve("Tessel bakery loaves", k=5, filter={"city": "south"}).chunks
+    assert [c.doc_id for c in chunks] == ["flt-b"]
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (pb.RetrieveRequest(query="", k=3), "query is empty"),
+        (pb.RetrieveRequest(query="x", k=-1), "k must be between"),
+        (pb.RetrieveRequest(query="x", k=100_000), "k must be between"),
+        (pb.AnswerRequest(question="   "), "question is empty"),
+        (pb.AnswerRequest(question="x", max_tokens=10**6), "max_tokens"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(client: KfreshClient, request_: Any, needle: str) -> None:
+    call = client._stub.Retrieve if isinstance(request_, pb.RetrieveRequest) else client._stub.Answer
+    with pytest.raises(grpc.RpcError) as err:
+        result = call(request_, timeout=10)
+        list(result) if not isinstance(request_, pb.RetrieveRequest) else None
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        (pb.Document(id="", text="x"), "document.id is empty"),
+        (pb.Document(id="e", text="  "), "empty text"),
+        (pb.Document(id="big", text="x" * 6_000), "characters"),
+    ],
+)
+def test_bad_documents_are_invalid_argument_and_lose_nothing(client: KfreshClient, doc: pb.Document, needle: str) -> None:
+    good = document(f"good-before-{needle[:5]}", "Acknowledged before a bad document arrives.")
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.ingest([good, doc], timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details() and "#2" in err.value.details()
+    assert client.stats().documents >= 1
+    _visible(client, "Acknowledged before a bad document arrives", good.id, 1)
+
+
+def test_unknown_fields_are_invalid_argument(server: ServerHandle, client: KfreshClient) -> None:
+    raw = pb.RetrieveRequest(query="hello", k=2).SerializeToString() + b"\xf8\x06\x01"  # field 111 = 1
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary("/kfresh.v1.Kfresh/Retrieve", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            call(raw, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown field" in err.value.details()
+    assert client.health(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_answer_is_grounded_streamed_and_cited(client: KfreshClient) -> None:
+    _ingest(client, document("zorb-h", "The Zorbian Tower in Velmora is 812 metres tall.", source="velmora-guide"))
+    _visible(client, "How tall is the Zorbian Tower?", "zorb-h", 1)
+    text, done = _answer(client, "How tall is the Zorbian Tower?")
+    assert "812" in text
+    assert done.citations and done.citations[-1].doc_id == "zorb-h" and done.citations[-1].primary
+    assert done.output_tokens > 0 and done.timings.time_to_first_token_ms > 0
+    assert done.timings.total_ms >= done.timings.time_to_first_token_ms >= done.timings.retrieval_ms > 0
+
+
+def test_answer_cites_the_newest_of_two_conflicting_documents(client: KfreshClient) -> None:
+    _ingest(
+        client,
+        document("arch-old", "The chief architect of the Pellucid Library is Anneke Roos.", valid_from=T0),
+        document("arch-new", "The chief architect of the Pellucid Library is Tomas Dunmore.", valid_from=T0 + DAY),
+    )
+    _visible(client, "chief architect of the Pellucid Library", "arch-new", 1)
+    _visible(client, "chief architect of the Pellucid Library", "arch-old", 1)
+    text, done = _answer(client, "Who is the chief architect of the Pellucid Library?")
+    primary = [c for c in done.citations if c.primary]
+    assert [c.doc_id for c in primary] == ["arch-new"]
+    assert "arch-old" in [c.doc_id for c in done.superseded]
+    assert "Dunmore" in text and "Roos" not in text
+
+
+def test_closed_book_answer_has_no_citations(client: KfreshClient) -> None:
+    text, done = _answer(client, "What is the capital of France?", closed_book=True)
+    assert text.strip() and not done.citations and done.timings.retrieval_ms < 5
+
+
+def test_deadline_aborts_and_server_keeps_serving(client: KfreshClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.answer("Write a long story about the sea.", max_tokens=1000, timeout=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    text, _ = _answer(client, "Say hello.", closed_book=True, max_tokens=8)
+    assert text.strip()
+
+
+def test_unknown_adapter_is_not_found(client: KfreshClient) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _answer(client, "Hi?", adapter="v999")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_search_while_ingesting(client: KfreshClient) -> None:
+    docs = [document(f"bulk-{i}", f"Bulk note {i}: the Harrow depot stores crate number {i * 7}.") for i in range(60)]
+    errors: list[BaseException] = []
+
+    def ingest() -> None:
+        try:
+            _ingest(client, *docs)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    while thread.is_alive():
+        for chunk in client.retrieve("Harrow depot crate", k=10).chunks:
+            if chunk.doc_id.startswith("bulk-"):  # every hit resolves to its own document's text
+                assert chunk.text.startswith(f"Bulk note {chunk.doc_id[5:]}:") and chunk.version == 1
+    thread.join()
+    assert not errors
+    _visible(client, "Bulk note 59: the Harrow depot stores crate number 413.", "bulk-59", 1)
+
+
+def test_stats_report_counts_lag_and_model(client: KfreshClient) -> None:
+    stats = client.stats()
+    assert stats.documents > 0 and stats.chunks >= stats.documents
+    assert stats.freshness.count > 0 and stats.freshness.p50_ms > 0
+    assert stats.model and stats.model_ready and stats.generation_backend
+    assert stats.index_kind and stats.embedder
+
+
+def test_remote_backend_streams_a_grounded_answer(engine_loop: Any, remote_vllm_server: str, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, generation__backend="remote", generation__remote_url=remote_vllm_server)
+    handle = ServerHandle(engine_loop, cfg, None)
+    try:
+        with KfreshClient(f"127.0.0.1:{handle.port}") as c:
+            c.wait_ready(timeout=120)
+            _ingest(c, document("rem-1", "The Ostrava glass museum keeps 4,200 lamps.", source="museum"))
+            _visible(c, "How many lamps does the Ostrava glass museum keep?", "rem-1", 1)
+            text, done = _answer(c, "How many lamps does the Ostrava glass museum keep?")
+            assert "4,200" in text or "4200" in text
+            assert done.citations[-1].doc_id == "rem-1" and c.stats().generation_backend == "remote"
+    finally:
+        handle.stop()

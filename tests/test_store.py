@@ -1,0 +1,178 @@
+"""The durable store on a real SQLite file: versions, idempotence, deletes, the worker's write-back."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.store import Applied, Store
+
+DIM = 8
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "kfresh.db")
+    yield s
+    s.close()
+
+
+def vecs(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def apply(store: Store, doc_id: str, *, at: float = 1.0) -> np.ndarray:
+    """What the worker does after a swap: save vectors for the current version, drop older rows."""
+    cur = store.current(doc_id)
+    rows = store.chunks_for(doc_id, cur.version)
+    ids = np.array([r.chunk_id for r in rows], dtype=np.int64)
+    v = None if cur.deleted else vecs(len(rows), seed=cur.version)
+    store.save_applied([Applied(doc_id, cur.version, cur.deleted, at, 5.0, None if cur.deleted else ids, v)])
+    return ids
+
+
+def count(store: Store, table: str) -> int:
+    return store._r().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_durability_settings(store):
+    w = store._w
+    assert w.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert w.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_upsert_versions_and_unchanged(store):
+    doc = DocumentIn("a", "alpha text", source="s", metadata={"k": "v"})
+    first = store.upsert(doc, ["alpha", "text"])
+    assert (first.status, first.version, first.chunks) == ("stored", 1, 2)
+    again = store.upsert(doc, ["alpha", "text"])
+    assert (again.status, again.version, again.chunks, again.seq) == ("unchanged", 1, 2, first.seq)
+    assert count(store, "changes") == 1 and count(store, "chunks") == 2
+
+    # Every part of the content is in the hash: metadata alone makes a new version.
+    meta = store.upsert(DocumentIn("a", "alpha text", source="s", metadata={"k": "w"}), ["alpha text"])
+    assert (meta.status, meta.version) == ("stored", 2)
+    for changed in (
+        DocumentIn("a", "alpha text", source="t", metadata={"k": "w"}),
+        DocumentIn("a", "alpha text", source="t", metadata={"k": "w"}, valid_from=5.0),
+        DocumentIn("a", "alpha text", source="t", metadata={"k": "w"}, valid_from=5.0, supersedes=("b",)),
+    ):
+        assert store.upsert(changed, ["alpha text"]).status == "stored"
+    assert store.current("a").version == 5
+
+
+def test_old_chunks_stay_until_the_worker_applies_the_new_version(store):
+    store.upsert(DocumentIn("a", "one", metadata={"v": "1"}), ["one"])
+    v1_ids = apply(store, "a")
+    store.upsert(DocumentIn("a", "two", metadata={"v": "2"}), ["two", "more"])
+    # Before the swap: the old chunk still resolves, with ITS version's attributes, not the new one's.
+    row = store.lookup(v1_ids.tolist())[int(v1_ids[0])]
+    assert (row.version, row.metadata, row.text) == (1, {"v": "1"}, "one")
+    assert [d.doc_id for d, _ in store.unembedded()] == ["a"]
+
+    v2_ids = apply(store, "a", at=2.0)
+    assert store.lookup(v1_ids.tolist()) == {}
+    rows = store.lookup(v2_ids.tolist(), with_vectors=True)
+    assert {r.version for r in rows.values()} == {2} and all(r.embedding.shape == (DIM,) for r in rows.values())
+    assert store.unembedded() == []
+    cur = store.current("a")
+    assert cur.indexed_at == 2.0 and cur.version == 2
+
+
+def test_delete_and_recreate_keep_versions_increasing(store):
+    assert store.delete("nope").status == "not_found"
+    store.upsert(DocumentIn("a", "one"), ["one"])
+    apply(store, "a")
+    gone = store.delete("a")
+    assert (gone.status, gone.version) == ("deleted", 2)
+    assert store.delete("a").status == "not_found"  # already deleted: no write
+    assert count(store, "changes") == 2
+    ids = [r.chunk_id for r in store.chunks_for("a", 1)]
+    assert store.lookup(ids)[ids[0]].doc_deleted  # searches can drop it before the worker runs
+
+    back = store.upsert(DocumentIn("a", "one"), ["one"])  # same content as before the delete: a new version
+    assert (back.status, back.version) == ("stored", 3)
+    assert store.counts() == (1, 1, 0)
+    store.delete("a")
+    apply(store, "a")
+    assert count(store, "chunks") == 0 and store.counts() == (0, 0, 1)
+
+
+def test_iter_embedded_and_changes(store):
+    for i in range(5):
+        store.upsert(DocumentIn(f"d{i}", f"text {i}"), [f"text {i}", "tail"])
+    for i in range(3):
+        apply(store, f"d{i}")
+    store.delete("d0")
+    got = [(d, v) for batch in store.iter_embedded(batch=2) for d, v in zip(batch[0], batch[1])]
+    assert sorted(set(got)) == [("d1", 1), ("d2", 1)] and len(got) == 4
+    assert store.docs_changed_since(5) == ["d0"]
+    assert [c[3] for c in store.changes_since(0)] == ["upsert"] * 5 + ["delete"]
+    assert store.max_seq() == 6
+    assert sorted(d.doc_id for d, _ in store.unembedded()) == ["d3", "d4"]
+
+
+def test_reopen_cleans_stale_rows_and_keeps_acks(tmp_path):
+    path = tmp_path / "kfresh.db"
+    s = Store(path)
+    s.upsert(DocumentIn("a", "one"), ["one"])
+    s.upsert(DocumentIn("a", "two"), ["two"])  # v1 rows wait for a worker that never comes (crash)
+    s.upsert(DocumentIn("b", "bee"), ["bee"])
+    s.delete("b")
+    s._w.close()  # no clean close: what a crash leaves
+    s2 = Store(path)
+    try:
+        assert count(s2, "chunks") == 1 and s2.chunks_for("a", 2)[0].text == "two"
+        assert s2.current("a").version == 2 and s2.current("b").deleted
+        assert count(s2, "versions") == 1
+    finally:
+        s2.close()
+
+
+def test_embedder_change_forgets_vectors(store):
+    assert not store.ensure_embedder("m1", DIM)
+    store.upsert(DocumentIn("a", "one"), ["one"])
+    apply(store, "a")
+    assert not store.ensure_embedder("m1", DIM)
+    assert store.ensure_embedder("m2", DIM)
+    assert [d.doc_id for d, _ in store.unembedded()] == ["a"]
+
+
+def test_concurrent_writers_and_readers(store):
+    errors: list[BaseException] = []
+
+    def write(t: int) -> None:
+        try:
+            for i in range(30):
+                store.upsert(DocumentIn(f"t{t}", f"text {t} {i}"), [f"text {t} {i}"])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            for _ in range(100):
+                store.counts()
+                store.current("t0")
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)] + [threading.Thread(target=read)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert all(store.current(f"t{t}").version == 30 for t in range(4))
+    assert store.max_seq() == 120
+
+
+def test_closed_store_refuses_reads(tmp_path):
+    s = Store(tmp_path / "x.db")
+    s.counts()  # this thread has a reader connection now
+    s.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        s.current("a")
