@@ -87,10 +87,9 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
     from kfresh.models import provision
 
     _banner("1/5 models (converted once, then cached)")
-    t0 = time.perf_counter()
-    for name, path in provision(cfg.models).items():
-        print(f"  {name}: {path}")
-    print(f"  ready in {time.perf_counter() - t0:.1f} s")
+    provisioned = provision(cfg.models)
+    for name in ("embedder", "generator"):
+        print(f"  {name}: {provisioned[name]} ({float(provisioned[name + '_s']):.1f} s)")
 
     home = Path(tempfile.mkdtemp(prefix="kfresh-demo-"))
     port = _free_port()
@@ -100,11 +99,11 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
     try:
         with KfreshClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(timeout=120, service=SERVICE_NAME)
+            print("  index ready; waiting for the model (vLLM engine start, ~30 s on 2 CPU cores)...", flush=True)
+            client.wait_ready(timeout=300)
             _banner("3/5 day 1: streaming the first documents")
             _ingest(client, "port_avel_day1.jsonl")
             _wait_searchable(client, "ferry to Lenn Island pier", "harbor-ferry", 1)
-            print("  waiting for the model to load (vLLM engine start, ~30 s on 2 CPU cores)...", flush=True)
-            client.wait_ready(timeout=300)
             for q in QUESTIONS:
                 _ask(client, q)
 

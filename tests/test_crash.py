@@ -72,6 +72,16 @@ def test_sigkill_mid_stream_loses_no_acknowledged_document(tmp_path: Path) -> No
                         missing.discard(doc_id)
                 time.sleep(0.1)
             assert not missing, f"acknowledged but lost after SIGKILL: {sorted(missing)[:10]}"
+
+            # The model never loads here: Answer says UNAVAILABLE at once, retrieval keeps working.
+            with pytest.raises(grpc.RpcError) as err:
+                list(client.answer("Which locker holds key 18?", timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # Graceful shutdown: SIGTERM drains and exits cleanly.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "level=INFO logger=kfresh.server stopped" in (tmp_path / f"server-{port}.log").read_text()
     finally:
         proc.kill()
         proc.wait(timeout=30)
