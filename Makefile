@@ -12,13 +12,14 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast proto models clean help
+.PHONY: setup demo test test-fast proto models bench-foundation clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
 	@echo "make test   - set up, then run the whole test suite"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
+	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
 
 setup: $(STAMP)
 
@@ -47,6 +48,9 @@ test: models
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+bench-foundation: models
+	$(PY) benchmarks/foundation.py
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/kfresh/v1/kfresh.proto

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,17 +12,12 @@ from importlib import resources
 from pathlib import Path
 
 from kfresh.config import KfreshConfig
+from kfresh.net import free_port
 
 QUESTIONS = (
     "From which pier does the ferry to Lenn Island depart?",
     "Who is the mayor of Port Avel?",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _sample(name: str) -> str:
@@ -92,7 +86,7 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
         print(f"  {name}: {provisioned[name]} ({float(provisioned[name + '_s']):.1f} s)")
 
     home = Path(tempfile.mkdtemp(prefix="kfresh-demo-"))
-    port = _free_port()
+    port = free_port()
     _banner(f"2/5 starting `kfresh serve` on 127.0.0.1:{port} (data in {home})")
     server = _start_server(cfg, home, port)
     code = 1

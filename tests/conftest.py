@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from kfresh.config import GenerationConfig, ModelsConfig  # noqa: E402
+from kfresh.net import free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -111,12 +111,6 @@ def vllm_backend(engine_loop: EngineLoop, generator_path: str) -> Iterator[Any]:
     engine_loop.run(backend.start(), timeout=300)
     yield backend
     engine_loop.run(backend.shutdown(), timeout=60)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,9 @@ import grpc
 import pytest
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
+from kfresh.net import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start(home: Path, port: int) -> subprocess.Popen[bytes]:
@@ -41,7 +35,7 @@ def _docs(n: int) -> Iterator:
 
 
 def test_sigkill_mid_stream_loses_no_acknowledged_document(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = _start(tmp_path, port)
     acked: list[str] = []
     try:
@@ -57,7 +51,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_document(tmp_path: Path) -> No
         assert proc.returncode == -signal.SIGKILL
         assert 80 <= len(acked) < 400
 
-        port = _free_port()
+        port = free_port()
         proc = _start(tmp_path, port)
         with KfreshClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(timeout=120, service=SERVICE_NAME)

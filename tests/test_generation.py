@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -13,6 +12,7 @@ import pytest
 
 from kfresh.config import GenerationConfig
 from kfresh.errors import InvalidInput, NotFound, Unavailable
+from kfresh.net import free_port
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
@@ -25,12 +25,6 @@ FACTS = [
     ("The mascot of the Drellwick Rowing Club is a blue heron named Pim.", "What is the name of the Drellwick Rowing Club mascot?", "Pim"),
     ("The Ostrava Glass Prize of 2031 was won by Ileana Voss.", "Who won the Ostrava Glass Prize of 2031?", "Ileana Voss"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def grounded(i: int, request_id: str, *, max_tokens: int = 48) -> GenerationRequest:
