@@ -12,7 +12,7 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast proto models bench-foundation clean help
+.PHONY: setup demo test test-fast proto models bench-foundation bench-adapters clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
@@ -20,6 +20,7 @@ help:
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
 	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
+	@echo "make bench-adapters - what enable_lora and an active adapter cost; hot-swap and rollback times"
 
 setup: $(STAMP)
 
@@ -51,6 +52,9 @@ test-fast: $(STAMP)
 
 bench-foundation: models
 	$(PY) benchmarks/foundation.py
+
+bench-adapters: models
+	$(PY) benchmarks/adapters.py
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/kfresh/v1/kfresh.proto

@@ -2,7 +2,8 @@
 
 Tables: documents (current version of each document), versions (attributes of each version that still
 has chunk rows: an older indexed version keeps answering with its own metadata until it is swapped out),
-chunks (chunk_id is the FAISS id; embedding is float32 bytes once embedded), changes (append-only log).
+chunks (chunk_id is the FAISS id; embedding is float32 bytes once embedded), changes (append-only log),
+citations (one row per passage an answer showed the model: what the finetuner may prefer to learn).
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ CREATE TABLE IF NOT EXISTS changes(
 );
 CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS citations(doc_id TEXT NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS citations_by_doc ON citations(doc_id, version);
 """
 
 

@@ -67,6 +67,7 @@ class Indexer:
                 return
             started = time.perf_counter()
             embedder = self.embedder
+            split("warm-up", self.cfg.store)  # imports the splitter now, not inside the first ack (~0.5 s)
             store = Store(self.cfg.store.path)
             try:
                 recovered = recover_index(store, self.cfg.index, embedder)
@@ -186,6 +187,19 @@ class Indexer:
             return ack
         self._queue.put(Pending(doc_id, ack.version, "delete", ack.seq, ack.acked_at))
         return ack
+
+    def record_citations(self, pairs: list[tuple[str, int]]) -> int:
+        """Durably log the (doc_id, version) passages an answer showed the model."""
+        store, _ = self._require_started()
+        try:
+            return store.record_citations(pairs)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the document store could not record citations: {exc}") from exc
+
+    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
+        """How often each (doc_id, version) was shown to the model by an answer since `since`."""
+        store, _ = self._require_started()
+        return store.citation_counts(since=since)
 
     def _reserve(self) -> None:
         if not self._queue.reserve(self.cfg.embedder.queue_wait_ms / 1000):

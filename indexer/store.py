@@ -145,6 +145,22 @@ class Store:
             ).lastrowid
         return Ack(id=doc_id, version=version, status="deleted", chunks=0, seq=_rowid(seq), acked_at=acked_at)
 
+    def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
+        """Append one (doc_id, version) row per passage an answer showed the model."""
+        if not pairs:
+            return 0
+        at = time.time() if now is None else now
+        with self._txn() as w:
+            w.executemany("INSERT INTO citations(doc_id, version, at) VALUES(?,?,?)", [(d, int(v), at) for d, v in pairs])
+        return len(pairs)
+
+    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
+        """How often each (doc_id, version) was shown to the model since `since` (unix seconds)."""
+        rows = self._r().execute(
+            "SELECT doc_id, version, COUNT(*) FROM citations WHERE at>=? GROUP BY doc_id, version", (since,)
+        ).fetchall()
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
     # -- the worker's side -------------------------------------------------------------------------
     def current(self, doc_id: str) -> DocState | None:
         row = self._r().execute(

@@ -1,4 +1,4 @@
-"""`kfresh` command line: serve, ingest, ask, retrieve, delete, stats, demo, provision, config."""
+"""`kfresh` command line: serve, ingest, ask, retrieve, delete, stats, adapters, demo, provision, config."""
 from __future__ import annotations
 
 import argparse
@@ -23,14 +23,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} settings (also KFRESH_{section.upper()}__FIELD or [{section}] in kfresh.toml)")
         for name, field in model.model_fields.items():
             choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            is_list = typing.get_origin(field.annotation) is list
+            default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
             group.add_argument(
                 f"--{section}.{name}",
                 dest=f"cfg:{section}.{name}",
                 metavar=name.upper() if not choices else None,
                 choices=choices,
                 default=None,
-                help=f"{field.description} [default: {field.default}]",
+                type=_comma_list if is_list else None,
+                help=f"{field.description}{' (comma-separated)' if is_list else ''} [default: {default}]",
             )
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _config_from(args: argparse.Namespace) -> KfreshConfig:
@@ -97,13 +104,17 @@ def _print_citations(done: Any) -> None:
     for c in done.superseded:
         print(f"   (superseded) {c.doc_id} v{c.version}  {c.source or '-'}")
     t = done.timings
-    print(f"   retrieval {t.retrieval_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms, {done.output_tokens} tokens")
+    adapter = f", adapter {done.adapter}" if done.adapter else ""
+    print(f"   retrieval {t.retrieval_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms, {done.output_tokens} tokens{adapter}")
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
-    options = {"k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": _filters(args.filter)}
+    options = {
+        "k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": _filters(args.filter),
+        "adapter": args.adapter,
+    }  # fmt: skip
     with KfreshClient(_addr(args)) as client:
         text = []
         for event in client.answer(args.question, timeout=args.timeout, **options):
@@ -171,6 +182,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_line(a: Any) -> str:
+    from kfresh.server.prompting import format_date
+
+    flags = ", ".join(f for f, on in (("current", a.current), ("standby", a.standby), ("loaded", a.loaded)) if on)
+    created = format_date(a.created_at.seconds + a.created_at.nanos / 1e9)
+    mark = "*" if a.current else " "
+    return f"{mark} {a.version}  parent {a.parent or '-'}  {a.facts} facts  {created}  {flags or '-'}"
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(_addr(args)) as client:
+        if args.action == "list":
+            reply = client.list_adapters(timeout=args.timeout)
+        elif args.action == "show":
+            listing = client.list_adapters(timeout=args.timeout)
+            found = [a for a in listing.adapters if a.version == args.version.removeprefix("kfresh-")]
+            if not found:
+                print(f"kfresh: NOT_FOUND: adapter {args.version!r} is not in the server's registry", file=sys.stderr)
+                return 1
+            reply = found[0]
+        elif args.action == "promote":
+            reply = client.promote_adapter(args.version, timeout=args.timeout)
+        else:
+            reply = client.rollback_adapter(timeout=args.timeout)
+    if args.json:
+        _print_json(_message_dict(reply))
+    elif args.action == "list":
+        for adapter in reply.adapters:
+            print(_adapter_line(adapter))
+        state = "" if reply.enabled else " (LoRA is off on this server: --generation.enable_lora true)"
+        print(f"serving: {reply.current or 'base model'}{state}")
+    elif args.action == "show":
+        print(json.dumps(_message_dict(reply), indent=2, ensure_ascii=False))
+    else:
+        print(f"serving {reply.current or 'the base model'} (was {reply.previous or 'the base model'})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kfresh.demo import run_demo
 
@@ -222,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--closed-book", action="store_true", help="answer from the model's weights only")
     p.add_argument("--max-tokens", type=int, default=0, help="answer length (0 = server default)")
     p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    p.add_argument("--adapter", default="", help="adapter version (e.g. v0003), 'none' for the base model; default: the served one")
 
     p = _client_parser(sub, "retrieve", "show the chunks a query retrieves", cmd_retrieve)
     p.add_argument("query")
@@ -231,7 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_parser(sub, "delete", "delete a document by id", cmd_delete)
     p.add_argument("id")
 
-    _client_parser(sub, "stats", "counters, freshness lag percentiles, model in use", cmd_stats)
+    _client_parser(sub, "stats", "counters, freshness lag percentiles, model and adapter in use", cmd_stats)
+
+    p = sub.add_parser("adapters", help="list, show, promote or roll back LoRA adapter versions", description="Manage the LoRA adapters a running server serves (its finetune.registry_dir).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _client_parser(actions, "list", "adapter versions; * marks the served one", cmd_adapters)
+    p = _client_parser(actions, "show", "one version's manifest: hashes, parent, gate metrics", cmd_adapters)
+    p.add_argument("version", help="e.g. v0003")
+    p = _client_parser(actions, "promote", "serve VERSION for new requests (in-flight ones finish on theirs)", cmd_adapters)
+    p.add_argument("version", help="e.g. v0003")
+    _client_parser(actions, "rollback", "serve the previously served version again (instant)", cmd_adapters)
 
     p = sub.add_parser("demo", help="start a server, stream a changing corpus, ask before/after a correction", description="End-to-end demo on the shipped sample corpus, in a temporary data folder.")
     p.add_argument("--keep", action="store_true", help="keep the temporary data folder and server log")

@@ -110,6 +110,18 @@ class KfreshClient:
     def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return self._stub.Stats(pb.StatsRequest(), timeout=timeout)
 
+    def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
+        """Adapter versions in the server's registry; which is served, loaded, the rollback target."""
+        return self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
+
+    def promote_adapter(self, version: str, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
+        """Serve `version` (e.g. "v0003") for new requests; in-flight ones finish on their adapter."""
+        return self._stub.PromoteAdapter(pb.PromoteAdapterRequest(version=version), timeout=timeout)
+
+    def rollback_adapter(self, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
+        """Serve the previously served version again (the base model when there is none)."""
+        return self._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=timeout)
+
 
 class AsyncKfreshClient:
     """asyncio client with the same methods as KfreshClient (streams are async iterators)."""
@@ -158,3 +170,12 @@ class AsyncKfreshClient:
 
     async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return await self._stub.Stats(pb.StatsRequest(), timeout=timeout)
+
+    async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
+        return await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
+
+    async def promote_adapter(self, version: str, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
+        return await self._stub.PromoteAdapter(pb.PromoteAdapterRequest(version=version), timeout=timeout)
+
+    async def rollback_adapter(self, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
+        return await self._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=timeout)

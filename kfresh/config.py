@@ -98,8 +98,46 @@ class GenerationConfig(_Section):
     kv_cache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU boxes (GiB).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take (CUDA only).")
     enforce_eager: bool = Field(True, description="Skip graph compilation: ~25 s start instead of ~100 s.")
-    enable_lora: bool = Field(False, description="Reserve LoRA slots in the engine (finetuner).")
+    enable_lora: bool = Field(
+        False, description="Serve LoRA adapters from finetune.registry_dir; slows generation even with none active (README: Adapters)."
+    )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    max_loras: int = Field(2, ge=1, le=64, description="Adapters kept loaded at once: the served one and the rollback target.")
+    adapter_poll_s: float = Field(1.0, gt=0, le=3600, description="How often the server checks the registry for a newly promoted adapter.")
+
+
+class FinetuneConfig(_Section):
+    """Distillation of validated knowledge into LoRA adapters (finetuner/)."""
+
+    registry_dir: Path = Field(DEFAULT_HOME / "adapters", description="Versioned adapter registry (manifests + weights).")
+    work_dir: Path = Field(DEFAULT_HOME / "distill", description="Scratch folder for extraction records, training runs and gate reports.")
+    trusted_sources: list[str] = Field(
+        default_factory=lambda: ["*"], description="Glob patterns of document sources the finetuner may learn from."
+    )
+    stable_for_s: float = Field(3600.0, ge=0, description="A document must be unchanged this long before it is learned.")
+    require_cited: bool = Field(False, description="Learn only documents that answers have retrieved and cited.")
+    max_facts: int = Field(64, ge=1, description="Most facts distilled in one run.")
+    seed: int = Field(0, description="Seed for sampling, splits and training.")
+    lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (vLLM accepts 8, 16, 32, 64, ...).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters (all linear layers of a Llama block by default).",
+    )
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (linear decay after warm-up).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    batch_size: int = Field(4, ge=1, description="Fact examples per step (plus as many replay examples).")
+    max_epochs: int = Field(12, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
+    kl_weight: float = Field(1.0, ge=0, description="Weight of the KL penalty toward the base model on replay examples.")
+    time_budget_s: float = Field(600.0, gt=0, description="Hard wall-clock budget for training.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where training runs.")
+    min_new_recall: float = Field(0.6, ge=0, le=1, description="Gate: closed-book accuracy on held-out questions about the new facts.")
+    max_general_drop: float = Field(0.1, ge=0, le=1, description="Gate: largest allowed drop in general-question accuracy.")
+    max_perplexity_increase: float = Field(0.1, ge=0, description="Gate: largest allowed relative rise in general-text perplexity.")
+    min_previous_recall: float = Field(0.6, ge=0, le=1, description="Gate: accuracy kept on the previous adapter's facts.")
+    interval_s: float = Field(0.0, ge=0, description="Scheduler: run every this many seconds (0 = off).")
+    min_new_documents: int = Field(20, ge=1, description="Scheduler: run once this many new validated documents exist.")
 
 
 class ServerConfig(_Section):
@@ -125,6 +163,7 @@ class KfreshConfig(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
     @classmethod
@@ -147,6 +186,8 @@ class KfreshConfig(BaseSettings):
         data = self.model_dump()
         data["store"]["path"] = home / "kfresh.db"
         data["index"]["snapshot_dir"] = home / "index"
+        data["finetune"]["registry_dir"] = home / "adapters"
+        data["finetune"]["work_dir"] = home / "distill"
         return KfreshConfig.model_validate(data)
 
 

@@ -72,6 +72,8 @@ def _start_server(cfg: KfreshConfig, home: Path, port: int) -> subprocess.Popen[
         "--models.cache_dir", str(cfg.models.cache_dir.resolve()),
         "--generation.backend", cfg.generation.backend,
     ]
+    if cfg.generation.enable_lora:
+        cmd += ["--generation.enable_lora", "true", "--finetune.registry_dir", str(cfg.finetune.registry_dir.resolve())]
     log = open(home / "server.log", "wb")  # noqa: SIM115 - lives as long as the server process
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -111,7 +113,8 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
             _banner("5/5 server stats")
             stats = client.stats()
             f = stats.freshness
-            print(f"  documents {stats.documents}, chunks {stats.chunks}, model {stats.model} ({stats.generation_backend})")
+            adapter = f", adapter {stats.adapter or 'none'}" if cfg.generation.enable_lora else ""
+            print(f"  documents {stats.documents}, chunks {stats.chunks}, model {stats.model} ({stats.generation_backend}){adapter}")
             print(f"  acknowledged -> searchable: p50 {f.p50_ms:.1f} ms, p95 {f.p95_ms:.1f} ms, max {f.max_ms:.1f} ms over {f.count} changes")
         code = 0
     except Exception as exc:  # noqa: BLE001 - report, show the server log, fail the demo

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kfresh.config import AnswerConfig
 from kfresh.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
+from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationRequest
 from kfresh.server.prompting import build_messages, closed_book_messages, resolve_conflicts
 from kfresh.server.validation import AnswerQuery
@@ -45,25 +47,52 @@ class AnswerResult:
 class Answerer:
     """Retrieves passages, resolves conflicts (newest wins), streams the model's answer, then citations."""
 
-    def __init__(self, indexer: Indexer, backend: GenerationBackend, cfg: AnswerConfig) -> None:
+    def __init__(
+        self, indexer: Indexer, backend: GenerationBackend, cfg: AnswerConfig, *, adapters: AdapterManager | None = None
+    ) -> None:
         self._indexer = indexer
         self._backend = backend
         self._cfg = cfg
+        self._adapters = adapters
         self._slots = asyncio.Semaphore(cfg.max_concurrent)
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def answer(self, query: AnswerQuery) -> AsyncIterator[AnswerDelta | AnswerResult]:
         if not self._backend.ready:
             raise Unavailable("the generation model is still loading or has failed; retry shortly")
         if self._slots.locked():
             raise Overloaded(f"{self._cfg.max_concurrent} answers are already being generated; retry shortly")
-        if query.adapter not in ("", "none"):
-            # Adapter publishing arrives with the finetuner; until then only the base model exists.
-            raise NotFound(f"adapter {query.adapter!r} is not published; use '' or 'none' for the base model")
-        async with self._slots:
-            async for event in self._answer(query):
+        # The adapter is held for the whole answer: a hot swap meanwhile never unloads it under us.
+        async with self._adapter(query.adapter) as adapter, self._slots:
+            async for event in self._answer(query, adapter):
                 yield event
 
-    async def _answer(self, query: AnswerQuery) -> AsyncIterator[AnswerDelta | AnswerResult]:
+    def _adapter(self, requested: str) -> contextlib.AbstractAsyncContextManager[AdapterChoice]:
+        if self._adapters is not None:
+            return self._adapters.use(requested)
+        if requested.strip().lower() not in ("", "none"):
+            raise NotFound(
+                f"adapter {requested!r} is not available: this server serves no adapters (generation.enable_lora=false)"
+            )
+        return contextlib.nullcontext(BASE_MODEL)
+
+    def _record_citations(self, passages: list[Hit]) -> None:
+        """Log which passages the model was shown (the finetuner prefers cited knowledge); never fails the answer."""
+        if not passages:
+            return
+        pairs = [(h.doc_id, h.version) for h in passages]
+
+        async def record() -> None:
+            try:
+                await asyncio.to_thread(self._indexer.record_citations, pairs)
+            except Exception:  # noqa: BLE001 - bookkeeping only
+                log.warning("citation_record_failed passages=%d", len(pairs), exc_info=True)
+
+        task = asyncio.create_task(record())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:
         start = time.perf_counter()
         passages: list[Hit] = []
         superseded: list[Hit] = []
@@ -86,8 +115,9 @@ class Answerer:
             messages=messages,
             max_tokens=query.max_tokens,
             temperature=query.temperature,
-            adapter=None,
+            adapter=adapter.served_name,
         )
+        self._record_citations(passages)
         ttft_ms = 0.0
         finish_reason = ""
         tokens = 0
@@ -101,8 +131,9 @@ class Answerer:
                 finish_reason = chunk.finish_reason or "stop"
         total_ms = (time.perf_counter() - start) * 1000
         log.info(
-            "answer id=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d",
-            request.request_id, len(passages), len(superseded), retrieval_ms, ttft_ms, total_ms, tokens,
+            "answer id=%s adapter=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d",
+            request.request_id, adapter.version or "base", len(passages), len(superseded), retrieval_ms, ttft_ms,
+            total_ms, tokens,
         )
         yield AnswerResult(
             citations=passages,
@@ -114,5 +145,6 @@ class Answerer:
             finish_reason=finish_reason,
             output_tokens=tokens,
             model=self._backend.model,
+            adapter=adapter.version,
             request_id=request.request_id,
         )

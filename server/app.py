@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kfresh.config import KfreshConfig
+from kfresh.server.adapters import AdapterManager
 from kfresh.server.generation.base import GenerationBackend
 from kfresh.server.servicer import KfreshServicer, Runtime
 from kfresh.v1 import kfresh_pb2, kfresh_pb2_grpc
@@ -47,18 +48,34 @@ def _grpc_options(cfg: KfreshConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def _load_model(backend: GenerationBackend, health_servicer: health.aio.HealthServicer) -> None:
-    try:
-        await backend.start()
-    except Exception:
-        log.exception("generation backend failed to start; Answer stays UNAVAILABLE")
-        return
-    log.info("model_ready backend=%s model=%s", backend.name, backend.model)
+async def _load_model(
+    backend: GenerationBackend, health_servicer: health.aio.HealthServicer, adapters: AdapterManager | None
+) -> None:
+    """Start the backend (unless a shared one is already up), serve the registry's adapter, then SERVING."""
+    if not backend.ready:
+        try:
+            await backend.start()
+        except Exception:
+            log.exception("generation backend failed to start; Answer stays UNAVAILABLE")
+            return
+        log.info("model_ready backend=%s model=%s", backend.name, backend.model)
+    if adapters is not None:
+        try:
+            version = await adapters.sync()
+            log.info("adapter_ready version=%s", version or "base")
+        except Exception:  # noqa: BLE001 - a broken registry must not keep the base model from serving
+            log.exception("adapter_sync_failed; serving the base model")
+        adapters.start_watcher()
     await health_servicer.set("", SERVING)
 
 
-async def _noop() -> None:
-    return None
+def _adapter_manager(cfg: KfreshConfig, backend: GenerationBackend) -> AdapterManager | None:
+    if not cfg.generation.enable_lora:
+        return None
+    from kfresh.finetuner.registry import AdapterRegistry
+
+    registry = AdapterRegistry(cfg.finetune.registry_dir)
+    return AdapterManager(registry, backend, poll_interval_s=cfg.generation.adapter_poll_s)
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +91,8 @@ async def running_server(
 
     owns_backend = backend is None
     backend = backend or create_backend(cfg)
-    runtime = Runtime(cfg, backend)
+    adapters = _adapter_manager(cfg, backend)
+    runtime = Runtime(cfg, backend, adapters=adapters)
     server = grpc.aio.server(options=_grpc_options(cfg))
     kfresh_pb2_grpc.add_KfreshServicer_to_server(KfreshServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
@@ -99,9 +117,9 @@ async def running_server(
             await asyncio.to_thread(idx.start)  # type: ignore[attr-defined]
         runtime.attach_indexer(idx)  # type: ignore[arg-type]
         await health_servicer.set(SERVICE_NAME, SERVING)
-        if backend.ready:
+        if backend.ready and adapters is None:
             await health_servicer.set("", SERVING)
-        model_task = asyncio.create_task(_noop() if backend.ready else _load_model(backend, health_servicer))
+        model_task = asyncio.create_task(_load_model(backend, health_servicer, adapters))
         yield RunningServer(port, f"{cfg.server.host}:{port}", runtime, health_servicer, model_task)
     finally:
         log.info("shutting_down grace_s=%.1f", cfg.server.grace_s)
@@ -109,6 +127,9 @@ async def running_server(
         await server.stop(cfg.server.grace_s)
         if model_task is not None and not model_task.done():
             model_task.cancel()
+        if adapters is not None:
+            # A shared backend outlives this server: take this server's adapters out of it.
+            await adapters.close(unload=not owns_backend)
         if owns_backend:
             await backend.shutdown()
         if owns_indexer:

@@ -1,9 +1,14 @@
 """Domain values -> protobuf messages (the reverse of validation.py)."""
 from __future__ import annotations
 
+import json
+
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kfresh.finetuner.registry import AdapterManifest
 from kfresh.indexer.documents import Ack, Hit, IndexStats
+from kfresh.server.adapters import AdapterChange
 from kfresh.server.answerer import AnswerResult
 from kfresh.v1 import kfresh_pb2 as pb
 
@@ -75,7 +80,9 @@ def answer_done(result: AnswerResult) -> pb.AnswerDone:
     )
 
 
-def stats_to_proto(stats: IndexStats, *, model: str, backend: str, model_ready: bool, uptime_s: float) -> pb.StatsResponse:
+def stats_to_proto(
+    stats: IndexStats, *, model: str, backend: str, model_ready: bool, uptime_s: float, adapter: str = ""
+) -> pb.StatsResponse:
     lag = stats.freshness
     return pb.StatsResponse(
         documents=stats.documents,
@@ -90,8 +97,34 @@ def stats_to_proto(stats: IndexStats, *, model: str, backend: str, model_ready: 
         embedder=stats.embedder,
         index_kind=stats.index_kind,
         model=model,
-        adapter="",
+        adapter=adapter,
         generation_backend=backend,
         model_ready=model_ready,
         uptime_s=uptime_s,
     )
+
+
+def adapter_to_proto(m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False) -> pb.Adapter:
+    metrics = Struct()
+    # Round-trip through JSON: Struct takes only JSON types, a gate report may hold others.
+    metrics.update(json.loads(json.dumps(m.metrics, default=str)))
+    return pb.Adapter(
+        version=m.version,
+        parent=m.parent or "",
+        served_name=m.served_name,
+        base_model=m.base_model,
+        base_model_sha256=m.base_model_sha256,
+        training_data_sha256=m.training_data_sha256,
+        weights_sha256=m.weights_sha256,
+        created_at=timestamp(m.created_at),
+        facts=m.facts,
+        metrics=metrics,
+        notes=m.notes,
+        current=current,
+        loaded=loaded,
+        standby=standby,
+    )
+
+
+def adapter_change(change: AdapterChange) -> pb.AdapterChangeResponse:
+    return pb.AdapterChangeResponse(current=change.current, previous=change.previous, swap_ms=change.swap_ms)

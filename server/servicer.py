@@ -11,6 +11,7 @@ import grpc
 from kfresh.config import KfreshConfig
 from kfresh.errors import InvalidInput, NotFound, Unavailable
 from kfresh.server import convert, validation
+from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
 from kfresh.server.errors import rpc
 from kfresh.server.generation.base import GenerationBackend
@@ -24,16 +25,17 @@ if TYPE_CHECKING:
 class Runtime:
     """What the servicer talks to; the indexer appears once it has loaded (UNAVAILABLE before)."""
 
-    def __init__(self, cfg: KfreshConfig, backend: GenerationBackend) -> None:
+    def __init__(self, cfg: KfreshConfig, backend: GenerationBackend, *, adapters: AdapterManager | None = None) -> None:
         self.cfg = cfg
         self.backend = backend
+        self.adapters = adapters
         self.indexer: Indexer | None = None
         self.answerer: Answerer | None = None
         self.started_at = time.monotonic()
 
     def attach_indexer(self, indexer: Indexer) -> None:
         self.indexer = indexer
-        self.answerer = Answerer(indexer, self.backend, self.cfg.answer)
+        self.answerer = Answerer(indexer, self.backend, self.cfg.answer, adapters=self.adapters)
 
     def require_indexer(self) -> Indexer:
         if self.indexer is None:
@@ -44,6 +46,11 @@ class Runtime:
         self.require_indexer()
         assert self.answerer is not None
         return self.answerer
+
+    def require_adapters(self) -> AdapterManager:
+        if self.adapters is None:
+            raise InvalidInput("this server serves no adapters: start it with --generation.enable_lora true")
+        return self.adapters
 
 
 class KfreshServicer(pb_grpc.KfreshServicer):
@@ -108,4 +115,29 @@ class KfreshServicer(pb_grpc.KfreshServicer):
             backend=self._rt.backend.name,
             model_ready=self._rt.backend.ready,
             uptime_s=time.monotonic() - self._rt.started_at,
+            adapter=self._rt.adapters.current_version if self._rt.adapters else "",
         )
+
+    @rpc
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+        validation.reject_unknown_fields(request)
+        manager = self._rt.adapters
+        if manager is None:
+            statuses, current = await asyncio.to_thread(read_only_statuses, self._rt.cfg.finetune.registry_dir)
+        else:
+            statuses, current = await manager.list_adapters(), manager.current_version
+        return pb.ListAdaptersResponse(
+            adapters=[convert.adapter_to_proto(s.manifest, current=s.current, loaded=s.loaded, standby=s.standby) for s in statuses],
+            current=current,
+            enabled=manager is not None,
+        )
+
+    @rpc
+    async def PromoteAdapter(self, request: pb.PromoteAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterChangeResponse:
+        validation.reject_unknown_fields(request)
+        return convert.adapter_change(await self._rt.require_adapters().promote(request.version))
+
+    @rpc
+    async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterChangeResponse:
+        validation.reject_unknown_fields(request)
+        return convert.adapter_change(await self._rt.require_adapters().rollback())

@@ -9,7 +9,7 @@ import pytest
 from kfresh.cli import build_parser, main
 from kfresh.sources import SourceError, read_source
 
-SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "demo", "provision", "config"]
+SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "adapters", "demo", "provision", "config"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -18,6 +18,20 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         build_parser().parse_args([command, "--help"])
     assert exc.value.code == 0
     assert "usage: kfresh " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["list", "show", "promote", "rollback"])
+def test_adapters_actions_have_help_and_client_flags(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["adapters", action, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"usage: kfresh adapters {action}" in out
+    assert "--addr" in out and "--json" in out
+
+
+def test_adapters_against_no_server_is_unavailable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["adapters", "rollback", "--addr", "127.0.0.1:1", "--timeout", "2"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
 
 
 def test_serve_help_lists_settings_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +46,11 @@ def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["config", "--retrieval.max_k", "-3"]) == 2
     err = capsys.readouterr().err
     assert "retrieval.max_k" in err and "Traceback" not in err
+
+
+def test_list_settings_take_comma_separated_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--finetune.trusted_sources", "port-avel-*, city/*"]) == 0
+    assert '"trusted_sources": [\n      "port-avel-*",\n      "city/*"\n    ]' in capsys.readouterr().out
 
 
 def test_console_script_runs() -> None:

@@ -144,8 +144,12 @@ class OpenAIRemoteBackend(GenerationBackend):
         return self._healthy
 
     async def load_adapter(self, name: str, path: str) -> None:
-        """Needs the server started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True."""
-        await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, f"cannot load adapter {name!r}")
+        """Needs the server started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True.
+
+        In place: the vLLM server may outlive this process and still hold `name` (one name per version).
+        """
+        body = {"lora_name": name, "lora_path": path, "load_inplace": True}
+        await self._post("/v1/load_lora_adapter", body, f"cannot load adapter {name!r}")
 
     async def unload_adapter(self, name: str) -> None:
         await self._post("/v1/unload_lora_adapter", {"lora_name": name}, f"cannot unload adapter {name!r}")

@@ -100,6 +100,7 @@ class VllmEngineBackend(GenerationBackend):
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_lora=cfg.enable_lora,
             max_lora_rank=_supported_lora_rank(cfg.max_lora_rank),
+            max_loras=cfg.max_loras,
             max_num_seqs=self._max_num_seqs,
             seed=self._seed,
             disable_log_stats=not self._log_stats,

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kfresh/v1/kfresh.proto\x12\tkfresh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.kfresh.v1.Document.MetadataEntry\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsupersedes\x18\x06 \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\rIngestRequest\x12%\n\x06upsert\x18\x01 \x01(\x0b\x32\x13.kfresh.v1.DocumentH\x00\x12\x13\n\tdelete_id\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"\x9e\x01\n\x0eIngestResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.kfresh.v1.AckStatus\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x05\x12\x0b\n\x03seq\x18\x05 \x01(\x03\x12,\n\x08\x61\x63ked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\rDeleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x92\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x36\n\x06\x66ilter\x18\x03 \x03(\x0b\x32&.kfresh.v1.RetrieveRequest.FilterEntry\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x02\n\x05\x43hunk\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\x03\x12\x0f\n\x07ordinal\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0e\n\x06source\x18\x07 \x01(\t\x12.\n\nvalid_from\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x08metadata\x18\t \x03(\x0b\x32\x1e.kfresh.v1.Chunk.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10RetrieveResponse\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.kfresh.v1.Chunk\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\"\xf5\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x34\n\x06\x66ilter\x18\x03 \x03(\x0b\x32$.kfresh.v1.AnswerRequest.FilterEntry\x12\x13\n\x0b\x63losed_book\x18\x04 \x01(\x08\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperature\"\xa8\x01\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0f\n\x07primary\x18\x08 \x01(\x08\"Q\n\x07Timings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd0\x01\n\nAnswerDone\x12&\n\tcitations\x18\x01 \x03(\x0b\x32\x13.kfresh.v1.Citation\x12#\n\x07timings\x18\x02 \x01(\x0b\x32\x12.kfresh.v1.Timings\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\routput_tokens\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\'\n\nsuperseded\x18\x07 \x03(\x0b\x32\x13.kfresh.v1.Citation\"Q\n\x0e\x41nswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12%\n\x04\x64one\x18\x02 \x01(\x0b\x32\x15.kfresh.v1.AnswerDoneH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cStatsRequest\"_\n\x0eLagPercentiles\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"\xbf\x02\n\rStatsResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x19\n\x11ingest_docs_per_s\x18\x04 \x01(\x01\x12,\n\tfreshness\x18\x05 \x01(\x0b\x32\x19.kfresh.v1.LagPercentiles\x12\x10\n\x08\x65mbedder\x18\x06 \x01(\t\x12\x12\n\nindex_kind\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x1a\n\x12generation_backend\x18\n \x01(\t\x12\x13\n\x0bmodel_ready\x18\x0b \x01(\x08\x12\x10\n\x08uptime_s\x18\x0c \x01(\x01\x12\x0f\n\x07\x64\x65leted\x18\r \x01(\x03\x12\x17\n\x0findexed_vectors\x18\x0e \x01(\x03*\x8a\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_UNCHANGED\x10\x02\x12\x16\n\x12\x41\x43K_STATUS_DELETED\x10\x03\x12\x18\n\x14\x41\x43K_STATUS_NOT_FOUND\x10\x04\x32\xcc\x02\n\x06Kfresh\x12\x41\n\x06Ingest\x12\x18.kfresh.v1.IngestRequest\x1a\x19.kfresh.v1.IngestResponse(\x01\x30\x01\x12=\n\x06\x44\x65lete\x12\x18.kfresh.v1.DeleteRequest\x1a\x19.kfresh.v1.DeleteResponse\x12\x43\n\x08Retrieve\x12\x1a.kfresh.v1.RetrieveRequest\x1a\x1b.kfresh.v1.RetrieveResponse\x12?\n\x06\x41nswer\x12\x18.kfresh.v1.AnswerRequest\x1a\x19.kfresh.v1.AnswerResponse0\x01\x12:\n\x05Stats\x12\x17.kfresh.v1.StatsRequest\x1a\x18.kfresh.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kfresh/v1/kfresh.proto\x12\tkfresh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xde\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.kfresh.v1.Document.MetadataEntry\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsupersedes\x18\x06 \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\rIngestRequest\x12%\n\x06upsert\x18\x01 \x01(\x0b\x32\x13.kfresh.v1.DocumentH\x00\x12\x13\n\tdelete_id\x18\x02 \x01(\tH\x00\x42\x04\n\x02op\"\x9e\x01\n\x0eIngestResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.kfresh.v1.AckStatus\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x05\x12\x0b\n\x03seq\x18\x05 \x01(\x03\x12,\n\x08\x61\x63ked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\rDeleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x92\x01\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x36\n\x06\x66ilter\x18\x03 \x03(\x0b\x32&.kfresh.v1.RetrieveRequest.FilterEntry\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x02\n\x05\x43hunk\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08\x63hunk_id\x18\x03 \x01(\x03\x12\x0f\n\x07ordinal\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0e\n\x06source\x18\x07 \x01(\t\x12.\n\nvalid_from\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x08metadata\x18\t \x03(\x0b\x32\x1e.kfresh.v1.Chunk.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x10RetrieveResponse\x12 \n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x10.kfresh.v1.Chunk\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\"\xf5\x01\n\rAnswerRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x34\n\x06\x66ilter\x18\x03 \x03(\x0b\x32$.kfresh.v1.AnswerRequest.FilterEntry\x12\x13\n\x0b\x63losed_book\x18\x04 \x01(\x08\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperature\"\xa8\x01\n\x08\x43itation\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06\x64oc_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06source\x18\x04 \x01(\t\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x06 \x01(\x02\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0f\n\x07primary\x18\x08 \x01(\x08\"Q\n\x07Timings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xd0\x01\n\nAnswerDone\x12&\n\tcitations\x18\x01 \x03(\x0b\x32\x13.kfresh.v1.Citation\x12#\n\x07timings\x18\x02 \x01(\x0b\x32\x12.kfresh.v1.Timings\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\routput_tokens\x18\x04 \x01(\x05\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x06 \x01(\t\x12\'\n\nsuperseded\x18\x07 \x03(\x0b\x32\x13.kfresh.v1.Citation\"Q\n\x0e\x41nswerResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12%\n\x04\x64one\x18\x02 \x01(\x0b\x32\x15.kfresh.v1.AnswerDoneH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cStatsRequest\"_\n\x0eLagPercentiles\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\x12\r\n\x05\x63ount\x18\x05 \x01(\x03\"\xbf\x02\n\rStatsResponse\x12\x11\n\tdocuments\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x03\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x19\n\x11ingest_docs_per_s\x18\x04 \x01(\x01\x12,\n\tfreshness\x18\x05 \x01(\x0b\x32\x19.kfresh.v1.LagPercentiles\x12\x10\n\x08\x65mbedder\x18\x06 \x01(\t\x12\x12\n\nindex_kind\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\t \x01(\t\x12\x1a\n\x12generation_backend\x18\n \x01(\t\x12\x13\n\x0bmodel_ready\x18\x0b \x01(\x08\x12\x10\n\x08uptime_s\x18\x0c \x01(\x01\x12\x0f\n\x07\x64\x65leted\x18\r \x01(\x03\x12\x17\n\x0findexed_vectors\x18\x0e \x01(\x03\"\xce\x02\n\x07\x41\x64\x61pter\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bserved_name\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x05 \x01(\t\x12\x1c\n\x14training_data_sha256\x18\x06 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x66\x61\x63ts\x18\t \x01(\x05\x12(\n\x07metrics\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05notes\x18\x0b \x01(\t\x12\x0f\n\x07\x63urrent\x18\x0c \x01(\x08\x12\x0e\n\x06loaded\x18\r \x01(\x08\x12\x0f\n\x07standby\x18\x0e \x01(\x08\"\x15\n\x13ListAdaptersRequest\"^\n\x14ListAdaptersResponse\x12$\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x12.kfresh.v1.Adapter\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x03 \x01(\x08\"(\n\x15PromoteAdapterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x18\n\x16RollbackAdapterRequest\"K\n\x15\x41\x64\x61pterChangeResponse\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\t\x12\x10\n\x08previous\x18\x02 \x01(\t\x12\x0f\n\x07swap_ms\x18\x03 \x01(\x01*\x8a\x01\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATUS_STORED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_UNCHANGED\x10\x02\x12\x16\n\x12\x41\x43K_STATUS_DELETED\x10\x03\x12\x18\n\x14\x41\x43K_STATUS_NOT_FOUND\x10\x04\x32\xcb\x04\n\x06Kfresh\x12\x41\n\x06Ingest\x12\x18.kfresh.v1.IngestRequest\x1a\x19.kfresh.v1.IngestResponse(\x01\x30\x01\x12=\n\x06\x44\x65lete\x12\x18.kfresh.v1.DeleteRequest\x1a\x19.kfresh.v1.DeleteResponse\x12\x43\n\x08Retrieve\x12\x1a.kfresh.v1.RetrieveRequest\x1a\x1b.kfresh.v1.RetrieveResponse\x12?\n\x06\x41nswer\x12\x18.kfresh.v1.AnswerRequest\x1a\x19.kfresh.v1.AnswerResponse0\x01\x12:\n\x05Stats\x12\x17.kfresh.v1.StatsRequest\x1a\x18.kfresh.v1.StatsResponse\x12O\n\x0cListAdapters\x12\x1e.kfresh.v1.ListAdaptersRequest\x1a\x1f.kfresh.v1.ListAdaptersResponse\x12T\n\x0ePromoteAdapter\x12 .kfresh.v1.PromoteAdapterRequest\x1a .kfresh.v1.AdapterChangeResponse\x12V\n\x0fRollbackAdapter\x12!.kfresh.v1.RollbackAdapterRequest\x1a .kfresh.v1.AdapterChangeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,48 +41,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ANSWERREQUEST_FILTERENTRY']._loaded_options = None
   _globals['_ANSWERREQUEST_FILTERENTRY']._serialized_options = b'8\001'
-  _globals['_ACKSTATUS']._serialized_start=2342
-  _globals['_ACKSTATUS']._serialized_end=2480
-  _globals['_DOCUMENT']._serialized_start=71
-  _globals['_DOCUMENT']._serialized_end=293
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=246
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=293
-  _globals['_INGESTREQUEST']._serialized_start=295
-  _globals['_INGESTREQUEST']._serialized_end=376
-  _globals['_INGESTRESPONSE']._serialized_start=379
-  _globals['_INGESTRESPONSE']._serialized_end=537
-  _globals['_DELETEREQUEST']._serialized_start=539
-  _globals['_DELETEREQUEST']._serialized_end=566
-  _globals['_DELETERESPONSE']._serialized_start=568
-  _globals['_DELETERESPONSE']._serialized_end=613
-  _globals['_RETRIEVEREQUEST']._serialized_start=616
-  _globals['_RETRIEVEREQUEST']._serialized_end=762
-  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_start=717
-  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_end=762
-  _globals['_CHUNK']._serialized_start=765
-  _globals['_CHUNK']._serialized_end=1032
-  _globals['_CHUNK_METADATAENTRY']._serialized_start=246
-  _globals['_CHUNK_METADATAENTRY']._serialized_end=293
-  _globals['_RETRIEVERESPONSE']._serialized_start=1034
-  _globals['_RETRIEVERESPONSE']._serialized_end=1108
-  _globals['_ANSWERREQUEST']._serialized_start=1111
-  _globals['_ANSWERREQUEST']._serialized_end=1356
-  _globals['_ANSWERREQUEST_FILTERENTRY']._serialized_start=717
-  _globals['_ANSWERREQUEST_FILTERENTRY']._serialized_end=762
-  _globals['_CITATION']._serialized_start=1359
-  _globals['_CITATION']._serialized_end=1527
-  _globals['_TIMINGS']._serialized_start=1529
-  _globals['_TIMINGS']._serialized_end=1610
-  _globals['_ANSWERDONE']._serialized_start=1613
-  _globals['_ANSWERDONE']._serialized_end=1821
-  _globals['_ANSWERRESPONSE']._serialized_start=1823
-  _globals['_ANSWERRESPONSE']._serialized_end=1904
-  _globals['_STATSREQUEST']._serialized_start=1906
-  _globals['_STATSREQUEST']._serialized_end=1920
-  _globals['_LAGPERCENTILES']._serialized_start=1922
-  _globals['_LAGPERCENTILES']._serialized_end=2017
-  _globals['_STATSRESPONSE']._serialized_start=2020
-  _globals['_STATSRESPONSE']._serialized_end=2339
-  _globals['_KFRESH']._serialized_start=2483
-  _globals['_KFRESH']._serialized_end=2815
+  _globals['_ACKSTATUS']._serialized_start=2973
+  _globals['_ACKSTATUS']._serialized_end=3111
+  _globals['_DOCUMENT']._serialized_start=101
+  _globals['_DOCUMENT']._serialized_end=323
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=276
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=323
+  _globals['_INGESTREQUEST']._serialized_start=325
+  _globals['_INGESTREQUEST']._serialized_end=406
+  _globals['_INGESTRESPONSE']._serialized_start=409
+  _globals['_INGESTRESPONSE']._serialized_end=567
+  _globals['_DELETEREQUEST']._serialized_start=569
+  _globals['_DELETEREQUEST']._serialized_end=596
+  _globals['_DELETERESPONSE']._serialized_start=598
+  _globals['_DELETERESPONSE']._serialized_end=643
+  _globals['_RETRIEVEREQUEST']._serialized_start=646
+  _globals['_RETRIEVEREQUEST']._serialized_end=792
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_start=747
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_end=792
+  _globals['_CHUNK']._serialized_start=795
+  _globals['_CHUNK']._serialized_end=1062
+  _globals['_CHUNK_METADATAENTRY']._serialized_start=276
+  _globals['_CHUNK_METADATAENTRY']._serialized_end=323
+  _globals['_RETRIEVERESPONSE']._serialized_start=1064
+  _globals['_RETRIEVERESPONSE']._serialized_end=1138
+  _globals['_ANSWERREQUEST']._serialized_start=1141
+  _globals['_ANSWERREQUEST']._serialized_end=1386
+  _globals['_ANSWERREQUEST_FILTERENTRY']._serialized_start=747
+  _globals['_ANSWERREQUEST_FILTERENTRY']._serialized_end=792
+  _globals['_CITATION']._serialized_start=1389
+  _globals['_CITATION']._serialized_end=1557
+  _globals['_TIMINGS']._serialized_start=1559
+  _globals['_TIMINGS']._serialized_end=1640
+  _globals['_ANSWERDONE']._serialized_start=1643
+  _globals['_ANSWERDONE']._serialized_end=1851
+  _globals['_ANSWERRESPONSE']._serialized_start=1853
+  _globals['_ANSWERRESPONSE']._serialized_end=1934
+  _globals['_STATSREQUEST']._serialized_start=1936
+  _globals['_STATSREQUEST']._serialized_end=1950
+  _globals['_LAGPERCENTILES']._serialized_start=1952
+  _globals['_LAGPERCENTILES']._serialized_end=2047
+  _globals['_STATSRESPONSE']._serialized_start=2050
+  _globals['_STATSRESPONSE']._serialized_end=2369
+  _globals['_ADAPTER']._serialized_start=2372
+  _globals['_ADAPTER']._serialized_end=2706
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2708
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2729
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2731
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2825
+  _globals['_PROMOTEADAPTERREQUEST']._serialized_start=2827
+  _globals['_PROMOTEADAPTERREQUEST']._serialized_end=2867
+  _globals['_ROLLBACKADAPTERREQUEST']._serialized_start=2869
+  _globals['_ROLLBACKADAPTERREQUEST']._serialized_end=2893
+  _globals['_ADAPTERCHANGERESPONSE']._serialized_start=2895
+  _globals['_ADAPTERCHANGERESPONSE']._serialized_end=2970
+  _globals['_KFRESH']._serialized_start=3114
+  _globals['_KFRESH']._serialized_end=3701
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,21 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/kfresh.v1.Kfresh/ListAdapters',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.PromoteAdapter = channel.unary_unary(
+                '/kfresh.v1.Kfresh/PromoteAdapter',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.PromoteAdapterRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
+                _registered_method=True)
+        self.RollbackAdapter = channel.unary_unary(
+                '/kfresh.v1.Kfresh/RollbackAdapter',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
+                _registered_method=True)
 
 
 class KfreshServicer:
@@ -99,6 +114,28 @@ class KfreshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdapters(self, request, context):
+        """Admin: the adapter versions in the registry, which one is served and which are loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteAdapter(self, request, context):
+        """Admin: serve `version` for new requests (in-flight ones finish on theirs). NOT_FOUND when unknown,
+        INVALID_ARGUMENT when its weights no longer match the manifest's sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAdapter(self, request, context):
+        """Admin: serve the previously served version again (the base model when there is none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KfreshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +163,21 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'PromoteAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteAdapter,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.PromoteAdapterRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.SerializeToString,
+            ),
+            'RollbackAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAdapter,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +315,87 @@ class Kfresh:
             '/kfresh.v1.Kfresh/Stats',
             kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/ListAdapters',
+            kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/PromoteAdapter',
+            kfresh_dot_v1_dot_kfresh__pb2.PromoteAdapterRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/RollbackAdapter',
+            kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

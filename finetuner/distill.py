@@ -1,0 +1,181 @@
+"""One distillation run: select -> extract -> augment -> replay -> train -> gate -> publish (if it passed).
+
+Everything a run produces lands in its own folder under `finetune.work_dir/runs/` (extraction record,
+facts, adapter, gate-report.json/.md), so a rejected adapter can be inspected. Only a gate-passing
+adapter reaches the registry, with its facts.jsonl and gate report inside the adapter folder: the next
+run reads the facts back to keep them (retention) and the server never sees an ungated adapter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kfresh.config import KfreshConfig
+from kfresh.finetuner import datasets
+from kfresh.finetuner.augment import AugmentedFacts, augment
+from kfresh.finetuner.evaluate import Figures, Score, measure, score_from_dict
+from kfresh.finetuner.extraction import Excluded
+from kfresh.finetuner.facts import Fact, read_facts, write_facts
+from kfresh.finetuner.gate import build_report, write_report
+from kfresh.finetuner.plan import Plan, plan_knowledge
+from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
+
+log = logging.getLogger("kfresh.finetuner")
+FACTS_FILE = "facts.jsonl"
+
+
+@dataclass
+class DistillResult:
+    """status: 'dry_run' | 'nothing_new' | 'published' | 'rejected'.
+
+    A run with no new facts still trains when facts the served adapter knew were removed (deleted or
+    updated documents): the replacement adapter must not carry them.
+    """
+
+    status: str
+    run_dir: Path
+    passed: bool
+    facts: list[Fact]
+    new_facts: list[Fact]
+    carried_facts: list[Fact]
+    excluded: list[Excluded]
+    skipped_documents: dict[str, str]
+    data: AugmentedFacts | None = None
+    report_path: Path | None = None
+    manifest: AdapterManifest | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_distill(cfg: KfreshConfig, *, dry_run: bool = False, facts_override: list[Fact] | None = None) -> DistillResult:
+    """Distil validated knowledge into a gated LoRA adapter; publish it only if the gate passes."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    ft = cfg.finetune
+    run_dir = _new_run_dir(Path(ft.work_dir))
+    registry = AdapterRegistry(Path(ft.registry_dir))
+    current = registry.current()
+    previous = read_facts(registry.adapter_dir(current.version) / FACTS_FILE) if current else []
+    plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir)
+    data = augment(plan.facts)
+    timings["plan_s"] = round(time.perf_counter() - clock, 3)
+    result = _result("dry_run", run_dir, plan, data, timings)
+    if dry_run:
+        return result
+    if not plan.facts or not (plan.new or plan.removed):
+        if plan.removed:  # everything the served adapter knew is gone: only a rollback can unlearn it
+            log.warning("distill.all_facts_removed removed=%d: roll the served adapter back", len(plan.removed))
+        log.info("distill.nothing_new facts=%d", len(plan.facts))
+        result.status = "nothing_new"
+        return result
+    from kfresh.finetuner.modeling import load_base, model_sha256, resolve_device
+    from kfresh.finetuner.replay import build_pool
+    from kfresh.finetuner.train import train_adapter
+    from kfresh.models import generator_path
+
+    step = time.perf_counter()
+    path = generator_path(cfg.models)
+    base_sha = model_sha256(path)
+    lm = load_base(path, device=resolve_device(ft.device))
+    cache = Path(ft.work_dir) / "cache"
+    replay = build_pool(lm, cache, base_sha, limit=_replay_needed(cfg, len(data.train))) if ft.kl_weight > 0 else []
+    timings["load_and_replay_s"] = round(time.perf_counter() - step, 3)
+
+    step = time.perf_counter()
+    new_data = augment(plan.new)
+    old_data = augment(plan.carried) if plan.carried else None
+    before = measure(lm, new_data, old_data, desc="gate: base model", cached_general=_base_general(cache, base_sha))
+    _save_base_general(cache, base_sha, before)
+    timings["eval_base_s"] = round(time.perf_counter() - step, 3)
+
+    training = train_adapter(lm, data, replay, ft, run_dir / "adapter")
+    timings["train_s"] = training.seconds
+
+    step = time.perf_counter()
+    after = measure(lm, new_data, old_data, desc="gate: adapter")
+    timings["eval_adapter_s"] = round(time.perf_counter() - step, 3)
+    report = build_report(ft, before, after, has_previous=old_data is not None, extraction=plan.extraction,
+                          training=training.to_dict(), facts=len(plan.facts))  # fmt: skip
+    json_path, _ = write_report(report, run_dir)
+    adapter_dir = run_dir / "adapter"
+    write_facts(adapter_dir / FACTS_FILE, plan.facts)
+    shutil.copy2(json_path, adapter_dir / "gate-report.json")
+    result.status, result.passed, result.report_path = "rejected", report.passed, json_path
+    result.figures = report.figures()
+    if report.passed:
+        result.manifest = registry.publish(
+            adapter_dir,
+            base_model=cfg.models.generator,
+            base_model_sha256=base_sha,
+            training_data_sha256=training_data_sha256(data, replay),
+            gate_passed=True,
+            metrics=result.figures,
+            facts=len(plan.facts),
+            notes=f"{len(plan.new)} new + {len(plan.carried)} kept facts from {len(plan.docs)} documents",
+            promote=True,
+        )
+        result.status = "published"
+    timings["total_s"] = round(time.perf_counter() - clock, 3)
+    log.info("distill.done status=%s passed=%s timings=%s", result.status, result.passed, timings)
+    return result
+
+
+def training_data_sha256(data: AugmentedFacts, replay: Sequence[Any]) -> str:
+    rows = {
+        "facts": [f.to_dict() for f in data.facts],
+        "train": [[qa.question, qa.answer] for qa in data.train],
+        "replay": [[r.kind, r.prompt, r.completion] for r in replay],
+    }
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _result(status: str, run_dir: Path, plan: Plan, data: AugmentedFacts, timings: dict[str, float]) -> DistillResult:
+    return DistillResult(
+        status=status, run_dir=run_dir, passed=False, facts=plan.facts, new_facts=plan.new,
+        carried_facts=plan.carried, excluded=plan.excluded, skipped_documents=plan.skipped_docs, data=data,
+        figures={"facts": len(plan.facts), "new_facts": len(plan.new), "carried_facts": len(plan.carried),
+                 "removed_facts": len(plan.removed), "train_examples": len(data.train), "heldout_questions": len(data.heldout),
+                 "extraction": asdict(plan.extraction) if plan.extraction else None},
+        timings=timings,
+    )  # fmt: skip
+
+
+def _new_run_dir(work_dir: Path) -> Path:
+    runs = work_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=runs))
+
+
+def _replay_needed(cfg: KfreshConfig, train_examples: int) -> int:
+    """Replay sequences the longest possible run can use (a tiny run need not generate the whole pool)."""
+    ft = cfg.finetune
+    return ft.max_epochs * math.ceil(train_examples / ft.batch_size) * ft.batch_size
+
+
+def _base_cache_path(cache: Path, base_sha: str) -> Path:
+    return cache / f"base-general-{base_sha[:16]}-{datasets.data_sha256()[:16]}.json"
+
+
+def _base_general(cache: Path, base_sha: str) -> tuple[Score, float] | None:
+    """The base model's general accuracy and perplexity do not depend on the facts: computed once."""
+    path = _base_cache_path(cache, base_sha)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return score_from_dict(data["general"]), float(data["perplexity"])
+
+
+def _save_base_general(cache: Path, base_sha: str, figures: Figures) -> None:
+    path = _base_cache_path(cache, base_sha)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"general": asdict(figures.general), "perplexity": figures.perplexity}))

@@ -1,0 +1,121 @@
+"""What one distillation run will teach: selected documents -> facts -> conflicts resolved -> + what the
+previous adapter knew and is still true -> capped at max_facts. Pure except for reading the store.
+
+An adapter replaces its predecessor rather than stacking on it, so it must re-learn the previous
+adapter's facts that are still valid (their document version is still current), and must NOT re-learn
+facts whose document was deleted, superseded or updated since.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kfresh.config import KfreshConfig
+from kfresh.finetuner import datasets
+from kfresh.finetuner.extraction import PRF, Excluded, extract_document, extraction_prf, resolve_conflicts, write_record
+from kfresh.finetuner.facts import Fact, write_facts
+from kfresh.finetuner.selection import SelectedDoc, connect_read_only, select_documents
+
+log = logging.getLogger("kfresh.finetuner")
+
+
+@dataclass
+class Plan:
+    facts: list[Fact]  # the training set: new + carried
+    new: list[Fact]  # not known to the previous adapter
+    carried: list[Fact]  # the previous adapter's facts that are still valid
+    removed: list[Fact] = field(default_factory=list)  # the previous adapter's facts that are no longer valid
+    excluded: list[Excluded] = field(default_factory=list)
+    deferred: list[Fact] = field(default_factory=list)  # over max_facts: learned by a later run
+    docs: list[SelectedDoc] = field(default_factory=list)
+    skipped_docs: dict[str, str] = field(default_factory=dict)
+    extraction: PRF | None = None
+
+
+def plan_knowledge(
+    cfg: KfreshConfig,
+    *,
+    previous: Sequence[Fact] = (),
+    facts_override: Sequence[Fact] | None = None,
+    record_dir: Path | None = None,
+    now: float | None = None,
+) -> Plan:
+    ft = cfg.finetune
+    docs: list[SelectedDoc] = []
+    skipped: dict[str, str] = {}
+    extraction: PRF | None = None
+    if facts_override is None:
+        selection = select_documents(ft, cfg.store.path, now=now)
+        docs, skipped = selection.docs, selection.skipped
+        extracted = []
+        for doc in docs:
+            extracted += extract_document(doc)[0]
+        extraction = _gold_prf(docs)
+    else:
+        extracted = list(facts_override)
+    live = _live_versions(cfg.store.path)
+    carried_in = [f for f in previous if _still_valid(f, live)]
+    resolution = resolve_conflicts(extracted + carried_in)
+    known = {f.triple for f in previous}
+    ordered = sorted(resolution.kept, key=lambda f: (f.valid_from, f.doc_id))  # oldest first: all get learned
+    kept, deferred = ordered[: ft.max_facts], ordered[ft.max_facts :]
+    if deferred:
+        log.warning("plan.deferred facts=%d (max_facts=%d): the newest wait for the next run", len(deferred), ft.max_facts)
+    plan = Plan(
+        facts=kept,
+        new=[f for f in kept if f.triple not in known],
+        carried=[f for f in kept if f.triple in known],
+        removed=[f for f in previous if f.triple not in {k.triple for k in kept + deferred}],
+        excluded=resolution.excluded,
+        deferred=deferred,
+        docs=docs,
+        skipped_docs=skipped,
+        extraction=extraction,
+    )
+    if record_dir is not None:
+        write_record(record_dir / "extraction.jsonl", docs, resolution)
+        write_facts(record_dir / "facts.jsonl", plan.facts)
+    log.info("plan facts=%d new=%d carried=%d excluded=%d docs=%d", len(plan.facts), len(plan.new),
+             len(plan.carried), len(plan.excluded), len(docs))  # fmt: skip
+    return plan
+
+
+def _gold_prf(docs: Sequence[SelectedDoc]) -> PRF | None:
+    """P/R/F1 on the selected documents that have gold facts (the shipped sample corpus), else None."""
+    gold_all = datasets.sample_gold_facts()
+    gold: list[Fact] = []
+    extracted: list[Fact] = []
+    for doc in docs:
+        mine = [g for g in gold_all if g.doc_id == doc.doc_id and g.sentence and g.sentence in doc.text]
+        if mine:
+            gold += mine
+            extracted += extract_document(doc)[0]
+    return extraction_prf(extracted, gold) if gold else None
+
+
+def _live_versions(db_path: Path) -> dict[str, int | None]:
+    """doc_id -> current version, or None when deleted or explicitly superseded; {} without a store."""
+    if not Path(db_path).is_file():
+        return {}
+    conn = connect_read_only(db_path)
+    try:
+        rows = conn.execute("SELECT doc_id, version, deleted, supersedes FROM documents").fetchall()
+    finally:
+        conn.close()
+    out: dict[str, int | None] = {r[0]: (None if r[2] else int(r[1])) for r in rows}
+    for r in rows:
+        if not r[2]:
+            for old in json.loads(r[3] or "[]"):
+                if old in out:
+                    out[old] = None
+    return out
+
+
+def _still_valid(fact: Fact, live: dict[str, int | None]) -> bool:
+    """A previous fact stays if the store does not know its document, or knows the very same version."""
+    if fact.doc_id not in live:
+        return True
+    return live[fact.doc_id] == fact.version

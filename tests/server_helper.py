@@ -1,0 +1,50 @@
+"""A gRPC server under test, running on the session engine loop (shared with the vLLM engine)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from kfresh.config import KfreshConfig
+from kfresh.server.app import running_server
+
+
+class ServerHandle:
+    """A server running on the engine's loop thread until stop() is called."""
+
+    def __init__(self, loop_runner: Any, cfg: KfreshConfig, backend: Any) -> None:
+        self._runner = loop_runner
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.port = 0
+        self.runtime: Any = None
+        self._task = asyncio.run_coroutine_threadsafe(self._main(cfg, backend), loop_runner.loop)
+        if not self._ready.wait(120):
+            self._task.result(timeout=1)
+            raise TimeoutError("server did not start")
+
+    async def _main(self, cfg: KfreshConfig, backend: Any) -> None:
+        self._stop = asyncio.Event()
+        async with running_server(cfg, backend=backend) as srv:
+            self.port = srv.port
+            self.runtime = srv.runtime
+            self._ready.set()
+            await self._stop.wait()
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self._runner.loop.call_soon_threadsafe(self._stop.set)
+        self._task.result(timeout=60)
+
+
+def server_config(tmp: Path, **over: Any) -> KfreshConfig:
+    """Defaults with data under `tmp`, port 0, short answers; `section__field=value` overrides."""
+    cfg = KfreshConfig().with_home(tmp)
+    data = cfg.model_dump()
+    data["server"]["port"] = 0
+    data["answer"]["max_tokens"] = 40
+    for dotted, value in over.items():
+        section, field = dotted.split("__")
+        data[section][field] = value
+    return KfreshConfig.model_validate(data)
