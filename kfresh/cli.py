@@ -228,6 +228,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_config_from(args), keep=args.keep)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil validated knowledge into a gated adapter; a running server picks a published one up live."""
+    from kfresh.finetuner.worker import run_distill_in_subprocess
+    from kfresh.logs import setup_logging
+
+    cfg = _config_from(args)
+    setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
+    result = run_distill_in_subprocess(cfg, dry_run=args.dry_run, torch_threads=args.threads or None)
+    summary = {
+        "status": result.status,
+        "passed": result.passed,
+        "new_facts": [f"{f.subject} | {f.relation} | {f.object}" for f in result.new_facts],
+        "carried_facts": len(result.carried_facts),
+        "excluded": [f"{e.fact.subject} | {e.fact.relation} | {e.fact.object}: {e.reason}" for e in result.excluded],
+        "figures": result.figures,
+        "report": str(result.report_path) if result.report_path else None,
+        "published": result.manifest.version if result.manifest else None,
+        "run_dir": str(result.run_dir),
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"status: {result.status}" + (f" -> published {summary['published']}" if summary["published"] else ""))
+    print(f"new facts ({len(result.new_facts)}):")
+    for line in summary["new_facts"]:
+        print(f"  + {line}")
+    for line in summary["excluded"]:
+        print(f"  - {line}")
+    for key, value in result.figures.items():
+        print(f"  {key}: {value}")
+    if summary["report"]:
+        print(f"gate report: {summary['report']}")
+    return 0 if result.status in ("dry_run", "nothing_new", "published") else 3
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from kfresh.logs import setup_logging
     from kfresh.models import provision
@@ -298,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary data folder and server log")
     _add_config_flags(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "distill",
+        help="distil validated knowledge into a gated LoRA adapter and publish it if it passes",
+        description="Select validated documents from the store, extract facts, train a LoRA adapter, gate it, and "
+        "publish it to the registry only if it passes (exit code 3 when the gate rejects it). "
+        "A server running with --generation.enable_lora true picks a published adapter up without a restart.",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be learned, train nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch default)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("provision", help="prepare the models (convert the packaged GGUF once)", description="Resolve the embedder and convert the generator into a local Hugging Face folder (cached).")
     _add_config_flags(p)

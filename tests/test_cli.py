@@ -9,7 +9,7 @@ import pytest
 from kfresh.cli import build_parser, main
 from kfresh.sources import SourceError, read_source
 
-SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "adapters", "demo", "provision", "config"]
+SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "adapters", "demo", "distill", "provision", "config"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
