@@ -16,6 +16,9 @@ from kfresh.finetuner.relations import PERSON, phrasing_for, render
 _NUMBER = re.compile(r"\d+")
 _DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _DAY = re.compile(rf"\b({'|'.join(d.capitalize() for d in _DAYS)})", re.IGNORECASE)
+_NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twenty", "thirty",
+                 "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand"]
+_NUMBER_WORD = re.compile(rf"\b({'|'.join(_NUMBER_WORDS)})\b", re.IGNORECASE)
 _INVENTED_PEOPLE = ("Tomas Reed", "Anya Holm", "Pello Varga")
 _INVENTED_PLACES = ("Harrow Lane", "the North Quay", "Velmont Square")
 
@@ -94,6 +97,10 @@ def _other_object(fact: Fact, others: Sequence[Fact]) -> str:
     """A plausible different value that the question and subject do not already contain."""
     if _NUMBER.search(fact.object):
         return _NUMBER.sub(lambda m: str(_shift(int(m.group()))), fact.object, count=1)
+    word = _NUMBER_WORD.search(fact.object)
+    if word:
+        i = _NUMBER_WORDS.index(word.group(1).lower())
+        return fact.object.replace(word.group(1), _NUMBER_WORDS[(i + 2) % len(_NUMBER_WORDS)])
     day = _DAY.search(fact.object)
     if day:
         i = _DAYS.index(day.group(1).lower())
@@ -106,4 +113,6 @@ def _other_object(fact: Fact, others: Sequence[Fact]) -> str:
 
 
 def _shift(n: int) -> int:
+    if 1000 <= n <= 2100:  # a year
+        return n + 3
     return n + 2 if n < 10 else round(n * 1.25)

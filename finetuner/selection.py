@@ -14,6 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from kfresh.config import FinetuneConfig
 
@@ -42,7 +43,8 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that cannot write (SQLite's mode=ro), with a busy timeout for the server's WAL commits."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"document store {path} does not exist; ingest documents first")
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=30.0)
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"  # quoted: a path may hold '?', '#' or spaces
+    conn = sqlite3.connect(uri, uri=True, timeout=30.0)
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
 

@@ -3,9 +3,11 @@
 The recipe is the best one measured (FIELD-NOTES, "Knowledge into LoRA without forgetting"): LoRA on all
 linear layers, AdamW without weight decay, warm-up then linear decay, clipping 1.0; each step takes a
 batch of fact Q/A examples (loss on the answer tokens only: the facts, not the prompt style) and as many
-replay sequences, on which KL(adapter || base) over every position keeps the model's behaviour. Early
-stopping on a validation split restores the best epoch; the time budget is hard: no step starts that
-would end after it, and the linear decay is re-planned so the rate reaches zero at the budget.
+replay sequences, on which KL(adapter || base) over every position keeps the model's behaviour.
+Stopping: once every validation answer's object is reproduced, the rate decays to zero over
+ANNEAL_EPOCHS more epochs and training ends (the KL penalty repairs at a low rate what the peak rate
+broke); without that, validation loss with patience stops it and restores the best epoch. The time
+budget is hard: no step starts that would end after it, and the decay is re-planned to end at the budget.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ from kfresh.server.prompting import closed_book_messages
 
 log = logging.getLogger("kfresh.finetuner")
 MAX_REPLAY_TOKENS = 96
-PATIENCE = 2  # epochs without a better validation loss before stopping
-# Once every validation object is reproduced, an epoch that lowers the validation loss by less than this
-# share only adds forgetting (measured: recall flat, general answers drifting): stop there.
-CONVERGED_GAIN = 0.02
+PATIENCE = 2  # epochs without a better validation loss before stopping (the best epoch is restored)
+# Once every validation object is reproduced the facts are learned; the rate then decays to zero over
+# this many more epochs and training stops. Measured on the sample corpus: general answers broken at
+# the peak rate are repaired by the KL penalty while the rate anneals (0.81 -> 0.92), recall holds.
+ANNEAL_EPOCHS = 2
 
 
 @dataclass
@@ -56,7 +59,7 @@ class TrainResult:
     epochs: list[EpochMetrics]
     steps: int
     seconds: float
-    stopped: str  # "early_stop" | "max_epochs" | "time_budget"
+    stopped: str  # "learned_and_annealed" | "early_stop" | "max_epochs" | "time_budget"
     best_epoch: int
     device: str
     train_tokens: int
@@ -174,6 +177,7 @@ class _Trainer:
         self.best_loss, self.best_epoch = math.inf, 0
         self.best_state: dict[str, Any] | None = None
         self.val_seconds = 0.0
+        self.anneal_end: int | None = None  # the step at which the rate reaches zero once the facts are learned
         self.epochs: list[EpochMetrics] = []
         self.stopped = "max_epochs"
 
@@ -188,7 +192,7 @@ class _Trainer:
         import torch
 
         elapsed = time.perf_counter() - self.started
-        horizon = self.planned
+        horizon = self.planned if self.anneal_end is None else self.anneal_end
         if self.steps:  # the decay ends where the budget does, if that comes first
             horizon = min(horizon, self.steps + int((self.cfg.time_budget_s - elapsed) / (elapsed / self.steps)))
         for group in self.optimizer.param_groups:
@@ -220,11 +224,15 @@ class _Trainer:
             round(val_loss, 4), round(val_acc, 4), round(time.perf_counter() - epoch_start, 2),
         ))  # fmt: skip
         log.info("train.epoch %s", asdict(self.epochs[-1]))
-        converged = val_acc >= 1.0 and val_loss > self.best_loss * (1 - CONVERGED_GAIN)
         if val_loss < self.best_loss:
             self.best_loss, self.best_epoch = val_loss, epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.named_parameters() if v.requires_grad}
-        if converged or epoch - self.best_epoch >= PATIENCE:
+        if self.anneal_end is not None and self.steps >= self.anneal_end:
+            self.stopped, self.best_state = "learned_and_annealed", None  # keep the annealed weights
+            return True
+        if self.anneal_end is None and val_acc >= 1.0:
+            self.anneal_end = self.steps + ANNEAL_EPOCHS * math.ceil(len(self.train) / self.cfg.batch_size)
+        if self.anneal_end is None and epoch - self.best_epoch >= PATIENCE:
             self.stopped = "early_stop"
             return True
         return False
@@ -236,6 +244,9 @@ class _Trainer:
         self.model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(out_dir), safe_serialization=True)
+        (out_dir / "README.md").unlink(missing_ok=True)  # peft's model-card stub: not part of the adapter
+        for path in out_dir.iterdir():
+            path.chmod(0o644)  # safetensors are written private; the serving process may run as another user
         seconds = round(time.perf_counter() - self.started, 2)
         return TrainResult(out_dir, self.epochs, self.steps, seconds, self.stopped, self.best_epoch, self.lm.device, self.tokens)
 

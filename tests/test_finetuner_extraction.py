@@ -211,3 +211,12 @@ def test_shipped_data_files_keep_gate_and_replay_apart():
     assert len(datasets.replay_prompts()) == 100 and len(datasets.text_prompts()) == 40
     assert len(datasets.perplexity_texts()) >= 10 and not set(datasets.perplexity_texts()) & set(datasets.text_prompts())
     assert len(datasets.anchor_subjects()) >= 20
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
+    from kfresh.finetuner.train import _rate
+
+    cfg = FinetuneConfig(learning_rate=1e-3, warmup_steps=10)
+    rates = [_rate(cfg, step, horizon=50) for step in range(60)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[50] == 0.0 == rates[59]
