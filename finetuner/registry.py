@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kfresh.errors import InvalidInput, NotFound
+from kfresh.fsutil import fsync_dir, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -43,14 +44,6 @@ class AdapterManifest:
         return f"kfresh-{self.version}"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_sha256(adapter_dir: Path) -> str:
     """One digest over every weight file of an adapter folder (names and contents, in name order)."""
     files = sorted(p for p in adapter_dir.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
@@ -63,14 +56,6 @@ def weights_sha256(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as fh:
@@ -78,7 +63,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class AdapterRegistry:
@@ -162,7 +147,7 @@ class AdapterRegistry:
             )
             _write_json_atomic(staging / "manifest.json", asdict(manifest))
             os.replace(staging, self.root / version)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             if promote:
                 self._set_current(version)
             return manifest

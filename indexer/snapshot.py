@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kfresh.config import IndexConfig
+from kfresh.fsutil import fsync_dir
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.vectors import VectorIndex, index_from_bytes
 
@@ -76,20 +77,12 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     log.info(
         "snapshot.written path=%s applied_seq=%d bytes=%d ms=%.1f",
         final, data.applied_seq, final.stat().st_size, (time.perf_counter() - started) * 1000,
     )
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_snapshot(path: Path) -> tuple[dict, memoryview, memoryview]:

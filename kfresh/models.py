@@ -7,7 +7,6 @@ so it is dequantized once into a bf16 safetensors folder under `ModelsConfig.cac
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kfresh.config import KfreshConfig, ModelsConfig
+from kfresh.fsutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,6 @@ def _package_dir(module: str, *, pip_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is_current(dest: Path, gguf: Path) -> bool:
     """True when `dest` holds a finished conversion of this exact GGUF file."""
     try:
@@ -121,7 +113,7 @@ def _is_current(dest: Path, gguf: Path) -> bool:
     stat = gguf.stat()
     if marker.get("source_size") == stat.st_size and marker.get("source_mtime_ns") == stat.st_mtime_ns:
         return True  # same file as converted: skip re-hashing 100 MB on every start
-    return marker.get("source_sha256") == _sha256(gguf)
+    return marker.get("source_sha256") == sha256_file(gguf)
 
 
 def _convert_locked(gguf: Path, dest: Path) -> Path:
@@ -169,7 +161,7 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
     for path in out.iterdir():
         path.chmod(0o644)  # safetensors are written private; the cache may be shared
-    sha = _sha256(gguf)
+    sha = sha256_file(gguf)
     stat = gguf.stat()
     marker = {
         "source": str(gguf),

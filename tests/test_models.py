@@ -11,6 +11,7 @@ import pytest
 
 from kfresh import models
 from kfresh.config import ModelsConfig
+from kfresh.fsutil import sha256_file
 from kfresh.models import MARKER, ProvisioningError, embedder_path, generator_path
 
 
@@ -81,7 +82,7 @@ def _fake_convert(calls: list[str]):
         (out / "config.json").write_text("{}")
         stat = gguf.stat()
         marker = {
-            "source_sha256": models._sha256(gguf),
+            "source_sha256": sha256_file(gguf),
             "source_size": stat.st_size,
             "source_mtime_ns": stat.st_mtime_ns,
             "conversion_version": models.CONVERSION_VERSION,
