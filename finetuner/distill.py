@@ -25,7 +25,7 @@ from kfresh.finetuner.augment import AugmentedFacts, augment
 from kfresh.finetuner.evaluate import Figures, Score, measure, score_from_dict
 from kfresh.finetuner.extraction import Excluded
 from kfresh.finetuner.facts import Fact, read_facts, write_facts
-from kfresh.finetuner.gate import build_report, write_report
+from kfresh.finetuner.gate import GateReport, build_report, write_report
 from kfresh.finetuner.plan import Plan, plan_knowledge
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 
@@ -77,11 +77,37 @@ def run_distill(cfg: KfreshConfig, *, dry_run: bool = False, facts_override: lis
         log.info("distill.nothing_new facts=%d", len(plan.facts))
         result.status = "nothing_new"
         return result
+    report, base_sha, replay = _train_and_gate(cfg, plan, data, run_dir, timings)
+    result.status, result.passed, result.report_path = "rejected", report.passed, run_dir / "gate-report.json"
+    result.figures = {**result.figures, **report.figures()}
+    if report.passed:
+        result.manifest = registry.publish(
+            run_dir / "adapter",
+            base_model=cfg.models.generator,
+            base_model_sha256=base_sha,
+            training_data_sha256=training_data_sha256(data, replay),
+            gate_passed=True,
+            metrics=result.figures,
+            facts=len(plan.facts),
+            notes=f"{len(plan.new)} new + {len(plan.carried)} kept facts from {len(plan.docs)} documents",
+            promote=True,
+        )
+        result.status = "published"
+    timings["total_s"] = round(time.perf_counter() - clock, 3)
+    log.info("distill.done status=%s passed=%s timings=%s", result.status, result.passed, timings)
+    return result
+
+
+def _train_and_gate(
+    cfg: KfreshConfig, plan: Plan, data: AugmentedFacts, run_dir: Path, timings: dict[str, float]
+) -> tuple[GateReport, str, list[Any]]:
+    """Measure the base, train, measure the adapter, write the gate report and the adapter's facts."""
     from kfresh.finetuner.modeling import load_base, model_sha256, resolve_device
     from kfresh.finetuner.replay import build_pool
     from kfresh.finetuner.train import train_adapter
     from kfresh.models import generator_path
 
+    ft = cfg.finetune
     step = time.perf_counter()
     path = generator_path(cfg.models)
     base_sha = model_sha256(path)
@@ -106,27 +132,9 @@ def run_distill(cfg: KfreshConfig, *, dry_run: bool = False, facts_override: lis
     report = build_report(ft, before, after, has_previous=old_data is not None, extraction=plan.extraction,
                           training=training.to_dict(), facts=len(plan.facts))  # fmt: skip
     json_path, _ = write_report(report, run_dir)
-    adapter_dir = run_dir / "adapter"
-    write_facts(adapter_dir / FACTS_FILE, plan.facts)
-    shutil.copy2(json_path, adapter_dir / "gate-report.json")
-    result.status, result.passed, result.report_path = "rejected", report.passed, json_path
-    result.figures = report.figures()
-    if report.passed:
-        result.manifest = registry.publish(
-            adapter_dir,
-            base_model=cfg.models.generator,
-            base_model_sha256=base_sha,
-            training_data_sha256=training_data_sha256(data, replay),
-            gate_passed=True,
-            metrics=result.figures,
-            facts=len(plan.facts),
-            notes=f"{len(plan.new)} new + {len(plan.carried)} kept facts from {len(plan.docs)} documents",
-            promote=True,
-        )
-        result.status = "published"
-    timings["total_s"] = round(time.perf_counter() - clock, 3)
-    log.info("distill.done status=%s passed=%s timings=%s", result.status, result.passed, timings)
-    return result
+    write_facts(run_dir / "adapter" / FACTS_FILE, plan.facts)
+    shutil.copy2(json_path, run_dir / "adapter" / "gate-report.json")
+    return report, base_sha, list(replay)
 
 
 def training_data_sha256(data: AugmentedFacts, replay: Sequence[Any]) -> str:

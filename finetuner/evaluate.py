@@ -73,31 +73,31 @@ def contains_answer(answer: str, expected: Sequence[str]) -> bool:
 
 
 @dataclass(frozen=True)
-class _Ask:
+class Ask:
     bucket: str
     messages: Messages
     expected: tuple[str, ...]
     question: str
 
 
-def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, general: bool) -> list[_Ask]:
+def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, general: bool) -> list[Ask]:
     """Every question one model is asked: held-out paraphrases, retrieval and counterfactual prompts, general."""
-    asks = [_Ask("new_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in new.heldout]
+    asks = [Ask("new_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in new.heldout]
     if previous is not None:
-        asks += [_Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in previous.heldout]
+        asks += [Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in previous.heldout]
     for i, fact in enumerate(new.facts):
         question = _first_heldout(new.heldout, i)
         document = _document_text(fact, new.facts)
-        asks.append(_Ask("retrieval", build_messages(question, [_passage(fact, document)]), (fact.object,), question))
+        asks.append(Ask("retrieval", build_messages(question, [_passage(fact, document)]), (fact.object,), question))
         changed, alt = counterfactual(fact, new.facts)
         contradicting = document.replace(fact.sentence, changed) if fact.sentence in document else changed
-        asks.append(_Ask("counterfactual", build_messages(question, [_passage(fact, contradicting)]), (alt,), question))
+        asks.append(Ask("counterfactual", build_messages(question, [_passage(fact, contradicting)]), (alt,), question))
     if general:
-        asks += [_Ask("general", closed_book_messages(g.question), g.answers, g.question) for g in datasets.general_questions()]
+        asks += [Ask("general", closed_book_messages(g.question), g.answers, g.question) for g in datasets.general_questions()]
     return asks
 
 
-def score(lm: LoadedModel, asks: Sequence[_Ask], *, desc: str) -> dict[str, Score]:
+def score(lm: LoadedModel, asks: Sequence[Ask], *, desc: str) -> dict[str, Score]:
     answers = chat_answers(lm, [a.messages for a in asks], max_new_tokens=MAX_NEW_TOKENS, desc=desc)
     out: dict[str, Score] = {}
     for ask, answer in zip(asks, answers):

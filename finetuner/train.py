@@ -228,7 +228,7 @@ class _Trainer:
             self.best_loss, self.best_epoch = val_loss, epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.named_parameters() if v.requires_grad}
         if self.anneal_end is not None and self.steps >= self.anneal_end:
-            self.stopped, self.best_state = "learned_and_annealed", None  # keep the annealed weights
+            self.stopped = "learned_and_annealed"
             return True
         if self.anneal_end is None and val_acc >= 1.0:
             self.anneal_end = self.steps + ANNEAL_EPOCHS * math.ceil(len(self.train) / self.cfg.batch_size)
@@ -238,8 +238,11 @@ class _Trainer:
         return False
 
     def finish(self, out_dir: Path) -> TrainResult:
-        """Restore the best epoch's weights and save the adapter as peft writes it (vLLM loads this format)."""
-        if self.best_state is not None and self.epochs and self.best_epoch != self.epochs[-1].epoch:
+        """Save the adapter as peft writes it (vLLM loads this format); after a patience stop, the best epoch's.
+
+        Every other stop ends with the rate decayed to (near) zero, whose weights are the ones to keep.
+        """
+        if self.stopped == "early_stop" and self.best_state is not None and self.best_epoch != self.epochs[-1].epoch:
             _restore(self.model, self.best_state)
         self.model.eval()
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -198,10 +198,14 @@ def test_gate_passes_a_good_adapter_and_names_what_a_bad_one_broke():
     assert good.passed and all(c.passed for c in good.checks)
     bad = build_report(cfg, base, figures(0.9, 0.5, 30.0, 2), has_previous=False, extraction=None, training={}, facts=10)
     failed = {c.name for c in bad.checks if not c.passed}
-    assert not bad.passed and failed == {"general_accuracy", "perplexity", "retrieval_not_harmed"}
+    assert not bad.passed and failed == {"general_accuracy", "perplexity", "retrieval_not_harmed", "retrieval_update_followed"}
     assert "REJECTED" in render_markdown(bad) and "PASSED" in render_markdown(good)
     unlearned = build_report(cfg, base, figures(0.1, 1.0, 16.0, 3), has_previous=False, extraction=None, training={}, facts=10)
     assert {c.name for c in unlearned.checks if not c.passed} == {"new_facts_recall"}
+    stale = figures(0.9, 1.0, 16.0, 4)
+    stale.counterfactual = Score(2, 5)  # answers its own facts better, but ignores a newer contradicting passage
+    overriding = build_report(cfg, base, stale, has_previous=False, extraction=None, training={}, facts=10)
+    assert {c.name for c in overriding.checks if not c.passed} == {"retrieval_update_followed"}
 
 
 def test_shipped_data_files_keep_gate_and_replay_apart():
