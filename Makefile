@@ -12,15 +12,19 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast proto models bench-foundation bench-adapters clean help
+.PHONY: setup demo test test-fast proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-quick clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
 	@echo "make test   - set up, then run the whole test suite"
+	@echo "make reliability - the long fault/load/injection suite (~16 min on 2 cores); figures in benchmarks/results/reliability-*"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
 	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
 	@echo "make bench-adapters - what enable_lora and an active adapter cost; hot-swap and rollback times"
+	@echo "make bench  - every benchmark suite at full size (kfresh bench all; ~1-2 h on 2 cores), results in benchmarks/results"
+	@echo "make bench-SUITE - one suite: bench-ingest, bench-freshness, bench-retrieval, bench-answer, bench-knowledge"
+	@echo "make bench-quick - every suite in --quick mode (tiny sizes; a smoke test, not a measurement)"
 
 setup: $(STAMP)
 
@@ -47,6 +51,10 @@ demo: models
 test: models
 	$(PY) -m pytest -q
 
+.PHONY: reliability
+reliability: models
+	KFRESH_RELIABILITY=1 $(PY) -m pytest -q -m reliability -p no:cacheprovider
+
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
@@ -55,6 +63,18 @@ bench-foundation: models
 
 bench-adapters: models
 	$(PY) benchmarks/adapters.py
+
+# `kfresh bench SUITE` (benchmarks/cli.py); each run writes <suite>-<date>.json/.md/.png to benchmarks/results.
+BENCH_SUITES := ingest freshness retrieval answer knowledge
+
+bench: models
+	$(VENV)/bin/kfresh bench all
+
+$(addprefix bench-,$(BENCH_SUITES)): bench-%: models
+	$(VENV)/bin/kfresh bench $*
+
+bench-quick: models
+	$(VENV)/bin/kfresh bench all --quick
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/kfresh/v1/kfresh.proto

@@ -67,6 +67,7 @@ def main() -> None:
         "documents_ingested": docs, "status": result.status, "passed": result.passed, "wall_s": round(wall, 1),
         "timings": result.timings, "figures": result.figures, "finetune": cfg.finetune.model_dump(mode="json"),
         "checks": report.get("checks", []), "training": report.get("training", {}),
+        "samples": report.get("samples", {}),
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"distill-{time.strftime('%Y-%m-%d')}-seed{args.seed}"
@@ -91,6 +92,11 @@ def _markdown(out: dict) -> str:
     lines += ["", "| check | passed | value | threshold | detail |", "|---|---|---|---|---|"]
     for c in out["checks"]:
         lines.append(f"| {c['name']} | {c['passed']} | {c['value']} | {c['threshold']} | {c['detail']} |")
+    wrong = [(bucket, row) for bucket in ("general", "counterfactual", "new_facts")
+             for row in out.get("samples", {}).get("after", {}).get(bucket, []) if row["ok"] != "True"]
+    if wrong:
+        lines += ["", "Wrong answers with the adapter (as sampled by the gate report):", ""]
+        lines += [f"- [{b}] {r['question']} -> {r['answer']!r} (expected {r['expected']!r})" for b, r in wrong]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kfresh.benchmarks.common import tree_peak_rss_mb
 from kfresh.client import SERVICE_NAME, KfreshClient, document
 from kfresh.config import KfreshConfig
 from kfresh.net import free_port
@@ -40,25 +41,6 @@ def corpus(n: int, seed: int = 0) -> list[str]:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else 0.0
-
-
-def tree_peak_rss_mb(pid: int) -> float:
-    """Sum of VmHWM (peak resident set) over the server and its descendants (EngineCore, worker)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    children: dict[int, list[int]] = {}
-    for child, parent in zip(out[::2], out[1::2]):
-        children.setdefault(int(parent), []).append(int(child))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return total
 
 
 def baseline_encode_rate(texts: list[str], batch_size: int) -> float:

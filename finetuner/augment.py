@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kfresh.finetuner.facts import Fact, normalize
+from kfresh.indexer.documents import Hit
 from kfresh.finetuner.relations import PERSON, phrasing_for, render
 
 _NUMBER = re.compile(r"\d+")
@@ -21,15 +22,19 @@ _NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine"
 _NUMBER_WORD = re.compile(rf"\b({'|'.join(_NUMBER_WORDS)})\b", re.IGNORECASE)
 _INVENTED_PEOPLE = ("Tomas Reed", "Anya Holm", "Pello Varga")
 _INVENTED_PLACES = ("Harrow Lane", "the North Quay", "Velmont Square")
+# Values only training's context examples use: never the ones `counterfactual` (the gate) states.
+_TRAINING_PEOPLE = ("Lina Okafor", "Bram Steyn", "Odile Ferro")
+_TRAINING_PLACES = ("Copper Street", "the East Pier", "Mill Road")
 
 
 @dataclass(frozen=True)
 class QA:
-    """One question about fact number `fact` with its reference answer."""
+    """One question about fact number `fact` with its reference answer (from `passage` when one is shown)."""
 
     question: str
     answer: str
     fact: int
+    passage: str = ""  # the retrieved text the prompt shows ('' = closed book)
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class AugmentedFacts:
     train: list[QA]
     validation: list[QA]
     heldout: list[QA]
+    context: list[QA] = field(default_factory=list)  # rank by rank: the first len(facts) are rank 0, ...
 
     @property
     def statements(self) -> list[str]:
@@ -70,7 +76,25 @@ def augment(facts: Sequence[Fact]) -> AugmentedFacts:
     leaked = [qa.question for qa in heldout if normalize(qa.question) in seen]
     if leaked:  # the gate would measure memorised strings, not knowledge
         raise ValueError(f"held-out questions also appear in training: {leaked[:3]}")
-    return AugmentedFacts(list(facts), train, validation, heldout)
+    return AugmentedFacts(list(facts), train, validation, heldout, context_examples(facts))
+
+
+def context_examples(facts: Sequence[Fact]) -> list[QA]:
+    """Retrieval-prompt examples, ordered by rank so that a prefix of len(facts) * k holds k per fact.
+
+    Rank 0: the fact's document changed to a training-only value, answered with that value; rank 1: the
+    document as it is, answered with the fact; rank 2: another training-only value. Train questions only.
+    """
+    ranks: list[list[QA]] = [[], [], []]
+    for i, fact in enumerate(facts):
+        asked = questions(fact.subject, fact.relation, "train")
+        document = document_text(fact, facts)
+        alts = training_alternatives(fact, facts)
+        for rank, value in enumerate((alts[0], fact.object, alts[1])):
+            said = statements(_with_object(fact, value))
+            passage = document if value == fact.object else _contradicting(fact, document, value)
+            ranks[rank].append(QA(asked[(i + rank) % len(asked)], said[(i + rank) % len(said)], i, passage))
+    return [qa for rank in ranks for qa in rank]
 
 
 def anchor_questions(pairs: Sequence[tuple[str, str]], *, per_pair: int = 2) -> list[str]:
@@ -81,6 +105,69 @@ def anchor_questions(pairs: Sequence[tuple[str, str]], *, per_pair: int = 2) -> 
     return out
 
 
+def document_text(fact: Fact, facts: Sequence[Fact]) -> str:
+    """The fact's document as far as the facts know it (its sentences in order): what a retrieved chunk shows."""
+    sentences: list[str] = []
+    for other in facts:
+        if (other.doc_id, other.version) == (fact.doc_id, fact.version) and other.sentence not in sentences:
+            sentences.append(other.sentence)
+    return " ".join(s for s in sentences if s) or statements(fact)[0]
+
+
+def passage_hit(fact: Fact, text: str) -> Hit:
+    """`text` as the retrieved chunk of the fact's document (what `server.prompting.build_messages` takes)."""
+    return Hit(
+        doc_id=fact.doc_id or "fact", version=fact.version, chunk_id=0, ordinal=0, text=text, score=1.0,
+        source=fact.doc_id or "fact", valid_from=fact.valid_from, metadata={},
+    )  # fmt: skip
+
+
+def counterfactual_document(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]:
+    """The gate's contradicting passage: the fact's document with `counterfactual`'s value, and that value."""
+    _, alt = counterfactual(fact, others)
+    return _contradicting(fact, document_text(fact, others), alt), alt
+
+
+def _contradicting(fact: Fact, document: str, value: str) -> str:
+    changed = _restated(fact, value)
+    return document.replace(fact.sentence, changed) if fact.sentence and fact.sentence in document else changed
+
+
+def _restated(fact: Fact, value: str) -> str:
+    if fact.object and fact.object in fact.sentence:
+        return fact.sentence.replace(fact.object, value)
+    return statements(_with_object(fact, value))[0]
+
+
+def _with_object(fact: Fact, value: str) -> Fact:
+    return Fact(fact.subject, fact.relation, value, fact.date, fact.doc_id, fact.version, "")
+
+
+def training_alternatives(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]:
+    """Two values for training's context examples, different from the fact's and from the gate's."""
+    gate = _other_object(fact, others)
+    if _NUMBER.search(fact.object):
+        n = int(_NUMBER.search(fact.object).group())  # type: ignore[union-attr]
+        shifts = (n - 1, n + 1) if 1000 <= n <= 2100 else (n + 1, n + 3) if n < 10 else (round(n * 0.8), round(n * 1.5))
+        alts = [_NUMBER.sub(str(v), fact.object, count=1) for v in shifts]
+    elif _NUMBER_WORD.search(fact.object):
+        word = _NUMBER_WORD.search(fact.object).group(1)  # type: ignore[union-attr]
+        i = _NUMBER_WORDS.index(word.lower())
+        alts = [fact.object.replace(word, _NUMBER_WORDS[(i + k) % len(_NUMBER_WORDS)]) for k in (1, 3)]
+    elif _DAY.search(fact.object):
+        day = _DAY.search(fact.object).group(1)  # type: ignore[union-attr]
+        i = _DAYS.index(day.lower())
+        alts = [fact.object.replace(day, _DAYS[(i + k) % 7].capitalize()) for k in (1, 5)]
+    else:
+        person = phrasing_for(fact.relation)[0] is PERSON
+        taken = normalize(fact.subject) + " " + normalize(fact.object)
+        alts = [a for a in (_TRAINING_PEOPLE if person else _TRAINING_PLACES) if normalize(a) not in taken]
+    alts = [a for a in alts if a not in (fact.object, gate)]
+    if len(alts) < 2:
+        raise ValueError(f"no training-only alternative values for {fact.object!r}")
+    return alts[0], alts[1]
+
+
 def counterfactual(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]:
     """A passage that contradicts `fact` and the object it states instead.
 
@@ -88,9 +175,7 @@ def counterfactual(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]:
     passage (retrieval stays the source of truth once knowledge changes again).
     """
     alt = _other_object(fact, others)
-    if fact.object and fact.object in fact.sentence:
-        return fact.sentence.replace(fact.object, alt), alt
-    return statements(Fact(fact.subject, fact.relation, alt, fact.date, fact.doc_id, fact.version, ""))[0], alt
+    return _restated(fact, alt), alt
 
 
 def _other_object(fact: Fact, others: Sequence[Fact]) -> str:

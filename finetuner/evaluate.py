@@ -16,10 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kfresh.finetuner import datasets
-from kfresh.finetuner.augment import QA, AugmentedFacts, counterfactual, statements
-from kfresh.finetuner.facts import Fact
+from kfresh.finetuner.augment import QA, AugmentedFacts, counterfactual_document, document_text, passage_hit
 from kfresh.finetuner.modeling import LoadedModel, Messages, chat_answers
-from kfresh.indexer.documents import Hit
 from kfresh.server.prompting import build_messages, closed_book_messages
 
 MAX_NEW_TOKENS = 32
@@ -87,11 +85,10 @@ def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, gene
         asks += [Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in previous.heldout]
     for i, fact in enumerate(new.facts):
         question = _first_heldout(new.heldout, i)
-        document = _document_text(fact, new.facts)
-        asks.append(Ask("retrieval", build_messages(question, [_passage(fact, document)]), (fact.object,), question))
-        changed, alt = counterfactual(fact, new.facts)
-        contradicting = document.replace(fact.sentence, changed) if fact.sentence in document else changed
-        asks.append(Ask("counterfactual", build_messages(question, [_passage(fact, contradicting)]), (alt,), question))
+        document = document_text(fact, new.facts)
+        asks.append(Ask("retrieval", build_messages(question, [passage_hit(fact, document)]), (fact.object,), question))
+        contradicting, alt = counterfactual_document(fact, new.facts)
+        asks.append(Ask("counterfactual", build_messages(question, [passage_hit(fact, contradicting)]), (alt,), question))
     if general:
         asks += [Ask("general", closed_book_messages(g.question), g.answers, g.question) for g in datasets.general_questions()]
     return asks
@@ -156,22 +153,6 @@ def adapter_disabled(lm: LoadedModel) -> Iterator[None]:
 
 def _first_heldout(heldout: Sequence[QA], fact: int) -> str:
     return next(qa.question for qa in heldout if qa.fact == fact)
-
-
-def _document_text(fact: Fact, facts: Sequence[Fact]) -> str:
-    """The fact's document as far as the facts know it (its sentences in order): what a retrieved chunk shows."""
-    sentences: list[str] = []
-    for other in facts:
-        if (other.doc_id, other.version) == (fact.doc_id, fact.version) and other.sentence not in sentences:
-            sentences.append(other.sentence)
-    return " ".join(s for s in sentences if s) or statements(fact)[0]
-
-
-def _passage(fact: Fact, text: str) -> Hit:
-    return Hit(
-        doc_id=fact.doc_id or "fact", version=fact.version, chunk_id=0, ordinal=0, text=text, score=1.0,
-        source=fact.doc_id or "fact", valid_from=fact.valid_from, metadata={},
-    )  # fmt: skip
 
 
 def score_from_dict(data: dict[str, Any]) -> Score:

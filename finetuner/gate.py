@@ -4,8 +4,9 @@ Checks (thresholds from FinetuneConfig): held-out closed-book recall of the new 
 previous adapter's still-valid facts; general-question accuracy and general-text perplexity against the
 BASE model (not the current adapter, so small losses cannot accumulate version after version); and
 retrieval + adapter >= retrieval alone, both with the fact's own document as the passage and with a
-newer passage that contradicts the trained value (the answer must follow the passage). Extraction P/R/F1 is reported (FinetuneConfig has no threshold
-for it). The report is written as JSON and Markdown whether the adapter passes or not.
+newer passage that contradicts the trained value (the answer must follow the passage). Extraction F1
+against reviewed gold facts must reach `min_extraction_f1` where the documents have gold facts. The
+report is written as JSON and Markdown whether the adapter passes or not.
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ def build_report(
     facts: int,
 ) -> GateReport:
     checks = judge(cfg, before, after, has_previous=has_previous)
+    checks.append(_extraction_check(cfg, extraction))
     return GateReport(
         passed=all(c.passed for c in checks),
         checks=checks,
@@ -137,6 +139,13 @@ def render_markdown(report: GateReport) -> str:
                 mark = "ok" if row["ok"] == "True" else "wrong"
                 lines.append(f"- [{bucket}, {mark}] {row['question']} -> {row['answer']!r} (expected {row['expected']!r})")
     return "\n".join(lines) + "\n"
+
+
+def _extraction_check(cfg: FinetuneConfig, extraction: PRF | None) -> Check:
+    """Facts extracted from documents that have reviewed gold facts must match them (F1)."""
+    if extraction is None:
+        return Check("extraction_f1", True, None, f">= {cfg.min_extraction_f1}", "no gold facts for these documents")
+    return _at_least("extraction_f1", extraction.f1, cfg.min_extraction_f1)
 
 
 def _not_below(name: str, base: float | None, adapted: float | None, detail: str) -> Check:

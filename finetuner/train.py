@@ -4,8 +4,10 @@ The recipe is the best one measured (FIELD-NOTES, "Knowledge into LoRA without f
 linear layers, AdamW without weight decay, warm-up then linear decay, clipping 1.0; each step takes a
 batch of fact Q/A examples (loss on the answer tokens only: the facts, not the prompt style) and as many
 replay sequences, on which KL(adapter || base) over every position keeps the model's behaviour.
-Stopping: once every validation answer's object is reproduced, the rate decays to zero over
-ANNEAL_EPOCHS more epochs and training ends (the KL penalty repairs at a low rate what the peak rate
+Context examples (the server's retrieval prompt with a passage, most of them contradicting the trained
+value; loss on the answer, which follows the passage) keep the adapter from overriding fresher documents.
+Stopping: once (nearly) every validation answer's object is reproduced, the rate decays to zero over
+`anneal_epochs` more epochs and training ends (the KL penalty repairs at a low rate what the peak rate
 broke); without that, validation loss with patience stops it and restores the best epoch. The time
 budget is hard: no step starts that would end after it, and the decay is re-planned to end at the budget.
 """
@@ -21,18 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from kfresh.config import FinetuneConfig
-from kfresh.finetuner.augment import QA, AugmentedFacts
+from kfresh.finetuner.augment import QA, AugmentedFacts, passage_hit
+from kfresh.finetuner.facts import Fact
 from kfresh.finetuner.modeling import LoadedModel, render_prompt
 from kfresh.finetuner.replay import ReplayItem
-from kfresh.server.prompting import closed_book_messages
+from kfresh.server.prompting import build_messages, closed_book_messages
 
 log = logging.getLogger("kfresh.finetuner")
 MAX_REPLAY_TOKENS = 96
 PATIENCE = 2  # epochs without a better validation loss before stopping (the best epoch is restored)
-# Once every validation object is reproduced the facts are learned; the rate then decays to zero over
-# this many more epochs and training stops. Measured on the sample corpus: general answers broken at
-# the peak rate are repaired by the KL penalty while the rate anneals (0.81 -> 0.92), recall holds.
-ANNEAL_EPOCHS = 2
 
 
 @dataclass
@@ -70,9 +69,16 @@ class TrainResult:
         return out
 
 
-def encode_qa(tokenizer: Any, qa: QA, obj: str | None = None) -> Encoded:
-    """Closed-book chat prompt (as the server renders it) + answer + end-of-turn; labels on the answer only."""
-    prompt = tokenizer(render_prompt(tokenizer, closed_book_messages(qa.question)), add_special_tokens=False)["input_ids"]
+def encode_qa(tokenizer: Any, qa: QA, obj: str | None = None, facts: Sequence[Fact] = ()) -> Encoded:
+    """Chat prompt (as the server renders it) + answer + end-of-turn; labels on the answer only.
+
+    Closed-book, or with `qa.passage` as the retrieved passage of the fact's document (`facts[qa.fact]`).
+    """
+    if qa.passage:
+        messages = build_messages(qa.question, [passage_hit(facts[qa.fact], qa.passage)])
+    else:
+        messages = closed_book_messages(qa.question)
+    prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     answer_text = qa.answer + tokenizer.eos_token + "\n"
     enc = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
     answer = enc["input_ids"]
@@ -166,7 +172,8 @@ class _Trainer:
         self.rng = random.Random(cfg.seed)
         self.lm, self.cfg, self.tok = lm, cfg, lm.tokenizer
         self.model = attach_lora(lm, cfg)
-        self.train = [encode_qa(self.tok, qa) for qa in data.train]
+        context = data.context[: cfg.context_examples * len(data.facts)]
+        self.train = [encode_qa(self.tok, qa, facts=data.facts) for qa in list(data.train) + context]
         self.val = [encode_qa(self.tok, qa, data.facts[qa.fact].object) for qa in data.validation]
         self.pool = [encode_replay(self.tok, item) for item in replay] if cfg.kl_weight > 0 else []
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -230,8 +237,11 @@ class _Trainer:
         if self.anneal_end is not None and self.steps >= self.anneal_end:
             self.stopped = "learned_and_annealed"
             return True
-        if self.anneal_end is None and val_acc >= 1.0:
-            self.anneal_end = self.steps + ANNEAL_EPOCHS * math.ceil(len(self.train) / self.cfg.batch_size)
+        if self.anneal_end is None and val_acc >= self.cfg.learned_accuracy:
+            self.anneal_end = self.steps + self.cfg.anneal_epochs * math.ceil(len(self.train) / self.cfg.batch_size)
+            if not self.cfg.anneal_epochs:
+                self.stopped = "learned_and_annealed"
+                return True
         if self.anneal_end is None and epoch - self.best_epoch >= PATIENCE:
             self.stopped = "early_stop"
             return True
@@ -255,7 +265,7 @@ class _Trainer:
 
     def _next_replay(self) -> list[Encoded]:
         out = []
-        for _ in range(self.cfg.batch_size):
+        for _ in range(self.cfg.batch_size * self.cfg.replay_ratio):
             if not self.replay_order:
                 self.replay_order = list(range(len(self.pool)))
                 self.rng.shuffle(self.replay_order)

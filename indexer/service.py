@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from kfresh.config import KfreshConfig
-from kfresh.errors import InvalidInput, Overloaded, Unavailable
+from kfresh.errors import InvalidInput, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats
@@ -154,7 +154,7 @@ class Indexer:
         except sqlite3.Error as exc:
             self._queue.unreserve()
             log.exception("indexer.store_write_failed doc_id=%s", doc.id)
-            raise Unavailable(f"the document store could not commit: {exc}") from exc
+            raise _write_error(exc) from exc
         except BaseException:
             self._queue.unreserve()
             raise
@@ -178,7 +178,7 @@ class Indexer:
                     state.hide(doc_id, ack.version)
         except sqlite3.Error as exc:
             self._queue.unreserve()
-            raise Unavailable(f"the document store could not commit: {exc}") from exc
+            raise _write_error(exc) from exc
         except BaseException:
             self._queue.unreserve()
             raise
@@ -265,3 +265,10 @@ class Indexer:
             indexed_vectors=state.index.ntotal, ingest_docs_per_s=self._ingest_rate.rate(),
             freshness=self._lags.stats(), embedder=self.embedder.name, index_kind=state.index.kind,
         )
+
+
+def _write_error(exc: sqlite3.Error) -> Overloaded | Unavailable:
+    """A full disk is RESOURCE_EXHAUSTED (retry once space is freed); any other store failure UNAVAILABLE."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StorageFull(f"disk full: the document store could not commit ({exc}); nothing was acknowledged")
+    return Unavailable(f"the document store could not commit: {exc}")

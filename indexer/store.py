@@ -80,7 +80,14 @@ class Store:
                     self._w.execute("ROLLBACK")
                 raise
             if self._w.in_transaction:
-                self._w.execute("COMMIT")
+                try:
+                    self._w.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (SQLITE_FULL, I/O error) leaves the transaction open: without this
+                    # ROLLBACK every later write fails and a later COMMIT could persist an unacknowledged row.
+                    if self._w.in_transaction:
+                        self._w.execute("ROLLBACK")
+                    raise
 
     # -- writes from clients -----------------------------------------------------------------------
     def upsert(self, doc: DocumentIn, chunks: Sequence[str], *, now: float | None = None) -> Ack:

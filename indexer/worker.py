@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kfresh import metrics
 from kfresh.config import KfreshConfig
 from kfresh.indexer.embedder import Embedder
 from kfresh.indexer.freshness import LagRing
@@ -141,6 +142,7 @@ class Worker:
         for p, a in zip(plans, applied):
             if not p.item.recovered:  # a restart's downtime is not indexing lag
                 self.lags.record(a.lag_ms)
+                metrics.FRESHNESS_LAG.observe(a.lag_ms / 1000)
         self.applied_changes += len(batch)
         self._since_snapshot += len(batch)
         self.queue.release(len(batch))

@@ -51,6 +51,13 @@ def _addr(args: argparse.Namespace) -> str:
     return args.addr or os.environ.get("KFRESH_ADDR", "127.0.0.1:50051")
 
 
+def _client_options() -> dict[str, Any]:
+    """Token and TLS for client commands, from the `client` settings (KFRESH_CLIENT__* or [client] in kfresh.toml)."""
+    from kfresh.client import connect_options
+
+    return connect_options(load_config().client)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, ensure_ascii=False, indent=None))
 
@@ -73,6 +80,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consume(args: argparse.Namespace) -> int:
+    """NATS JetStream -> kfresh, until SIGTERM/SIGINT (or --idle-exit seconds without messages)."""
+    import asyncio
+    import signal
+
+    from kfresh.client import connect_options
+    from kfresh.logs import setup_logging
+    from kfresh.nats_ingest import NatsIngestor
+
+    cfg = _config_from(args)
+    setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        async with NatsIngestor(cfg.nats, addr=_addr(args), client_options=connect_options(cfg.client)) as consumer:
+            stats = await consumer.run(stop=stop, idle_exit_s=args.idle_exit)
+        return {"acked": dict(stats.acked), "dead_letters": stats.dead, "retried": stats.retried}
+
+    _print_json(asyncio.run(main()))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -81,7 +112,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from kfresh.v1 import kfresh_pb2 as pb
 
     counts: dict[str, int] = {}
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         acks = client.ingest(read_source(args.source))
         bar = tqdm(acks, total=count_records(args.source), unit="doc", disable=args.json or args.quiet, file=sys.stderr)
         for ack in bar:
@@ -115,7 +146,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         "k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": _filters(args.filter),
         "adapter": args.adapter,
     }  # fmt: skip
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         text = []
         for event in client.answer(args.question, timeout=args.timeout, **options):
             if event.HasField("done"):
@@ -144,7 +175,7 @@ def _filters(pairs: Sequence[str] | None) -> dict[str, str]:
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         reply = client.retrieve(args.query, k=args.k, filter=_filters(args.filter), timeout=args.timeout)
     if args.json:
         _print_json(_message_dict(reply))
@@ -159,7 +190,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         reply = client.delete(args.id, timeout=args.timeout)
     if args.json:
         _print_json(_message_dict(reply))
@@ -171,7 +202,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         reply = client.stats(timeout=args.timeout)
     data = _message_dict(reply)
     if args.json:
@@ -194,7 +225,7 @@ def _adapter_line(a: Any) -> str:
 def cmd_adapters(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
-    with KfreshClient(_addr(args)) as client:
+    with KfreshClient(_addr(args), **_client_options()) as client:
         if args.action == "list":
             reply = client.list_adapters(timeout=args.timeout)
         elif args.action == "show":
@@ -233,6 +264,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from kfresh.finetuner.worker import run_distill_in_subprocess
     from kfresh.logs import setup_logging
 
+    if args.addr:
+        return _distill_on_server(args)
     cfg = _config_from(args)
     setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
     result = run_distill_in_subprocess(cfg, dry_run=args.dry_run, torch_threads=args.threads or None)
@@ -263,6 +296,30 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0 if result.status in ("dry_run", "nothing_new", "published") else 3
 
 
+def _distill_on_server(args: argparse.Namespace) -> int:
+    """The Distill RPC: the server runs it in its own worker and serves a published adapter at once."""
+    from kfresh.client import KfreshClient
+    from kfresh.v1 import kfresh_pb2 as pb
+
+    with KfreshClient(_addr(args), **_client_options()) as client:
+        reply = client.distill(dry_run=args.dry_run, wait=args.wait or args.dry_run, timeout=args.timeout)
+    state = pb.DistillResponse.State.Name(reply.state)
+    if args.json:
+        _print_json(_message_dict(reply))
+    else:
+        print(f"state: {state}" + (f" -> published {reply.version}" if reply.version else "")
+              + (f" ({reply.message})" if reply.message else ""))  # fmt: skip
+        if reply.facts:
+            print(f"facts ({reply.new_facts} new, {reply.kept_facts} kept):")
+            for sentence in reply.facts:
+                print(f"  + {sentence}")
+        for key, value in sorted(reply.figures.items()):
+            print(f"  {key}: {value:g}")
+        if reply.report_path:
+            print(f"gate report (on the server): {reply.report_path}")
+    return 3 if state in ("REJECTED", "FAILED") else 0
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from kfresh.logs import setup_logging
     from kfresh.models import provision
@@ -287,6 +344,13 @@ def _client_parser(sub: Any, name: str, help: str, func: Callable[[argparse.Name
     return p
 
 
+def _register_bench(sub: Any) -> None:
+    """`kfresh bench SUITE`: the logic lives in benchmarks/cli.py (package kfresh.benchmarks)."""
+    from kfresh.benchmarks.cli import register
+
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kfresh",
@@ -301,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_parser(sub, "ingest", "stream documents to the server (JSONL file, '-' for stdin, or a folder of .md/.txt)", cmd_ingest)
     p.add_argument("source", help="JSONL file, '-' (stdin) or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "consume",
+        help="stream documents from a NATS JetStream subject into the server (at-least-once, idempotent)",
+        description="Consume document messages (JSON objects like `kfresh ingest` JSONL lines) from a durable NATS "
+        "JetStream pull consumer and send them to the kfresh server at --addr. A message is acknowledged to NATS only "
+        "after kfresh stored it durably; messages kfresh can never accept go to --nats.dead_letter_subject.",
+    )
+    p.add_argument("--addr", help=ADDR_HELP)
+    p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS", help="exit after this long without messages")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_consume)
 
     p = _client_parser(sub, "ask", "ask a question; streams the answer, then its citations", cmd_ask)
     p.add_argument("question")
@@ -344,12 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show what would be learned, train nothing")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch default)")
+    p.add_argument("--addr", help="ask the kfresh server at host:port to distil (the Distill RPC) instead of running here")
+    p.add_argument("--wait", action="store_true", help="with --addr: wait for the outcome instead of returning once started")
+    p.add_argument("--timeout", type=float, default=None, help="with --addr: deadline in seconds")
     _add_config_flags(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("provision", help="prepare the models (convert the packaged GGUF once)", description="Resolve the embedder and convert the generator into a local Hugging Face folder (cached).")
     _add_config_flags(p)
     p.set_defaults(func=cmd_provision)
+
+    _register_bench(sub)
 
     p = sub.add_parser("config", help="print the effective configuration as JSON", description="Print the configuration after defaults, kfresh.toml, KFRESH_* and flags.")
     _add_config_flags(p)

@@ -8,9 +8,11 @@
 """
 from __future__ import annotations
 
+import collections
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +20,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kfresh.v1 import kfresh_pb2 as pb
 from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from kfresh.config import ClientConfig
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 SERVICE_NAME = "kfresh.v1.Kfresh"
@@ -51,15 +56,116 @@ def _answer_request(question: str, **kw: Any) -> pb.AnswerRequest:
     return pb.AnswerRequest(question=question, filter=filters, **{k: v for k, v in kw.items() if v is not None})
 
 
-class KfreshClient:
-    """Blocking client; every call takes an optional `timeout` (seconds) that becomes the gRPC deadline."""
+def tls_credentials(
+    *, ca_file: str | Path | None = None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials: `ca_file` verifies the server (None = system roots); cert/key = mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both cert_file and key_file")
 
-    def __init__(self, addr: str = DEFAULT_ADDR, *, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def read(path: str | Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
+def connect_options(cfg: ClientConfig) -> dict[str, Any]:
+    """KfreshClient / AsyncKfreshClient keyword arguments from the `client` config section."""
+    token = cfg.token.get_secret_value()
+    if cfg.token_file is not None:
+        from kfresh.config import ConfigError
+
+        try:
+            token = Path(cfg.token_file).read_text(encoding="utf-8").strip().splitlines()[0].strip()
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ConfigError(f"client.token_file: cannot read a token from {cfg.token_file} ({exc.__class__.__name__})") from None
+    secure = cfg.tls_ca_file is not None or cfg.tls_cert_file is not None
+    return {
+        "token": token or None,
+        "credentials": tls_credentials(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file) if secure else None,
+        "server_name": cfg.tls_server_name or None,
+    }
+
+
+def _channel_options(server_name: str | None) -> list[tuple[str, Any]]:
+    return _OPTIONS + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+
+
+class _Details(
+    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, d: grpc.ClientCallDetails) -> _Details:
+        metadata = [*(d.metadata or ()), self._header]
+        return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+    intercept_stream_unary = intercept_unary_unary
+    intercept_stream_stream = intercept_unary_unary
+
+
+class _AsyncBearerToken:
+    """Adds `authorization: Bearer <token>` to every call of an asyncio channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    async def _call(self, continuation: Callable[..., Any], d: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), self._header)
+        return await continuation(grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready), request)
+
+
+def _async_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """grpc.aio files an interceptor under the first call type it implements, so one class per type."""
+    kinds = {
+        grpc.aio.UnaryUnaryClientInterceptor: "intercept_unary_unary",
+        grpc.aio.UnaryStreamClientInterceptor: "intercept_unary_stream",
+        grpc.aio.StreamUnaryClientInterceptor: "intercept_stream_unary",
+        grpc.aio.StreamStreamClientInterceptor: "intercept_stream_stream",
+    }
+    return [type(f"_Token{base.__name__}", (_AsyncBearerToken, base), {method: _AsyncBearerToken._call})(token) for base, method in kinds.items()]
+
+
+class KfreshClient:
+    """Blocking client; every call takes an optional `timeout` (seconds) that becomes the gRPC deadline.
+
+    `token` is sent as `authorization: Bearer <token>`; `credentials` (e.g. `tls_credentials(...)`) turn
+    TLS on; `server_name` overrides the name checked against the server certificate.
+    """
+
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.addr = addr
+        options = _channel_options(server_name)
         if credentials is None:
-            self._channel = grpc.insecure_channel(addr, options=_OPTIONS)
+            self._channel = grpc.insecure_channel(addr, options=options)
         else:
-            self._channel = grpc.secure_channel(addr, credentials, options=_OPTIONS)
+            self._channel = grpc.secure_channel(addr, credentials, options=options)
+        if token:
+            self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = pb_grpc.KfreshStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -122,16 +228,29 @@ class KfreshClient:
         """Serve the previously served version again (the base model when there is none)."""
         return self._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=timeout)
 
+    def distill(self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None) -> pb.DistillResponse:
+        """Ask the server to distil (one run at a time; `wait` blocks until it is gated and maybe published)."""
+        return self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)
+
 
 class AsyncKfreshClient:
-    """asyncio client with the same methods as KfreshClient (streams are async iterators)."""
+    """asyncio client with the same methods and options as KfreshClient (streams are async iterators)."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, *, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.addr = addr
+        options = _channel_options(server_name)
+        interceptors = _async_token_interceptors(token) if token else None
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(addr, options=_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(addr, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(addr, credentials, options=_OPTIONS)
+            self._channel = grpc.aio.secure_channel(addr, credentials, options=options, interceptors=interceptors)
         self._stub = pb_grpc.KfreshStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -179,3 +298,6 @@ class AsyncKfreshClient:
 
     async def rollback_adapter(self, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
         return await self._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=timeout)
+
+    async def distill(self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None) -> pb.DistillResponse:
+        return await self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_HOME = Path(os.environ.get("KFRESH_HOME", ".kfresh"))
@@ -90,7 +90,11 @@ class GenerationConfig(_Section):
     """The model behind Answer."""
 
     backend: Literal["vllm", "remote"] = Field("vllm", description="vllm: in-process engine; remote: a vLLM OpenAI-compatible server.")
-    remote_url: str = Field("http://127.0.0.1:8000", description="Base URL of the remote vLLM server (remote backend).")
+    remote_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Base URL of the remote vLLM server (remote backend); several, comma-separated = balanced replicas.",
+    )
+    remote_health_interval_s: float = Field(2.0, gt=0, description="How often each remote replica's /health is checked.")
     remote_model: str = Field("", description="Model name on the remote server; empty = the first model it lists.")
     remote_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout for the remote backend.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype (float32 is batch-invariant).")
@@ -129,7 +133,17 @@ class FinetuneConfig(_Section):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     batch_size: int = Field(4, ge=1, description="Fact examples per step (plus as many replay examples).")
     max_epochs: int = Field(12, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
-    kl_weight: float = Field(1.0, ge=0, description="Weight of the KL penalty toward the base model on replay examples.")
+    kl_weight: float = Field(3.0, ge=0, description="Weight of the KL penalty toward the base model on replay examples.")
+    replay_ratio: int = Field(1, ge=1, le=4, description="Replay sequences per fact example in each step.")
+    context_examples: int = Field(
+        1, ge=0, le=3,
+        description="Retrieval-prompt examples per fact and epoch (first: a passage with a different value, which the "
+        "answer follows; second: the fact's own passage; third: another different value).",
+    )  # fmt: skip
+    learned_accuracy: float = Field(
+        0.9, gt=0, le=1, description="Validation object accuracy at which the facts count as learned and the rate anneals."
+    )
+    anneal_epochs: int = Field(2, ge=0, description="Epochs over which the rate decays to zero once the facts are learned.")
     time_budget_s: float = Field(600.0, gt=0, description="Hard wall-clock budget for training.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where training runs.")
     min_new_recall: float = Field(0.6, ge=0, le=1, description="Gate: closed-book accuracy on held-out questions about the new facts.")
@@ -138,6 +152,36 @@ class FinetuneConfig(_Section):
     min_previous_recall: float = Field(0.6, ge=0, le=1, description="Gate: accuracy kept on the previous adapter's facts.")
     interval_s: float = Field(0.0, ge=0, description="Scheduler: run every this many seconds (0 = off).")
     min_new_documents: int = Field(20, ge=1, description="Scheduler: run once this many new validated documents exist.")
+    auto: bool = Field(False, description="Run distillation inside `kfresh serve` on the schedule (interval_s and/or min_new_documents).")
+    check_every_s: float = Field(60.0, gt=0, description="Scheduler: how often the server counts new validated documents.")
+    worker_threads: int = Field(1, ge=0, description="Torch threads of the distillation worker (0 = torch's default); 1 beside a server on a small box.")
+    worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness of the distillation worker, so answers keep their latency.")
+    min_extraction_f1: float = Field(0.8, ge=0, le=1, description="Gate: extraction F1 against reviewed gold facts, where the documents have them.")
+
+
+class NatsConfig(_Section):
+    """`kfresh consume`: documents from a NATS JetStream stream into a kfresh server (at-least-once)."""
+
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated for a cluster.")
+    stream: str = Field("KFRESH", description="JetStream stream that holds the document messages.")
+    subject: str = Field("kfresh.docs", description="Subject of the document messages (JSON like `kfresh ingest` JSONL lines).")
+    durable: str = Field("kfresh-ingest", description="Durable pull consumer name; its position survives restarts.")
+    create_stream: bool = Field(True, description="Create the stream (file storage) when it does not exist.")
+    batch: int = Field(64, ge=1, le=4096, description="Messages fetched and streamed per batch; also the consumer's max_ack_pending.")
+    ack_wait_s: float = Field(60.0, gt=0, description="A delivered message not acknowledged within this is redelivered.")
+    fetch_timeout_s: float = Field(1.0, gt=0, description="How long one fetch waits for messages.")
+    retry_delay_s: float = Field(2.0, ge=0, description="Redelivery delay after the kfresh server was unavailable or overloaded.")
+    dead_letter_subject: str = Field(
+        "kfresh.dead", description="Where messages kfresh can never accept go (with the reason in a header); '' = drop them."
+    )
+
+
+class MetricsConfig(_Section):
+    """The Prometheus /metrics endpoint of `kfresh serve`."""
+
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    host: str = Field("127.0.0.1", description="Interface of the metrics endpoint; localhost by default.")
+    port: int = Field(9464, ge=0, le=65535, description="Metrics HTTP port (0 = pick a free one; the log names it).")
 
 
 class ServerConfig(_Section):
@@ -147,6 +191,54 @@ class ServerConfig(_Section):
     max_message_mb: int = Field(8, ge=1, le=256, description="Largest gRPC message accepted or sent.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Structured JSON logs instead of key=value text.")
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="Bearer tokens, one 'TOKEN SCOPE[,SCOPE]' per line (scopes read, write, admin; # comments). "
+        "With auth_tokens, unset = no authentication.",
+    )
+    auth_tokens: SecretStr = Field(
+        SecretStr(""),
+        description="Bearer tokens inline, 'TOKEN SCOPE[,SCOPE]' entries separated by ';' or newlines; "
+        "set it through KFRESH_SERVER__AUTH_TOKENS rather than a flag (flags show in ps).",
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain); set with tls_key_file = TLS only.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle client certificates must chain to; set = mutual TLS (a client certificate is required)."
+    )
+    allow_insecure_public: bool = Field(
+        False, description="Start on a non-loopback host without authentication anyway (logged as a warning); off = refuse."
+    )
+    keepalive_time_s: float = Field(60.0, gt=0, description="The server pings a connection idle this long to find dead peers.")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="A peer that does not answer a ping within this is disconnected.")
+    min_client_ping_interval_s: float = Field(
+        10.0, ge=0, description="Client keepalive pings closer together than this are strikes (abuse protection)."
+    )
+    max_ping_strikes: int = Field(
+        2, ge=1, description="Too-frequent pings tolerated before the connection is closed (GOAWAY too_many_pings)."
+    )
+    keepalive_permit_without_calls: bool = Field(
+        False, description="Accept client keepalive pings on connections with no call in flight (off = they count as strikes)."
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_come_in_pairs(self) -> ServerConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("server.tls_client_ca_file (mutual TLS) needs server.tls_cert_file and server.tls_key_file")
+        return self
+
+
+class ClientConfig(_Section):
+    """How the client commands (ingest, ask, retrieve, delete, stats, adapters) reach a secured server."""
+
+    token: SecretStr = Field(SecretStr(""), description="Bearer token to send; set it through KFRESH_CLIENT__TOKEN or token_file.")
+    token_file: Path | None = Field(None, description="File whose first line is the bearer token (wins over token).")
+    tls_ca_file: Path | None = Field(None, description="PEM root certificate(s) that sign the server's; set = connect with TLS.")
+    tls_cert_file: Path | None = Field(None, description="PEM client certificate for mutual TLS (with tls_key_file).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_server_name: str = Field("", description="Name checked against the server certificate when it differs from the address host.")
 
 
 class KfreshConfig(BaseSettings):
@@ -165,6 +257,9 @@ class KfreshConfig(BaseSettings):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -20,3 +20,7 @@ class Overloaded(KfreshError):
 
 class Unavailable(KfreshError):
     """A component is not ready or has failed (-> UNAVAILABLE)."""
+
+
+class StorageFull(Overloaded):
+    """The disk (or the store's size limit) is full: the write was not committed (-> RESOURCE_EXHAUSTED)."""

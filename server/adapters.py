@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfresh.errors import InvalidInput, KfreshError, NotFound
+from kfresh import metrics
+from kfresh.errors import InvalidInput, KfreshError
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 from kfresh.server.generation.base import GenerationBackend
 
@@ -191,6 +192,7 @@ class AdapterManager:
         previous = list(pointer.get("previous") or [])
         self._standby = previous[-1] if previous and previous[-1] != target else None
         swap_ms = (time.perf_counter() - start) * 1000
+        metrics.set_adapter(self.current_version)
         if self.current_version != before:
             log.info("adapter_served version=%s previous=%s", self.current_version or "base", before or "base")
         self._spawn(self._prepare_standby())

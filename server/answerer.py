@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kfresh import metrics
 from kfresh.config import AnswerConfig
 from kfresh.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from kfresh.indexer.service import Indexer
 
 log = logging.getLogger("kfresh.answer")
+REPROBE_S = 1.0  # how often a request may probe a failed generation backend
+PROBE_TIMEOUT_S = 1.0  # so UNAVAILABLE still comes back within about a second
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,10 @@ class Answerer:
         self._adapters = adapters
         self._slots = asyncio.Semaphore(cfg.max_concurrent)
         self._background: set[asyncio.Task[Any]] = set()
+        self._probed_at = -REPROBE_S
 
     async def answer(self, query: AnswerQuery) -> AsyncIterator[AnswerDelta | AnswerResult]:
-        if not self._backend.ready:
+        if not self._backend.ready and not await self._backend_returned():
             raise Unavailable("the generation model is still loading or has failed; retry shortly")
         if self._slots.locked():
             raise Overloaded(f"{self._cfg.max_concurrent} answers are already being generated; retry shortly")
@@ -66,6 +70,18 @@ class Answerer:
         async with self._adapter(query.adapter) as adapter, self._slots:
             async for event in self._answer(query, adapter):
                 yield event
+
+    async def _backend_returned(self) -> bool:
+        """Probe a failed backend (a remote server that went down) at most every REPROBE_S, briefly, so
+        answers resume when it comes back and a dead backend still fails fast."""
+        now = time.monotonic()
+        if now - self._probed_at < REPROBE_S:
+            return False
+        self._probed_at = now
+        try:
+            return await asyncio.wait_for(self._backend.check_health(), PROBE_TIMEOUT_S) and self._backend.ready
+        except Exception:  # noqa: BLE001 - a failed probe is just "not back yet"
+            return False
 
     def _adapter(self, requested: str) -> contextlib.AbstractAsyncContextManager[AdapterChoice]:
         if self._adapters is not None:
@@ -130,6 +146,11 @@ class Answerer:
             if chunk.finished:
                 finish_reason = chunk.finish_reason or "stop"
         total_ms = (time.perf_counter() - start) * 1000
+        metrics.RETRIEVE_DURATION.observe(retrieval_ms / 1000)
+        if ttft_ms:
+            metrics.TTFT.observe(ttft_ms / 1000)
+        metrics.OUTPUT_TOKENS.labels(adapter=adapter.version).inc(tokens)
+        metrics.GENERATION_SECONDS.inc((total_ms - retrieval_ms) / 1000)
         log.info(
             "answer id=%s adapter=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d",
             request.request_id, adapter.version or "base", len(passages), len(superseded), retrieval_ms, ttft_ms,

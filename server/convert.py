@@ -7,6 +7,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kfresh.finetuner.registry import AdapterManifest
+from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
 from kfresh.indexer.documents import Ack, Hit, IndexStats
 from kfresh.server.adapters import AdapterChange
 from kfresh.server.answerer import AnswerResult
@@ -81,7 +82,14 @@ def answer_done(result: AnswerResult) -> pb.AnswerDone:
 
 
 def stats_to_proto(
-    stats: IndexStats, *, model: str, backend: str, model_ready: bool, uptime_s: float, adapter: str = ""
+    stats: IndexStats,
+    *,
+    model: str,
+    backend: str,
+    model_ready: bool,
+    uptime_s: float,
+    adapter: str = "",
+    distiller: DistillScheduler | None = None,
 ) -> pb.StatsResponse:
     lag = stats.freshness
     return pb.StatsResponse(
@@ -101,7 +109,27 @@ def stats_to_proto(
         generation_backend=backend,
         model_ready=model_ready,
         uptime_s=uptime_s,
+        distill=distill_summary(distiller) if distiller is not None else None,
     )
+
+
+def distill_to_proto(outcome: DistillOutcome) -> pb.DistillResponse:
+    return pb.DistillResponse(
+        state=pb.DistillResponse.State.Value(outcome.state),
+        version=outcome.version,
+        facts=outcome.facts,
+        new_facts=outcome.new_facts,
+        kept_facts=outcome.kept_facts,
+        figures=outcome.figures,
+        report_path=outcome.report_path,
+        message=outcome.message,
+        trigger=outcome.trigger,
+    )
+
+
+def distill_summary(distiller: DistillScheduler) -> pb.DistillSummary:
+    last = distill_to_proto(distiller.last) if distiller.last is not None else None
+    return pb.DistillSummary(running=distiller.running, last=last, runs=distiller.runs)
 
 
 def adapter_to_proto(m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False) -> pb.Adapter:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from kfresh import metrics
 from kfresh.config import KfreshConfig
 from kfresh.errors import InvalidInput, NotFound, Unavailable
 from kfresh.server import convert, validation
@@ -19,6 +20,7 @@ from kfresh.v1 import kfresh_pb2 as pb
 from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from kfresh.finetuner.scheduler import DistillScheduler
     from kfresh.indexer.service import Indexer
 
 
@@ -31,6 +33,7 @@ class Runtime:
         self.adapters = adapters
         self.indexer: Indexer | None = None
         self.answerer: Answerer | None = None
+        self.distiller: DistillScheduler | None = None
         self.started_at = time.monotonic()
 
     def attach_indexer(self, indexer: Indexer) -> None:
@@ -46,6 +49,11 @@ class Runtime:
         self.require_indexer()
         assert self.answerer is not None
         return self.answerer
+
+    def require_distiller(self) -> DistillScheduler:
+        if self.distiller is None:
+            raise Unavailable("distillation is not available yet; retry shortly")
+        return self.distiller
 
     def require_adapters(self) -> AdapterManager:
         if self.adapters is None:
@@ -76,6 +84,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
                     raise InvalidInput("request has neither upsert nor delete_id")
             except InvalidInput as exc:
                 raise InvalidInput(f"ingest message #{position}: {exc}") from None
+            metrics.DOCUMENTS_ACKED.labels(op=op, status=ack.status).inc()
             yield convert.ack_to_proto(ack)
 
     @rpc
@@ -85,6 +94,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         ack = await asyncio.to_thread(self._rt.require_indexer().delete, doc_id)
         if ack.status == "not_found":
             raise NotFound(f"document {doc_id!r} does not exist")
+        metrics.DOCUMENTS_ACKED.labels(op="delete_id", status=ack.status).inc()
         return pb.DeleteResponse(id=ack.id, version=ack.version)
 
     @rpc
@@ -94,6 +104,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         start = time.perf_counter()
         hits = await asyncio.to_thread(indexer.search, query.query, query.k, query.filters or None)
         elapsed_ms = (time.perf_counter() - start) * 1000
+        metrics.RETRIEVE_DURATION.observe(elapsed_ms / 1000)
         return pb.RetrieveResponse(chunks=[convert.hit_to_chunk(h) for h in hits], retrieval_ms=elapsed_ms)
 
     @rpc
@@ -116,6 +127,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
             model_ready=self._rt.backend.ready,
             uptime_s=time.monotonic() - self._rt.started_at,
             adapter=self._rt.adapters.current_version if self._rt.adapters else "",
+            distiller=self._rt.distiller,
         )
 
     @rpc
@@ -141,3 +153,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterChangeResponse:
         validation.reject_unknown_fields(request)
         return convert.adapter_change(await self._rt.require_adapters().rollback())
+
+    @rpc
+    async def Distill(self, request: pb.DistillRequest, context: grpc.aio.ServicerContext) -> pb.DistillResponse:
+        validation.reject_unknown_fields(request)
+        outcome = await self._rt.require_distiller().request(dry_run=request.dry_run, wait=request.wait)
+        return convert.distill_to_proto(outcome)

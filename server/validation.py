@@ -13,6 +13,10 @@ from kfresh.v1 import kfresh_pb2 as pb
 
 MAX_ID_CHARS = 256
 MAX_FILTER_PAIRS = 32
+# Within google.protobuf.Timestamp's range (0001-01-01 .. 9999-12-31 UTC), a day inside for float rounding:
+# outside it a stored document could never become a Chunk or Citation again, and every search that found
+# it would fail.
+MIN_TIMESTAMP_S, MAX_TIMESTAMP_S = -62_135_596_800 + 86_400, 253_402_300_799 - 86_400
 
 
 def reject_unknown_fields(message: Message, path: str = "request") -> None:
@@ -49,7 +53,10 @@ def document_from_proto(doc: pb.Document) -> DocumentIn:
         raise InvalidInput(f"document {doc.id!r} has empty text")
     valid_from = None
     if doc.HasField("valid_from"):
-        valid_from = doc.valid_from.seconds + doc.valid_from.nanos / 1e9
+        seconds, nanos = doc.valid_from.seconds, doc.valid_from.nanos
+        if not MIN_TIMESTAMP_S <= seconds <= MAX_TIMESTAMP_S or not 0 <= nanos < 1_000_000_000:
+            raise InvalidInput(f"document {doc.id!r} valid_from must lie between 0001-01-02 and 9999-12-30 (nanos 0..999999999)")
+        valid_from = seconds + nanos / 1e9
     return DocumentIn(
         id=doc.id,
         text=doc.text,

@@ -1,12 +1,20 @@
-"""Synthetic LoRA adapters for the real generator: peft on the real model folder, random non-zero B weights.
+"""Synthetic LoRA adapters for the real generator, and an Answer load that records the adapter of each answer.
+
+The adapters: peft on the real model folder, random non-zero B weights.
 
 peft initialises B to zero (an adapter that changes nothing); these get large random A and B so that
 an adapter visibly changes greedy output, which is what the serving tests need to tell adapters apart.
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from kfresh.client import KfreshClient
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -27,3 +35,52 @@ def make_adapters(model_path: str, out_dirs: Sequence[Path], *, rank: int = 8, s
                     param.copy_(torch.randn(param.shape, generator=gen) * scale)
         peft_model.save_pretrained(str(out))
     return [Path(p) for p in out_dirs]
+
+
+def answer_once(client: KfreshClient, question: str, **options: Any) -> tuple[str, Any]:
+    text, done = [], None
+    for event in client.answer(question, timeout=120, **options):
+        if event.HasField("done"):
+            done = event.done
+        else:
+            text.append(event.delta)
+    assert done is not None
+    return "".join(text), done
+
+
+class AnswerLoad:
+    """Threads that keep asking until stopped; records the adapter of every answer and every error."""
+
+    def __init__(self, addr: str, question: str, *, threads: int = 3, pause_s: float = 0.0) -> None:
+        self._pause_s = pause_s
+        self.seen: Counter[str] = Counter()
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(addr, question)) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, addr: str, question: str) -> None:
+        with KfreshClient(addr) as client:
+            while not self._stop.is_set():
+                try:
+                    _, done = answer_once(client, question, max_tokens=12)
+                    with self._lock:
+                        self.seen[done.adapter] += 1
+                except BaseException as exc:  # noqa: BLE001
+                    self.errors.append(exc)
+                self._stop.wait(self._pause_s)
+
+    def wait_for(self, version: str, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        start = self.seen[version]
+        while self.seen[version] < start + count:
+            assert time.monotonic() < deadline, f"no answers with {version!r}: {self.seen}"
+            assert not self.errors, self.errors
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)

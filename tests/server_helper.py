@@ -19,6 +19,7 @@ class ServerHandle:
         self._stop: asyncio.Event | None = None
         self.port = 0
         self.runtime: Any = None
+        self.metrics_port = 0
         self._task = asyncio.run_coroutine_threadsafe(self._main(cfg, backend), loop_runner.loop)
         if not self._ready.wait(120):
             self._task.result(timeout=1)
@@ -29,6 +30,7 @@ class ServerHandle:
         async with running_server(cfg, backend=backend) as srv:
             self.port = srv.port
             self.runtime = srv.runtime
+            self.metrics_port = srv.metrics_port
             self._ready.set()
             await self._stop.wait()
 
@@ -43,6 +45,7 @@ def server_config(tmp: Path, **over: Any) -> KfreshConfig:
     cfg = KfreshConfig().with_home(tmp)
     data = cfg.model_dump()
     data["server"]["port"] = 0
+    data["metrics"]["port"] = 0
     data["answer"]["max_tokens"] = 40
     for dotted, value in over.items():
         section, field = dotted.split("__")

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from kfresh.errors import InvalidInput, NotFound
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 from kfresh.server.adapters import AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
+from adapter_helper import AnswerLoad, answer_once as _answer
 from server_helper import ServerHandle, server_config
 
 FIGURES: dict[str, float] = {}
@@ -293,51 +292,6 @@ def test_no_adapter_request_batched_with_adapter_requests_is_unchanged(
     assert batched == alone, "a request without an adapter got one applied (CPU LoRA ops, index -1)"
 
 
-def _answer(client: KfreshClient, question: str, **options: Any) -> tuple[str, Any]:
-    text, done = [], None
-    for event in client.answer(question, timeout=120, **options):
-        if event.HasField("done"):
-            done = event.done
-        else:
-            text.append(event.delta)
-    assert done is not None
-    return "".join(text), done
-
-
-class AnswerLoad:
-    """Threads that keep asking until stopped; records the adapter of every answer and every error."""
-
-    def __init__(self, addr: str, question: str, *, threads: int = 3) -> None:
-        self.seen: Counter[str] = Counter()
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(addr, question)) for _ in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, addr: str, question: str) -> None:
-        with KfreshClient(addr) as client:
-            while not self._stop.is_set():
-                try:
-                    _, done = _answer(client, question, max_tokens=12)
-                    with self._lock:
-                        self.seen[done.adapter] += 1
-                except BaseException as exc:  # noqa: BLE001
-                    self.errors.append(exc)
-
-    def wait_for(self, version: str, count: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        start = self.seen[version]
-        while self.seen[version] < start + count:
-            assert time.monotonic() < deadline, f"no answers with {version!r}: {self.seen}"
-            assert not self.errors, self.errors
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import pytest
 
 from kfresh.config import FinetuneConfig
 from kfresh.finetuner import datasets
-from kfresh.finetuner.augment import augment, counterfactual, questions
+from kfresh.finetuner.augment import augment, context_examples, counterfactual, questions, training_alternatives
 from kfresh.finetuner.evaluate import Figures, Score, contains_answer
 from kfresh.finetuner.extraction import extract_document, extraction_prf, resolve_conflicts
 from kfresh.finetuner.facts import Fact, facts_sha256, normalize, parse_date, read_facts, write_facts
@@ -178,6 +178,32 @@ def test_counterfactual_passage_states_a_different_value():
     assert counterfactual(facts[1], facts)[1] == "Fridays"
 
 
+def test_training_alternatives_differ_from_the_fact_and_from_the_gates_value():
+    facts = datasets.sample_gold_facts()
+    for fact in facts:
+        alts = training_alternatives(fact, facts)
+        gate = counterfactual(fact, facts)[1]
+        assert len(set(alts)) == 2 and fact.object not in alts and gate not in alts, (fact, alts, gate)
+    tuesday = Fact("the Orvik pool", "closing day", "Tuesdays", "", "b", 1, "It is closed on Tuesdays.")
+    assert training_alternatives(tuesday, [tuesday]) == ("Wednesdays", "Sundays")
+
+
+def test_context_examples_answer_from_the_passage_with_training_questions_only():
+    facts = datasets.sample_gold_facts()
+    data = augment(facts)
+    assert data.context == context_examples(facts) and len(data.context) == 3 * len(facts)
+    first = data.context[: len(facts)]  # rank 0: a contradicting passage, one per fact
+    assert [qa.fact for qa in first] == list(range(len(facts)))
+    train_questions = {normalize(qa.question) for qa in data.train}
+    for rank, qa in enumerate(data.context):
+        fact = facts[qa.fact]
+        answer, passage = qa.answer.lower(), qa.passage.lower()
+        alts = training_alternatives(fact, facts)
+        value = fact.object if rank // len(facts) == 1 else alts[rank // len(facts) // 2]
+        assert normalize(qa.question) in train_questions and value.lower() in answer and value.lower() in passage
+        assert counterfactual(fact, facts)[1] not in qa.passage.replace(fact.object, "")
+
+
 def test_answer_matching_respects_word_boundaries():
     assert contains_answer("The ferry leaves from  pier 7.", ["Pier 7"])
     assert not contains_answer("It leaves from Pier 70.", ["Pier 7"])
@@ -224,3 +250,15 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
     rates = [_rate(cfg, step, horizon=50) for step in range(60)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[50] == 0.0 == rates[59]
+
+
+def test_gate_rejects_poor_extraction_only_where_gold_facts_exist():
+    from kfresh.finetuner.extraction import PRF
+
+    cfg = FinetuneConfig(min_extraction_f1=0.8)
+    base, good = figures(0.0, 1.0, 16.0, 3), figures(0.8, 1.0, 16.0, 4)
+    poor = PRF(precision=0.5, recall=0.6, f1=0.545, true_positives=3, false_positives=3, false_negatives=2)
+    report = build_report(cfg, base, good, has_previous=False, extraction=poor, training={}, facts=10)
+    assert {c.name for c in report.checks if not c.passed} == {"extraction_f1"}
+    ungraded = build_report(cfg, base, good, has_previous=False, extraction=None, training={}, facts=10)
+    assert ungraded.passed and any(c.name == "extraction_f1" and c.passed for c in ungraded.checks)

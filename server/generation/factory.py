@@ -11,7 +11,14 @@ def create_backend(cfg: KfreshConfig) -> GenerationBackend:
     if gen.backend == "remote":
         from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
-        return OpenAIRemoteBackend(gen)
+        urls = [u.strip() for u in gen.remote_url.split(",") if u.strip()]
+        if len(urls) == 1:
+            return OpenAIRemoteBackend(gen)
+        from kfresh.server.generation.balanced import BalancedRemoteBackend
+
+        replicas = [OpenAIRemoteBackend(gen.model_copy(update={"remote_url": u}), start_timeout_s=2.0, poll_interval_s=0.25)
+                    for u in urls]  # fmt: skip
+        return BalancedRemoteBackend(gen, replicas, urls)
     if gen.backend == "vllm":
         from kfresh.models import generator_path
         from kfresh.server.generation.vllm_engine import VllmEngineBackend

@@ -138,8 +138,11 @@ class OpenAIRemoteBackend(GenerationBackend):
         if self._client is None:
             return False
         try:
-            self._healthy = await self._health_once()
-        except httpx.HTTPError:
+            healthy = await self._health_once()
+            if healthy and not self._model:  # start() gave up before the server came up: finish it now
+                self._model = await self._first_model()
+            self._healthy = healthy
+        except (httpx.HTTPError, KfreshError):
             self._healthy = False
         return self._healthy
 

@@ -239,7 +239,7 @@ class LagPercentiles(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors")
+    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors", "distill")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class StatsResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     INDEXED_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
     documents: int
     chunks: int
     pending: int
@@ -268,7 +269,8 @@ class StatsResponse(_message.Message):
     uptime_s: float
     deleted: int
     indexed_vectors: int
-    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ...) -> None: ...
+    distill: DistillSummary
+    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("version", "parent", "served_name", "base_model", "base_model_sha256", "training_data_sha256", "weights_sha256", "created_at", "facts", "metrics", "notes", "current", "loaded", "standby")
@@ -335,3 +337,68 @@ class AdapterChangeResponse(_message.Message):
     previous: str
     swap_ms: float
     def __init__(self, current: _Optional[str] = ..., previous: _Optional[str] = ..., swap_ms: _Optional[float] = ...) -> None: ...
+
+class DistillRequest(_message.Message):
+    __slots__ = ("dry_run", "wait")
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    wait: bool
+    def __init__(self, dry_run: _Optional[bool] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class DistillResponse(_message.Message):
+    __slots__ = ("state", "version", "facts", "new_facts", "kept_facts", "figures", "report_path", "message", "trigger")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[DistillResponse.State]
+        STARTED: _ClassVar[DistillResponse.State]
+        RUNNING: _ClassVar[DistillResponse.State]
+        PUBLISHED: _ClassVar[DistillResponse.State]
+        REJECTED: _ClassVar[DistillResponse.State]
+        NOTHING_NEW: _ClassVar[DistillResponse.State]
+        DRY_RUN: _ClassVar[DistillResponse.State]
+        FAILED: _ClassVar[DistillResponse.State]
+    STATE_UNSPECIFIED: DistillResponse.State
+    STARTED: DistillResponse.State
+    RUNNING: DistillResponse.State
+    PUBLISHED: DistillResponse.State
+    REJECTED: DistillResponse.State
+    NOTHING_NEW: DistillResponse.State
+    DRY_RUN: DistillResponse.State
+    FAILED: DistillResponse.State
+    class FiguresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    NEW_FACTS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FACTS_FIELD_NUMBER: _ClassVar[int]
+    FIGURES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_PATH_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    state: DistillResponse.State
+    version: str
+    facts: _containers.RepeatedScalarFieldContainer[str]
+    new_facts: int
+    kept_facts: int
+    figures: _containers.ScalarMap[str, float]
+    report_path: str
+    message: str
+    trigger: str
+    def __init__(self, state: _Optional[_Union[DistillResponse.State, str]] = ..., version: _Optional[str] = ..., facts: _Optional[_Iterable[str]] = ..., new_facts: _Optional[int] = ..., kept_facts: _Optional[int] = ..., figures: _Optional[_Mapping[str, float]] = ..., report_path: _Optional[str] = ..., message: _Optional[str] = ..., trigger: _Optional[str] = ...) -> None: ...
+
+class DistillSummary(_message.Message):
+    __slots__ = ("running", "last", "runs")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    running: bool
+    last: DistillResponse
+    runs: int
+    def __init__(self, running: _Optional[bool] = ..., last: _Optional[_Union[DistillResponse, _Mapping]] = ..., runs: _Optional[int] = ...) -> None: ...

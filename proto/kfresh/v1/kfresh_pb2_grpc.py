@@ -74,6 +74,11 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
                 _registered_method=True)
+        self.Distill = channel.unary_unary(
+                '/kfresh.v1.Kfresh/Distill',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.FromString,
+                _registered_method=True)
 
 
 class KfreshServicer:
@@ -136,6 +141,14 @@ class KfreshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Distill(self, request, context):
+        """Admin: distil validated knowledge into a gated LoRA adapter, in a separate worker process.
+        One run at a time: a call while one is in flight joins it (state RUNNING, or its outcome with wait).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KfreshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.RollbackAdapter,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.SerializeToString,
+            ),
+            'Distill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Distill,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +414,33 @@ class Kfresh:
             '/kfresh.v1.Kfresh/RollbackAdapter',
             kfresh_dot_v1_dot_kfresh__pb2.RollbackAdapterRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.AdapterChangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Distill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/Distill',
+            kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.FromString,
             options,
             channel_credentials,
             insecure,

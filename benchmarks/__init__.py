@@ -1,0 +1,1 @@
+"""kfresh benchmark suites (`kfresh bench SUITE`): ingest, freshness, retrieval, answer, knowledge."""

@@ -1,0 +1,179 @@
+"""freshness: ack -> first appearance in Retrieve, from the client side, under a sustained ingest load.
+
+The server starts on a preloaded corpus (`corpus_docs` one-chunk documents with real MiniLM embeddings,
+see preload.py). The suite measures the maximum ingest rate (a burst over 4 streams until searchable),
+then keeps a background Ingest stream at `load_fraction` of it while probes run: each probe ingests a
+new document, and from the moment its acknowledgement arrives polls Retrieve(its text, k=3) until the
+document shows up. Lag resolution is one Retrieve call. Retrieve latency is sampled on the same queries
+with the load running and, before it, without. Targets: p95 <= 100 ms, max <= 500 ms.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
+from kfresh.benchmarks.report import Result, Table
+
+TARGET_P95_MS, TARGET_MAX_MS = 100.0, 500.0
+PROBE_TIMEOUT_S = 10.0
+
+
+class FreshnessOptions(SuiteOptions):
+    corpus_docs: int = Field(100_000, ge=0, description="Preloaded one-chunk documents (ignored with --addr).")
+    probes: int = Field(300, ge=1, description="Freshness probes under load.")
+    retrieve_samples: int = Field(300, ge=1, description="Retrieve calls timed with and without the load.")
+    load_fraction: float = Field(0.5, gt=0, le=1, description="Background ingest rate as a share of the measured maximum.")
+    burst_docs: int = Field(1000, ge=8, description="Documents in the maximum-rate burst.")
+    k: int = Field(5, ge=1, description="k of the timed Retrieve calls.")
+
+    @classmethod
+    def quick(cls) -> FreshnessOptions:
+        return cls(corpus_docs=200, probes=6, retrieve_samples=8, burst_docs=16)
+
+
+def _doc_text(i: int) -> str:
+    from kfresh.benchmarks import corpus
+
+    return corpus.text(5_000_000 + i)
+
+
+def retrieve_latencies(addr: str, queries: list[str], k: int) -> tuple[list[float], list[float]]:
+    from kfresh.benchmarks.servers import client as connect
+
+    client_ms, server_ms = [], []
+    with connect(addr) as client:
+        for q in queries:
+            start = time.perf_counter()
+            reply = client.retrieve(q, k=k, timeout=30)
+            client_ms.append(ms_since(start))
+            server_ms.append(reply.retrieval_ms)
+    return client_ms, server_ms
+
+
+def probe(client: Any, doc_id: str, text: str) -> tuple[float, int]:
+    """Ingest one document; ms from its ack to the first Retrieve that returns it, and the polls it took."""
+    from kfresh.client import document
+
+    list(client.ingest([document(doc_id, text, source="probe")], timeout=30))
+    acked = time.perf_counter()
+    polls = 0
+    while time.perf_counter() - acked < PROBE_TIMEOUT_S:
+        polls += 1
+        if any(c.doc_id == doc_id for c in client.retrieve(text, k=3, timeout=30).chunks):
+            return ms_since(acked), polls
+    return ms_since(acked), polls
+
+
+def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
+    from kfresh.benchmarks import corpus
+    from kfresh.benchmarks.ingest import ingest_rate
+    from kfresh.benchmarks.load import BackgroundIngest
+    from kfresh.benchmarks.preload import cached_store, home_with_store
+    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
+    from kfresh.benchmarks.servers import client as connect
+    from kfresh.client import document
+
+    env = environment(server="external" if addr else "kfresh serve, no generation")
+    run_id = uuid.uuid4().hex[:8]
+    home = None
+    if not addr and opts.corpus_docs:
+        store = cached_store("corpus", corpus.embeddings(opts.corpus_docs), corpus.text)
+        home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-fresh-")))
+    with kfresh_server(NO_GENERATION, addr=addr, home=home) as target:
+        with connect(target.addr) as client:
+            stats = client.stats()
+        n_docs = max(int(stats.documents), 1)
+        queries = corpus.queries(opts.retrieve_samples, min(n_docs, opts.corpus_docs or n_docs))
+        retrieve_latencies(target.addr, queries[:5], opts.k)  # warm-up
+        idle_client, idle_server = retrieve_latencies(target.addr, queries, opts.k)
+        burst = [_doc_text(1_000_000 + i) for i in range(opts.burst_docs)]
+        max_rate = asyncio.run(ingest_rate(target.addr, burst, 4, f"burst-{run_id}"))["docs_per_s"]
+        load_docs = (document(f"load-{run_id}-{i}", _doc_text(2_000_000 + i), source="load") for i in range(10**9))
+        lags, polls, load_client, load_server = [], [], [], []
+        rng = random.Random(0)
+        with BackgroundIngest(target.addr, load_docs, opts.load_fraction * max_rate) as load, connect(target.addr) as client:
+            time.sleep(1.0)
+            per_probe = max(1, opts.retrieve_samples // opts.probes)
+            q = iter(queries * 2)
+            for i in range(opts.probes):
+                lag, n_polls = probe(client, f"probe-{run_id}-{i}", _doc_text(3_000_000 + i))
+                lags.append(lag)
+                polls.append(n_polls)
+                c_ms, s_ms = retrieve_latencies(target.addr, [next(q) for _ in range(per_probe)], opts.k)
+                load_client += c_ms
+                load_server += s_ms
+                time.sleep(rng.uniform(0.05, 0.2))
+        with connect(target.addr) as client:
+            server_lag = client.stats().freshness
+    return _result(opts, addr, quick, command, env=env, n_docs=n_docs, max_rate=max_rate, load=load, lags=lags, polls=polls,
+                   idle=(idle_client, idle_server), loaded=(load_client, load_server), server_lag=server_lag)  # fmt: skip
+
+
+def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str, **m: Any) -> Result:
+    lag = percentiles(m["lags"])
+    idle_c, idle_s = percentiles(m["idle"][0]), percentiles(m["idle"][1])
+    load_c, load_s = percentiles(m["loaded"][0]), percentiles(m["loaded"][1])
+    load = m["load"]
+    timeouts = sum(1 for x in m["lags"] if x >= PROBE_TIMEOUT_S * 1000)
+    result = Result(
+        suite="freshness", title=f"Freshness under a sustained ingest load ({m['n_docs']:,} documents)", command=command,
+        quick=quick, settings=opts.model_dump(), env=m["env"],
+        raw={"lag_ms": m["lags"], "polls": m["polls"], "retrieve_idle_client_ms": m["idle"][0], "retrieve_idle_server_ms": m["idle"][1],
+             "retrieve_load_client_ms": m["loaded"][0], "retrieve_load_server_ms": m["loaded"][1]},
+    )  # fmt: skip
+    result.summary = {
+        "corpus_docs": m["n_docs"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
+        "load_target_docs_per_s": round(opts.load_fraction * m["max_rate"], 1), "load_achieved_docs_per_s": round(load.achieved_rate, 1),
+        "lag_ms": {k: round(v, 1) for k, v in lag.items()}, "probe_timeouts": timeouts,
+        "meets_target": lag["p95"] <= TARGET_P95_MS and lag["max"] <= TARGET_MAX_MS,
+        "retrieve_idle_ms": {k: round(idle_c[k], 1) for k in ("p50", "p95", "p99")},
+        "retrieve_load_ms": {k: round(load_c[k], 1) for k in ("p50", "p95", "p99")},
+        "retrieve_load_vs_idle_p50": round(load_c["p50"] / idle_c["p50"], 2) if idle_c["p50"] else None,
+        "server_lag_ms": {"p50": m["server_lag"].p50_ms, "p95": m["server_lag"].p95_ms, "max": m["server_lag"].max_ms},
+        "load_error": load.error,
+    }  # fmt: skip
+    result.tables.append(Table(
+        f"ack -> first Retrieve hit, {lag['n']} probes, under {load.achieved_rate:.1f} docs/s of background ingest "
+        f"({opts.load_fraction:.0%} of the measured maximum {m['max_rate']:.1f} docs/s)",
+        ["figure", "p50", "p95", "p99", "max", "target"],
+        [["lag (ms)", lag["p50"], lag["p95"], lag["p99"], lag["max"],
+          f"p95 <= {TARGET_P95_MS:.0f}, max <= {TARGET_MAX_MS:.0f}: {'met' if result.summary['meets_target'] else 'missed'}"]],
+    ))  # fmt: skip
+    result.tables.append(Table(
+        f"Retrieve latency, k={opts.k}, client side (server-side retrieval_ms in brackets)",
+        ["condition", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+        [["no load", f"{idle_c['p50']:.1f} ({idle_s['p50']:.1f})", f"{idle_c['p95']:.1f} ({idle_s['p95']:.1f})", f"{idle_c['p99']:.1f}", f"{idle_c['max']:.1f}"],
+         ["under the ingest load", f"{load_c['p50']:.1f} ({load_s['p50']:.1f})", f"{load_c['p95']:.1f} ({load_s['p95']:.1f})", f"{load_c['p99']:.1f}", f"{load_c['max']:.1f}"]],
+    ))  # fmt: skip
+    result.notes += [
+        "Lag is measured from the moment the client receives the durable acknowledgement; each poll is one Retrieve "
+        "call, so the resolution is one Retrieve latency.",
+        f"Probes still missing after {PROBE_TIMEOUT_S:.0f} s count as {PROBE_TIMEOUT_S:.0f} s: {timeouts}.",
+        "The corpus is preloaded from a cached store (real MiniLM embeddings of synthetic topic texts, benchmarks/corpus.py).",
+    ]
+    if load.error:
+        result.notes.append(f"The background load stopped with an error: {load.error}")
+    return result
+
+
+def plot(result: Result, fig: Any) -> None:
+    from kfresh.benchmarks.report import series_axes
+
+    ax1, ax2 = series_axes(fig, 2)
+    lags = sorted(result.raw["lag_ms"])
+    ax1.plot(lags, [(i + 1) / len(lags) for i in range(len(lags))], label="ack -> Retrieve hit")
+    ax1.axvline(TARGET_P95_MS, color="grey", linestyle="--", label="p95 target")
+    ax1.set_xlabel("lag (ms)")
+    ax1.set_ylabel("share of probes")
+    ax1.legend()
+    ax2.boxplot([result.raw["retrieve_idle_client_ms"], result.raw["retrieve_load_client_ms"]], showfliers=False)
+    ax2.set_xticks([1, 2], ["no load", "under load"])
+    ax2.set_ylabel("Retrieve latency (ms)")

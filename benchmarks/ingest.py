@@ -1,0 +1,131 @@
+"""ingest: documents/s through the gRPC Ingest stream vs raw sentence-transformers `encode` on the same texts.
+
+For each concurrency (streams in parallel, documents split evenly), the clock runs from the first send
+until every document is acknowledged AND searchable (Stats.pending == 0). The baseline is the embedder
+alone, in this process, on exactly those texts with the server's batch size, measured just before each
+level while the server idles. Ratio = ingest / encode; the target is >= 0.95. ~60-word documents, one
+chunk each. The server runs without a generation model (nothing else competes for the cores).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from kfresh.benchmarks.common import SuiteOptions, environment, load_average
+from kfresh.benchmarks.report import Result, Table
+
+TARGET_RATIO = 0.95
+
+
+class IngestOptions(SuiteOptions):
+    docs: int = Field(1500, ge=1, description="Documents ingested per concurrency level.")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Concurrent Ingest streams.")
+    words: int = Field(60, ge=1, description="Words per document.")
+
+    @classmethod
+    def quick(cls) -> IngestOptions:
+        return cls(docs=24, concurrency=[1, 4])
+
+
+def documents(n: int, words: int, seed: int) -> list[str]:
+    import numpy as np
+
+    from kfresh.benchmarks.corpus import vocabulary
+
+    vocab = vocabulary()
+    rng = np.random.default_rng(seed)
+    return [" ".join(vocab[int(j)] for j in rng.integers(len(vocab), size=words)) + "." for _ in range(n)]
+
+
+def encode_rate(encode: Any, texts: list[str], batch_size: int) -> float:
+    encode(texts[:batch_size])  # warm-up: the first passes of a shape allocate and pick kernels
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        encode(texts[i : i + batch_size])
+    return len(texts) / (time.perf_counter() - start)
+
+
+async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) -> dict[str, float]:
+    from kfresh.benchmarks.servers import aclient
+    from kfresh.client import document
+
+    async with aclient(addr) as client:
+        parts = [[(f"{prefix}-{i}", t) for i, t in enumerate(texts) if i % streams == s] for s in range(streams)]
+
+        async def one(part: list[tuple[str, str]]) -> int:
+            return len([a async for a in client.ingest([document(d, t, source="bench") for d, t in part], timeout=900)])
+
+        start = time.perf_counter()
+        acked = sum(await asyncio.gather(*(one(p) for p in parts)))
+        acked_s = time.perf_counter() - start
+        while (await client.stats()).pending:
+            await asyncio.sleep(0.005)
+        searchable_s = time.perf_counter() - start
+    assert acked == len(texts), f"{acked} of {len(texts)} acknowledged"
+    return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s}
+
+
+def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
+    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
+    from kfresh.config import KfreshConfig
+    from kfresh.indexer.embedder import create_embedder
+
+    cfg = KfreshConfig()
+    env = environment(embedder=cfg.models.embedder, batch_size=cfg.embedder.batch_size, server="external" if addr else "kfresh serve, no generation")
+    embedder = create_embedder(cfg)
+    run_id = uuid.uuid4().hex[:8]
+    levels: list[dict[str, Any]] = []
+    with kfresh_server(NO_GENERATION, addr=addr) as target:
+        warm = documents(32, opts.words, seed=99)
+        asyncio.run(ingest_rate(target.addr, warm, 1, f"warm-{run_id}"))
+        for level, streams in enumerate(opts.concurrency):
+            texts = documents(opts.docs, opts.words, seed=level)
+            baseline = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
+            measured = asyncio.run(ingest_rate(target.addr, texts, streams, f"ing-{run_id}-{level}"))
+            levels.append({"streams": streams, "encode_docs_per_s": baseline, **measured, "ratio": measured["docs_per_s"] / baseline,
+                           "load_1m_after": round(load_average(), 2)})  # fmt: skip
+    result = Result(
+        suite="ingest", title="Ingest throughput vs raw encode", command=command, quick=quick, settings=opts.model_dump(),
+        env=env,
+        raw={"levels": levels},
+    )  # fmt: skip
+    result.summary = {f"ratio_{lv['streams']}_streams": round(lv["ratio"], 3) for lv in levels}
+    result.summary.update({f"docs_per_s_{lv['streams']}_streams": round(lv["docs_per_s"], 1) for lv in levels})
+    result.summary["target_ratio"] = TARGET_RATIO
+    result.summary["meets_target"] = all(lv["ratio"] >= TARGET_RATIO for lv in levels)
+    result.tables.append(Table(
+        f"{opts.docs} documents of {opts.words} words per level; clock stops when all are searchable",
+        ["streams", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline)", "ratio", f"target >= {TARGET_RATIO}",
+         "load average after"],
+        [[lv["streams"], lv["docs_per_s"], lv["ack_docs_per_s"], lv["encode_docs_per_s"], round(lv["ratio"], 3),
+          "met" if lv["ratio"] >= TARGET_RATIO else "missed", lv.get("load_1m_after")] for lv in levels],
+    ))  # fmt: skip
+    result.notes.append("The baseline runs in the benchmark process while the server idles; both share the same CPU cores.")
+    result.notes.append("The suite itself keeps both cores busy (server and client: a load average near 2); well above 2 means other work on the box.")
+    return result
+
+
+def plot(result: Result, fig: Any) -> None:
+    from kfresh.benchmarks.report import series_axes
+
+    levels = result.raw["levels"]
+    ax1, ax2 = series_axes(fig, 2)
+    xs = [str(lv["streams"]) for lv in levels]
+    width = 0.38
+    pos = range(len(xs))
+    ax1.bar([p - width / 2 for p in pos], [lv["docs_per_s"] for lv in levels], width, label="gRPC Ingest (searchable)")
+    ax1.bar([p + width / 2 for p in pos], [lv["encode_docs_per_s"] for lv in levels], width, label="raw encode")
+    ax1.set_xticks(list(pos), xs)
+    ax1.set_xlabel("concurrent streams")
+    ax1.set_ylabel("documents/s")
+    ax1.legend()
+    ax2.plot(xs, [lv["ratio"] for lv in levels], marker="o", label="ingest / encode")
+    ax2.axhline(TARGET_RATIO, color="grey", linestyle="--", label=f"target {TARGET_RATIO}")
+    ax2.set_ylim(0, max(1.2, 1.1 * max(lv["ratio"] for lv in levels)))
+    ax2.set_xlabel("concurrent streams")
+    ax2.set_ylabel("ratio")
+    ax2.legend()

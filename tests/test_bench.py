@@ -1,0 +1,115 @@
+"""Smoke tests of `kfresh bench`: every suite in --quick mode writes well-formed JSON, Markdown and PNG files.
+
+Tiny sizes and no timing asserts: the figures of a quick run mean nothing, the plumbing does. The answer
+suite reuses the session's vLLM engine and `vllm serve` (conftest) instead of starting its own.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kfresh.benchmarks import answer
+from kfresh.benchmarks.cli import SUITES, run_suite
+from kfresh.benchmarks.report import write_result
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_well_formed(written, suite: str) -> dict:
+    data = json.loads(written.json.read_text())
+    assert data["suite"] == suite and data["quick"] is True
+    assert data["summary"] and data["raw"] and data["settings"]
+    for key in ("cpu", "cores", "gpu", "versions", "load_average_1m_start", "load_average_1m_end"):
+        assert key in data["env"], key
+    text = written.markdown.read_text()
+    assert text.startswith("# ") and "| " in text and "Command: `" in text
+    assert written.png is not None and written.png.read_bytes()[:8] == PNG_MAGIC
+    return data
+
+
+def test_bench_help_explains_every_suite():
+    out = subprocess.run([sys.executable, "-m", "kfresh.cli", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for suite in (*SUITES, "all"):
+        assert f"{suite}:" in out.stdout
+    assert "--quick" in out.stdout and "--addr" in out.stdout
+
+
+def test_bad_option_is_rejected(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        run_suite("ingest", quick=True, out=tmp_path, overrides={"no_such_option": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", ["ingest", "freshness", "retrieval"])
+def test_index_suites_quick(suite, tmp_path):
+    data = assert_well_formed(run_suite(suite, quick=True, out=tmp_path), suite)
+    if suite == "ingest":
+        assert {lv["streams"] for lv in data["raw"]["levels"]} == {1, 4}
+    if suite == "freshness":
+        assert len(data["raw"]["lag_ms"]) == 6 and data["summary"]["probe_timeouts"] == 0
+    if suite == "retrieval":
+        sizes = data["raw"]["sizes"]
+        assert [s["vectors"] for s in sizes] == ["real", "derived from 200 real"]
+        assert all(0.0 <= s["systems"]["server"]["recall"] <= 1.0 for s in sizes)
+
+
+@pytest.mark.slow
+def test_answer_quick_both_backends(tmp_path, engine_loop, vllm_backend, remote_vllm_server):
+    from server_helper import ServerHandle, server_config
+
+    from kfresh.client import KfreshClient
+    from kfresh.config import GenerationConfig
+    from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
+
+    opts = answer.AnswerOptions.quick()
+    pairs = []
+    handle = ServerHandle(engine_loop, server_config(tmp_path / "inproc"), vllm_backend)
+    try:
+        pairs.append(engine_loop.run(answer.measure_pair("vllm", f"127.0.0.1:{handle.port}", opts, backend=vllm_backend), timeout=600))
+    finally:
+        handle.stop()
+    remote = OpenAIRemoteBackend(GenerationConfig(backend="remote", remote_url=remote_vllm_server))
+    cfg = server_config(tmp_path / "remote", generation__backend="remote", generation__remote_url=remote_vllm_server)
+    handle = ServerHandle(engine_loop, cfg, remote)
+    try:
+        with KfreshClient(f"127.0.0.1:{handle.port}") as client:
+            client.wait_ready(timeout=120)
+        pairs.append(engine_loop.run(answer.measure_pair("remote", f"127.0.0.1:{handle.port}", opts, vllm_url=remote_vllm_server), timeout=600))
+    finally:
+        handle.stop()
+        engine_loop.run(remote.shutdown(), timeout=30)
+    result = answer.build_result(pairs, opts, quick=True, command="pytest tests/test_bench.py")
+    data = assert_well_formed(write_result(result, tmp_path, answer.plot), "answer")
+    for pair in data["raw"]["pairs"]:
+        for path in ("grpc", "direct"):
+            assert [lv["concurrency"] for lv in pair[path]] == [1, 2]
+            assert all(not lv["errors"] and lv["samples"] and all(s["tokens"] > 0 for s in lv["samples"]) for lv in pair[path])
+    assert set(data["summary"]) == {"vllm", "remote"}
+
+
+@pytest.mark.slow
+def test_knowledge_quick(tmp_path):
+    data = assert_well_formed(run_suite("knowledge", quick=True, out=tmp_path), "knowledge")
+    assert set(data["summary"]) >= {"a", "b", "c", "d", "gate_passed"}
+    rows = data["raw"]["rows"]
+    assert {r["kind"] for r in rows} == {"fact", "general"}
+    assert all(r[s] is not None for r in rows for s in "abcd")
+
+
+def test_results_folder_has_only_complete_runs():
+    """Every committed full run has its JSON, Markdown and PNG, and the Markdown names the command."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for json_path in results.glob("*.json"):
+        data = json.loads(json_path.read_text())
+        if not isinstance(data, dict) or data.get("suite") not in SUITES:
+            continue  # foundation/adapters/distill files predate the suites
+        assert not data["quick"], json_path
+        assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file(), json_path
+        assert f"kfresh bench {data['suite']}" in json_path.with_suffix(".md").read_text()
