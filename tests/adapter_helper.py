@@ -12,9 +12,9 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kfresh.client import KfreshClient
+from server_helper import answer_once
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -35,17 +35,6 @@ def make_adapters(model_path: str, out_dirs: Sequence[Path], *, rank: int = 8, s
                     param.copy_(torch.randn(param.shape, generator=gen) * scale)
         peft_model.save_pretrained(str(out))
     return [Path(p) for p in out_dirs]
-
-
-def answer_once(client: KfreshClient, question: str, **options: Any) -> tuple[str, Any]:
-    text, done = [], None
-    for event in client.answer(question, timeout=120, **options):
-        if event.HasField("done"):
-            done = event.done
-        else:
-            text.append(event.delta)
-    assert done is not None
-    return "".join(text), done
 
 
 class AnswerLoad:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
+from kfresh.benchmarks.servers import stop_group  # noqa: E402 - SIGTERM the group, SIGKILL if it hangs
 from kfresh.config import GenerationConfig, ModelsConfig  # noqa: E402
 from kfresh.net import free_port  # noqa: E402
 
@@ -140,7 +140,7 @@ def remote_vllm_server(generator_path: str, tmp_path_factory: pytest.TempPathFac
         _wait_healthy(proc, url, log_path, timeout_s=240)
         yield url
     finally:
-        _stop_group(proc)
+        stop_group(proc)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, *, timeout_s: float) -> None:
@@ -155,20 +155,6 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, *, ti
             pass
         time.sleep(1)
     pytest.fail(f"vllm serve not healthy after {timeout_s} s:\n{_tail(log_path)}")
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (its engine children too), SIGKILL after 30 s."""
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(path: Path, lines: int = 60) -> str:

@@ -51,3 +51,15 @@ def server_config(tmp: Path, **over: Any) -> KfreshConfig:
         section, field = dotted.split("__")
         data[section][field] = value
     return KfreshConfig.model_validate(data)
+
+
+def answer_once(client: Any, question: str, **options: Any) -> tuple[str, Any]:
+    """One Answer call: the concatenated deltas and the final AnswerDone."""
+    text, done = [], None
+    for event in client.answer(question, timeout=120, **options):
+        if event.HasField("done"):
+            done = event.done
+        else:
+            text.append(event.delta)
+    assert done is not None, "stream ended without the final message"
+    return "".join(text), done

@@ -23,7 +23,8 @@ from kfresh.errors import InvalidInput, NotFound
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 from kfresh.server.adapters import AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
-from adapter_helper import AnswerLoad, answer_once as _answer
+from adapter_helper import AnswerLoad
+from server_helper import answer_once as _answer
 from server_helper import ServerHandle, server_config
 
 FIGURES: dict[str, float] = {}

@@ -356,7 +356,8 @@ def test_failing_generation_backend_is_unavailable_fast_and_answers_resume(engin
 @pytest.mark.reliability
 @long_only
 def test_real_vllm_serve_killed_and_restarted(engine_loop: Any, generator_path: str, tmp_path: Path) -> None:
-    from conftest import _stop_group, _wait_healthy
+    from conftest import _wait_healthy
+    from kfresh.benchmarks.servers import stop_group
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -397,5 +398,5 @@ def test_real_vllm_serve_killed_and_restarted(engine_loop: Any, generator_path: 
                        "vllm_restart_s": round(vllm_start_s, 1), "answers_resumed_after_restart_s": round(resumed_s, 1)}  # fmt: skip
     finally:
         handle.stop()
-        _stop_group(vllm)
+        stop_group(vllm)
     record("generation_backend_killed", figures)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2
 from kfresh.client import SERVICE_NAME, KfreshClient, document
 from kfresh.v1 import kfresh_pb2 as pb
 from server_helper import ServerHandle, server_config
+from server_helper import answer_once as _answer
 
 pytestmark = pytest.mark.slow
 DAY = 86_400.0
@@ -50,17 +51,6 @@ def _visible(client: KfreshClient, query: str, doc_id: str, version: int, timeou
             return time.monotonic() - start
         time.sleep(0.01)
     raise AssertionError(f"{doc_id} v{version} not searchable after {timeout} s")
-
-
-def _answer(client: KfreshClient, question: str, **options: Any) -> tuple[str, pb.AnswerDone]:
-    text, done = [], None
-    for event in client.answer(question, timeout=120, **options):
-        if event.HasField("done"):
-            done = event.done
-        else:
-            text.append(event.delta)
-    assert done is not None, "stream ended without the final message"
-    return "".join(text), done
 
 
 def test_health_and_reflection(client: KfreshClient, server: ServerHandle) -> None:
