@@ -167,7 +167,6 @@ class NatsConfig(_Section):
     subject: str = Field("kfresh.docs", description="Subject of the document messages (JSON like `kfresh ingest` JSONL lines).")
     durable: str = Field("kfresh-ingest", description="Durable pull consumer name; its position survives restarts.")
     create_stream: bool = Field(True, description="Create the stream (file storage) when it does not exist.")
-    batch: int = Field(64, ge=1, le=4096, description="Messages fetched and streamed per batch; also the consumer's max_ack_pending.")
     ack_wait_s: float = Field(60.0, gt=0, description="A delivered message not acknowledged within this is redelivered.")
     fetch_timeout_s: float = Field(1.0, gt=0, description="How long one fetch waits for messages.")
     retry_delay_s: float = Field(2.0, ge=0, description="Redelivery delay after the kfresh server was unavailable or overloaded.")

@@ -102,7 +102,7 @@ class NatsIngestor:
             await self._ensure_stream(api)
         consumer = api.ConsumerConfig(
             durable_name=cfg.durable, ack_policy=api.AckPolicy.EXPLICIT, deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=cfg.ack_wait_s, max_ack_pending=cfg.batch, filter_subject=cfg.subject,
+            ack_wait=cfg.ack_wait_s, max_ack_pending=1, filter_subject=cfg.subject,
         )  # fmt: skip
         self._sub = await self._js.pull_subscribe(cfg.subject, durable=cfg.durable, stream=cfg.stream, config=consumer)
         self._client = AsyncKfreshClient(self.addr, **self._client_options)
@@ -135,7 +135,9 @@ class NatsIngestor:
         idle = 0.0
         while stop is None or not stop.is_set():
             try:
-                msgs = await self._sub.fetch(self.cfg.batch, timeout=self.cfg.fetch_timeout_s)
+                # One outstanding message (max_ack_pending=1): after a crash nothing newer is delivered
+                # before the unacknowledged one comes back, so order holds across restarts too.
+                msgs = await self._sub.fetch(1, timeout=self.cfg.fetch_timeout_s)
             except FetchTimeout:
                 idle += self.cfg.fetch_timeout_s
                 if idle_exit_s is not None and idle >= idle_exit_s:
@@ -146,7 +148,7 @@ class NatsIngestor:
         return self.stats
 
     async def process(self, msgs: list[Msg]) -> None:
-        """Apply one fetched batch in stream order; ack each message once kfresh stored it."""
+        """Apply fetched messages in stream order; ack each once kfresh stored it."""
         good: list[tuple[Msg, pb.IngestRequest]] = []
         for msg in msgs:
             try:
@@ -184,18 +186,16 @@ class NatsIngestor:
                 if 0 <= bad < len(rest):
                     await self._dead(rest[bad][0], exc.details() or "INVALID_ARGUMENT")
                     return rest[:bad] + rest[bad + 1 :]  # any before it that kfresh did not ack: resend
+            # Not applied: redeliver later, never drop. An unexpected status is logged as an error.
+            for msg, _ in rest:
+                await msg.nak(delay=self.cfg.retry_delay_s)
+            self.stats.retried += len(rest)
             if exc.code() in RETRYABLE:
                 log.warning("nats.kfresh_unavailable code=%s retry_in_s=%.1f pending=%d", exc.code().name,
                             self.cfg.retry_delay_s, len(rest))  # fmt: skip
-                for msg, _ in rest:
-                    await msg.nak(delay=self.cfg.retry_delay_s)
-                self.stats.retried += len(rest)
                 await asyncio.sleep(self.cfg.retry_delay_s)
-                return []
-            for msg, _ in rest:  # an unexpected status: keep them for a later redelivery, never drop
-                await msg.nak(delay=self.cfg.retry_delay_s)
-            self.stats.retried += len(rest)
-            log.error("nats.ingest_failed code=%s detail=%s", exc.code().name, exc.details())
+            else:
+                log.error("nats.ingest_failed code=%s detail=%s", exc.code().name, exc.details())
             return []
 
     async def _confirm(self, msg: Msg, attempts: int = 3) -> None:

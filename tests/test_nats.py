@@ -59,7 +59,7 @@ def kfresh_server(engine_loop: Any, home: Path, port: int = 0) -> ServerHandle:
 
 
 def config(url: str, **over: Any) -> NatsConfig:
-    return NatsConfig(url=url, batch=8, ack_wait_s=2.0, fetch_timeout_s=0.3, retry_delay_s=0.5, **over)
+    return NatsConfig(url=url, ack_wait_s=2.0, fetch_timeout_s=0.3, retry_delay_s=0.5, **over)
 
 
 async def publish(url: str, rows: list[Any], cfg: NatsConfig) -> None:
