@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge")
+SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas")
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
-            "answer": "AnswerOptions", "knowledge": "KnowledgeOptions"}  # fmt: skip
+            "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
+            "replicas": "ReplicasOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:
@@ -39,7 +40,7 @@ def register(sub: Any) -> None:
     """Add the `bench` subcommand to kfresh's argparse subparsers."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, all) against a baseline",
+        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, backends, replicas, all) against a baseline",
         description="Run a benchmark suite against a server it starts itself (or --addr), side by side with a baseline "
         "in the same run; write the raw samples, environment and summary as JSON, a Markdown table and PNG plots.",
         epilog=_epilog(),

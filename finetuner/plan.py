@@ -7,17 +7,17 @@ facts whose document was deleted, superseded or updated since.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfresh.config import KfreshConfig
+from kfresh.config import KfreshConfig, StoreConfig
 from kfresh.finetuner import datasets
 from kfresh.finetuner.extraction import PRF, Excluded, extract_document, extraction_prf, resolve_conflicts, write_record
 from kfresh.finetuner.facts import Fact, write_facts
-from kfresh.finetuner.selection import SelectedDoc, connect_read_only, select_documents
+from kfresh.finetuner.selection import SelectedDoc, select_documents
+from kfresh.indexer.stores import open_store, store_exists
 
 log = logging.getLogger("kfresh.finetuner")
 
@@ -48,7 +48,7 @@ def plan_knowledge(
     skipped: dict[str, str] = {}
     extraction: PRF | None = None
     if facts_override is None:
-        selection = select_documents(ft, cfg.store.path, now=now)
+        selection = select_documents(ft, cfg.store, now=now)
         docs, skipped = selection.docs, selection.skipped
         extracted = []
         for doc in docs:
@@ -56,7 +56,7 @@ def plan_knowledge(
         extraction = _gold_prf(docs)
     else:
         extracted = list(facts_override)
-    live = _live_versions(cfg.store.path)
+    live = _live_versions(cfg.store)
     carried_in = [f for f in previous if _still_valid(f, live)]
     resolution = resolve_conflicts(extracted + carried_in)
     known = {f.triple for f in previous}
@@ -96,19 +96,16 @@ def _gold_prf(docs: Sequence[SelectedDoc]) -> PRF | None:
     return extraction_prf(extracted, gold) if gold else None
 
 
-def _live_versions(db_path: Path) -> dict[str, int | None]:
+def _live_versions(store_cfg: StoreConfig) -> dict[str, int | None]:
     """doc_id -> current version, or None when deleted or explicitly superseded; {} without a store."""
-    if not Path(db_path).is_file():
+    if not store_exists(store_cfg):
         return {}
-    conn = connect_read_only(db_path)
-    try:
-        rows = conn.execute("SELECT doc_id, version, deleted, supersedes FROM documents").fetchall()
-    finally:
-        conn.close()
-    out: dict[str, int | None] = {r[0]: (None if r[2] else int(r[1])) for r in rows}
+    with open_store(store_cfg, read_only=True) as store:
+        rows = store.documents()
+    out: dict[str, int | None] = {r.doc_id: (None if r.deleted else r.version) for r in rows}
     for r in rows:
-        if not r[2]:
-            for old in json.loads(r[3] or "[]"):
+        if not r.deleted:
+            for old in r.supersedes:
                 if old in out:
                     out[old] = None
     return out

@@ -81,15 +81,16 @@ def unlearned_documents(cfg: KfreshConfig) -> frozenset[DocKey]:
     from kfresh.finetuner.facts import read_facts
     from kfresh.finetuner.registry import AdapterRegistry
     from kfresh.finetuner.selection import select_documents
+    from kfresh.indexer.stores import store_exists
 
-    if not cfg.store.path.is_file():
+    if not store_exists(cfg.store):
         return frozenset()
     registry = AdapterRegistry(cfg.finetune.registry_dir)
     current = registry.current()
     learned: set[DocKey] = set()
     if current is not None:
         learned = {(f.doc_id, f.version) for f in read_facts(registry.adapter_dir(current.version) / FACTS_FILE)}
-    selected = select_documents(cfg.finetune, cfg.store.path)
+    selected = select_documents(cfg.finetune, cfg.store)
     return frozenset((d.doc_id, d.version) for d in selected.docs) - learned
 
 

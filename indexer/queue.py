@@ -23,6 +23,7 @@ class Pending:
     acked_at: float
     chunks: int = 0
     recovered: bool = False  # enqueued by start(), not by a client
+    foreign: bool = False  # acknowledged by another replica sharing the store (see follower.py)
     attempts: int = 0
 
 

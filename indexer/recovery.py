@@ -16,7 +16,7 @@ from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.embedder import Embedder
 from kfresh.indexer.snapshot import load_snapshot
 from kfresh.indexer.state import IndexState
-from kfresh.indexer.store import Store
+from kfresh.indexer.stores import DocumentStore
 from kfresh.indexer.vectors import VectorIndex, create_index
 
 log = logging.getLogger("kfresh.indexer")
@@ -30,7 +30,7 @@ class Recovered:
     rebuilt: bool
 
 
-def recover_index(store: Store, cfg: IndexConfig, embedder: Embedder) -> Recovered:
+def recover_index(store: DocumentStore, cfg: IndexConfig, embedder: Embedder) -> Recovered:
     reset = store.ensure_embedder(embedder.name, embedder.dim)
     snap = None if reset else load_snapshot(cfg.snapshot_dir, cfg, dim=embedder.dim, embedder=embedder.name)
     if snap is not None and snap.applied_seq > store.max_seq():
@@ -47,7 +47,7 @@ def recover_index(store: Store, cfg: IndexConfig, embedder: Embedder) -> Recover
     return Recovered(IndexState(index=index, docmap=docmap), rebuilt=snap is None)
 
 
-def rebuild(store: Store, cfg: IndexConfig, dim: int) -> tuple[VectorIndex, DocMap]:
+def rebuild(store: DocumentStore, cfg: IndexConfig, dim: int) -> tuple[VectorIndex, DocMap]:
     """A fresh index holding every stored embedding of every live document's current version."""
     started = time.perf_counter()
     index = create_index(cfg, dim)
@@ -67,7 +67,7 @@ def rebuild(store: Store, cfg: IndexConfig, dim: int) -> tuple[VectorIndex, DocM
     return index, docmap
 
 
-def replay(store: Store, index: VectorIndex, docmap: DocMap, applied_seq: int) -> None:
+def replay(store: DocumentStore, index: VectorIndex, docmap: DocMap, applied_seq: int) -> None:
     """Apply every change after the snapshot: each touched document is set to its current stored state."""
     docs = store.docs_changed_since(applied_seq)
     if not docs:

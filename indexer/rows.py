@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +103,20 @@ class ChunkHitRow:
 
 
 @dataclass(frozen=True)
+class DocRecord:
+    """A document's current row as the finetuner's selection reads it (deleted ones included)."""
+
+    doc_id: str
+    version: int
+    source: str
+    valid_from: float
+    acked_at: float
+    supersedes: tuple[str, ...]
+    text: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
 class Applied:
     """What the worker made searchable: written back in one transaction per micro-batch."""
 
@@ -125,3 +141,36 @@ def content_hash(doc: DocumentIn) -> str:
 
 def vec_from_blob(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+
+def vec_to_blob(vec: np.ndarray) -> bytes:
+    """float32 bytes, the one on-disk form of an embedding in every backend."""
+    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+def hit_from_row(row: Sequence[Any]) -> ChunkHitRow:
+    """A ChunkHitRow from (chunk_id, doc_id, version, ordinal, text, source, valid_from, metadata, supersedes,
+    deleted, embedding): the column order of every backend's lookup query."""
+    return ChunkHitRow(
+        chunk_id=int(row[0]), doc_id=row[1], version=int(row[2]), ordinal=int(row[3]), text=row[4], source=row[5],
+        valid_from=float(row[6]), metadata=json.loads(row[7]), supersedes=tuple(json.loads(row[8])),
+        doc_deleted=bool(row[9]), embedding=vec_from_blob(row[10]),
+    )
+
+
+def embedded_batch(rows: Sequence[Sequence[Any]]) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """(doc_ids, versions, chunk_ids, vectors) from (doc_id, version, chunk_id, embedding) rows."""
+    return (
+        [r[0] for r in rows],
+        [int(r[1]) for r in rows],
+        np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows)),
+        np.stack([np.frombuffer(r[3], dtype=np.float32) for r in rows]),
+    )
+
+
+def doc_record(row: Sequence[Any]) -> DocRecord:
+    """A DocRecord from (doc_id, version, source, valid_from, acked_at, supersedes, text, deleted)."""
+    return DocRecord(
+        doc_id=row[0], version=int(row[1]), source=row[2], valid_from=float(row[3]), acked_at=float(row[4]),
+        supersedes=tuple(json.loads(row[5] or "[]")), text=row[6], deleted=bool(row[7]),
+    )

@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from kfresh.indexer.documents import Hit
+from kfresh.indexer.rows import ChunkHitRow
 from kfresh.indexer.state import IndexState
-from kfresh.indexer.store import ChunkHitRow, Store
+from kfresh.indexer.stores import DocumentStore
 
 # Filters and hidden deletes drop candidates, so ask the index for more than k and widen until enough.
 OVERSAMPLE = 4
@@ -16,7 +17,7 @@ MAX_CANDIDATES = 16_384
 
 def search_index(
     state: IndexState,
-    store: Store,
+    store: DocumentStore,
     query: np.ndarray,
     k: int,
     filters: dict[str, str] | None = None,
@@ -44,7 +45,7 @@ def search_index(
 
 def _resolve(
     state: IndexState,
-    store: Store,
+    store: DocumentStore,
     scores: np.ndarray,
     ids: np.ndarray,
     filters: dict[str, str] | None,

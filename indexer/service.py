@@ -8,7 +8,6 @@ never embedded, so a SIGKILL loses nothing that was acknowledged and re-embeds n
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 
@@ -20,13 +19,14 @@ from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats
 from kfresh.indexer.embedder import Embedder, create_embedder
+from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
 from kfresh.indexer.search import search_index
 from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
 from kfresh.indexer.state import IndexState, SeqTracker
-from kfresh.indexer.store import Store
+from kfresh.indexer.stores import DocumentStore, StoreError, open_store
 from kfresh.indexer.worker import Worker
 
 log = logging.getLogger("kfresh.indexer")
@@ -41,9 +41,10 @@ class Indexer:
         self._embedder_lock = threading.Lock()
         self._lifecycle = threading.Lock()
         self._started = False
-        self._store: Store | None = None
+        self._store: DocumentStore | None = None
         self._state: IndexState | None = None
         self._worker: Worker | None = None
+        self._follower: ChangeFollower | None = None
         self._snapshots: SnapshotWriter | None = None
         self._queue = WorkQueue(cfg.embedder.queue_size)
         self._tracker = SeqTracker(0)
@@ -68,15 +69,17 @@ class Indexer:
             started = time.perf_counter()
             embedder = self.embedder
             split("warm-up", self.cfg.store)  # imports the splitter now, not inside the first ack (~0.5 s)
-            store = Store(self.cfg.store.path)
+            store = open_store(self.cfg.store)
+            follow = follow_enabled(self.cfg)
             try:
+                start_seq = store.max_seq()  # recovery covers every change up to here; the follower the rest
                 recovered = recover_index(store, self.cfg.index, embedder)
             except BaseException:
                 store.close()
                 raise
             self._store, self._state = store, recovered.state
             self._queue = WorkQueue(self.cfg.embedder.queue_size)
-            self._tracker = SeqTracker(store.max_seq())
+            self._tracker = SeqTracker(start_seq if follow else store.max_seq(), follow=follow)
             for doc, chunks in store.unembedded():
                 self._tracker.register_recovered(doc.seq)
                 self._queue.put(
@@ -92,6 +95,12 @@ class Indexer:
                 self._worker.request_snapshot()
             requeued = len(self._queue)
             self._worker.start()
+            if follow:
+                self._follower = ChangeFollower(
+                    store=store, state=recovered.state, queue=self._queue, tracker=self._tracker,
+                    cfg=self.cfg.replication, after_seq=start_seq,
+                )
+                self._follower.start()
             self._started = True
             log.info(
                 "indexer.started vectors=%d requeued=%d rebuilt=%s ms=%.0f",
@@ -106,6 +115,9 @@ class Indexer:
                 return
             self._started = False
             assert self._worker and self._snapshots and self._store
+            if self._follower is not None:
+                self._follower.stop(timeout_s=10)
+                self._follower = None
             stopped = self._worker.stop(timeout_s=60)
             try:
                 self._snapshots.close()
@@ -115,6 +127,9 @@ class Indexer:
                     log.error("indexer.worker_did_not_stop: no final snapshot; the next start replays the store")
             except Exception:
                 log.exception("indexer.final_snapshot_failed: the next start replays from the store")
+            if stopped and self._state is not None:
+                with self._state.lock.write():  # after searches in flight: a milvus index drops its connection
+                    self._state.index.close()
             self._store.close()
             log.info("indexer.closed")
 
@@ -127,14 +142,15 @@ class Indexer:
 
     @property
     def healthy(self) -> bool:
-        """Started and the background worker is running."""
-        return self._started and self._worker is not None and self._worker.alive
+        """Started and the background worker (and the change follower, when following) is running."""
+        following = self._follower is None or self._follower.alive
+        return self._started and self._worker is not None and self._worker.alive and following
 
     @property
     def worker_failures(self) -> int:
         return self._worker.failures if self._worker else 0
 
-    def _require_started(self) -> tuple[Store, IndexState]:
+    def _require_started(self) -> tuple[DocumentStore, IndexState]:
         if not self._started or self._store is None or self._state is None:
             raise Unavailable("the indexer is not started")
         return self._store, self._state
@@ -151,7 +167,7 @@ class Indexer:
                 ack = store.upsert(doc, chunks)
                 if ack.status == "stored":
                     self._tracker.register(ack.seq)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             self._queue.unreserve()
             log.exception("indexer.store_write_failed doc_id=%s", doc.id)
             raise _write_error(exc) from exc
@@ -176,7 +192,7 @@ class Indexer:
                 if ack.status == "deleted":
                     self._tracker.register(ack.seq)
                     state.hide(doc_id, ack.version)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             self._queue.unreserve()
             raise _write_error(exc) from exc
         except BaseException:
@@ -193,7 +209,7 @@ class Indexer:
         store, _ = self._require_started()
         try:
             return store.record_citations(pairs)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             raise Unavailable(f"the document store could not record citations: {exc}") from exc
 
     def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
@@ -235,7 +251,7 @@ class Indexer:
         store, state = self._require_started()
         try:
             return search_index(state, store, q, k, filters or None, with_vectors=with_vectors)
-        except sqlite3.Error as exc:  # e.g. closed underneath a late search during shutdown
+        except StoreError as exc:  # e.g. closed underneath a late search during shutdown
             raise Unavailable(f"the document store is unavailable: {exc}") from exc
 
     def wait_until_indexed(self, doc_id: str, version: int, timeout_s: float) -> bool:
@@ -267,8 +283,8 @@ class Indexer:
         )
 
 
-def _write_error(exc: sqlite3.Error) -> Overloaded | Unavailable:
+def _write_error(exc: StoreError) -> Overloaded | Unavailable:
     """A full disk is RESOURCE_EXHAUSTED (retry once space is freed); any other store failure UNAVAILABLE."""
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+    if exc.full:
         return StorageFull(f"disk full: the document store could not commit ({exc}); nothing was acknowledged")
     return Unavailable(f"the document store could not commit: {exc}")

@@ -110,6 +110,7 @@ def load_snapshot(folder: Path, cfg: IndexConfig, *, dim: int, embedder: str) ->
     if not path.exists():
         return None
     started = time.perf_counter()
+    index: VectorIndex | None = None
     try:
         header, index_bytes, map_bytes = read_snapshot(path)
         expected = {"kind": cfg.kind, "dim": dim, "embedder": embedder}
@@ -122,6 +123,8 @@ def load_snapshot(folder: Path, cfg: IndexConfig, *, dim: int, embedder: str) ->
             raise SnapshotError(f"index holds {index.ntotal} vectors but the map names {docmap.total_ids}")
     except (SnapshotError, ValueError, KeyError, RuntimeError, struct.error, UnicodeDecodeError) as exc:
         log.warning("snapshot.unusable path=%s reason=%s: rebuilding from stored embeddings", path, exc)
+        if index is not None:
+            index.close()  # a milvus index holds a connection
         return None
     log.info(
         "snapshot.loaded path=%s applied_seq=%d vectors=%d ms=%.1f",

@@ -53,21 +53,42 @@ class SeqTracker:
 
     `lock` is held around each store commit and its registration, so at any instant every committed seq is
     either registered pending or applied. The watermark (every seq <= it is in the index) is then exact.
+
+    With `follow` (replicas sharing one store), other replicas commit seqs too. The change follower claims
+    them in log order; the watermark never passes the follower's horizon (the last seq it has read), so a
+    snapshot never claims a foreign change it has not applied. Own seqs are remembered until the follower
+    passes them, so it does not queue them a second time.
     """
 
-    def __init__(self, last_committed: int) -> None:
+    def __init__(self, last_committed: int, *, follow: bool = False) -> None:
         self.lock = threading.Lock()
         self._last = last_committed
         self._pending: Counter[int] = Counter()
+        self._follow = follow
+        self._mine: set[int] = set()
+        self._horizon = last_committed
 
     def register(self, seq: int) -> None:
         """Call with `lock` held, right after the commit that produced `seq`."""
         self._pending[seq] += 1
         self._last = max(self._last, seq)
+        if self._follow:
+            self._mine.add(seq)
 
     def register_recovered(self, seq: int) -> None:
         with self.lock:
             self.register(seq)
+
+    def claim_foreign(self, seq: int) -> bool:
+        """The follower read `seq` from the log: True (and pending) if another replica committed it."""
+        with self.lock:
+            self._horizon = max(self._horizon, seq)
+            if seq in self._mine:
+                self._mine.discard(seq)
+                return False
+            self._pending[seq] += 1
+            self._last = max(self._last, seq)
+            return True
 
     def done(self, seqs: list[int]) -> None:
         with self.lock:
@@ -78,4 +99,5 @@ class SeqTracker:
 
     def watermark(self) -> int:
         with self.lock:
-            return min(self._pending) - 1 if self._pending else self._last
+            mark = min(self._pending) - 1 if self._pending else self._last
+            return min(mark, self._horizon) if self._follow else mark

@@ -18,9 +18,10 @@ from kfresh.config import KfreshConfig
 from kfresh.indexer.embedder import Embedder
 from kfresh.indexer.freshness import LagRing
 from kfresh.indexer.queue import Pending, WorkQueue
+from kfresh.indexer.rows import Applied
 from kfresh.indexer.snapshot import SnapshotData, SnapshotWriter
 from kfresh.indexer.state import IndexState, SeqTracker
-from kfresh.indexer.store import Applied, Store
+from kfresh.indexer.stores import DocumentStore
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -44,7 +45,7 @@ class Worker:
         self,
         *,
         cfg: KfreshConfig,
-        store: Store,
+        store: DocumentStore,
         state: IndexState,
         queue: WorkQueue,
         tracker: SeqTracker,
@@ -138,9 +139,12 @@ class Worker:
             )
             for p in plans
         ]
-        self.store.save_applied(applied)
+        # A foreign change's owner saves it; this replica writes only vectors it had to embed itself.
+        self.store.save_applied([a for p, a in zip(plans, applied) if not p.item.foreign or p.texts_to_embed])
         for p, a in zip(plans, applied):
-            if not p.item.recovered:  # a restart's downtime is not indexing lag
+            if p.item.foreign:
+                metrics.REPLICA_LAG.observe(max(a.lag_ms, 0.0) / 1000)
+            elif not p.item.recovered:  # a restart's downtime is not indexing lag
                 self.lags.record(a.lag_ms)
                 metrics.FRESHNESS_LAG.observe(a.lag_ms / 1000)
         self.applied_changes += len(batch)

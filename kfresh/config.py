@@ -34,19 +34,39 @@ class ModelsConfig(_Section):
 
 
 class StoreConfig(_Section):
-    """Durable document store (SQLite in WAL mode)."""
+    """Durable document store: embedded SQLite (WAL), or PostgreSQL shared by several replicas."""
 
-    path: Path = Field(DEFAULT_HOME / "kfresh.db", description="SQLite database file.")
+    kind: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: an embedded file (store.path); postgres: a PostgreSQL database (store.dsn)."
+    )
+    path: Path = Field(DEFAULT_HOME / "kfresh.db", description="SQLite database file (kind sqlite).")
+    dsn: SecretStr = Field(
+        SecretStr(""),
+        description="PostgreSQL libpq connection string or postgresql:// URL (kind postgres); it may hold a password, "
+        "so set it through KFRESH_STORE__DSN (e.g. from a Secret) rather than a flag.",
+    )
+    pool_size: int = Field(8, ge=1, le=256, description="PostgreSQL: most read connections of one process (searches run on many threads).")
     max_document_chars: int = Field(200_000, ge=1, description="Larger documents are rejected with INVALID_ARGUMENT.")
     chunk_chars: int = Field(800, ge=64, le=20_000, description="Target chunk size in characters.")
     chunk_overlap: int = Field(100, ge=0, le=5_000, description="Overlap between neighbouring chunks in characters.")
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_dsn(self) -> StoreConfig:
+        if self.kind == "postgres" and not self.dsn.get_secret_value().strip():
+            raise ValueError(
+                "store.kind is 'postgres' but store.dsn is empty: set KFRESH_STORE__DSN to a libpq connection string "
+                "or postgresql:// URL"
+            )
+        return self
 
 
 class IndexConfig(_Section):
     """Vector index and its snapshots."""
 
-    kind: Literal["flat", "ivf", "gpu"] = Field(
-        "flat", description="flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat; gpu: FAISS GPU flat with tombstones."
+    kind: Literal["flat", "ivf", "gpu", "milvus"] = Field(
+        "flat",
+        description="flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat; gpu: FAISS GPU flat with tombstones; "
+        "milvus: a Milvus collection (milvus-lite file or server, see milvus_uri).",
     )
     snapshot_dir: Path = Field(DEFAULT_HOME / "index", description="Folder for atomic index snapshots.")
     snapshot_every_changes: int = Field(5_000, ge=1, description="Write a snapshot after this many applied changes.")
@@ -54,6 +74,55 @@ class IndexConfig(_Section):
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
     ivf_train_min: int = Field(20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that.")
     compact_ratio: float = Field(0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors.")
+    milvus_uri: str = Field(
+        str(DEFAULT_HOME / "milvus.db"),
+        description="milvus kind: a local path ending in .db (embedded milvus-lite, one process per file) or "
+        "http(s)://host:19530 (a Milvus server or cluster; same code).",
+    )
+    milvus_collection: str = Field(
+        "kfresh_chunks", min_length=1, max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="milvus kind: collection name; replicas that share it share the vectors (never dropped by kfresh).",
+    )
+    milvus_token: SecretStr = Field(SecretStr(""), description="milvus kind: 'user:password' or API key of a secured Milvus.")
+    milvus_index_type: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = Field(
+        "FLAT", description="milvus kind: FLAT is exact; IVF_FLAT and HNSW are approximate (milvus-lite supports all four)."
+    )
+    milvus_nlist: int = Field(1024, ge=1, le=65_536, description="milvus kind, IVF_FLAT: lists built per segment.")
+    milvus_nprobe: int = Field(32, ge=1, le=65_536, description="milvus kind, IVF_FLAT: lists probed per query.")
+    milvus_hnsw_m: int = Field(16, ge=2, le=2048, description="milvus kind, HNSW: graph degree (M).")
+    milvus_hnsw_ef: int = Field(64, ge=1, le=32_768, description="milvus kind, HNSW: search breadth (ef); raised to k when smaller.")
+    milvus_flush_rows: int = Field(
+        1024, ge=0,
+        description="milvus kind, milvus-lite only: seal written rows into an indexed segment after this many (its unsealed "
+        "rows are scanned row by row on every search); 0 = never. A Milvus server seals segments itself.",
+    )
+    milvus_timeout_s: float = Field(30.0, gt=0, le=3600, description="milvus kind: timeout of each Milvus call.")
+
+    @model_validator(mode="after")
+    def _milvus_uri_is_a_file_or_url(self) -> IndexConfig:
+        uri = self.milvus_uri
+        scheme, sep, _ = uri.partition("://")
+        if not (uri.endswith(".db") or (sep and scheme in ("http", "https", "tcp"))):
+            raise ValueError(f"index.milvus_uri must be a local path ending in .db or http(s)://host:port, got {uri!r}")
+        return self
+
+
+class ReplicationConfig(_Section):
+    """Several kfresh replicas over one shared store: each tails the store's change log into its own index."""
+
+    follow: Literal["auto", "on", "off"] = Field(
+        "auto", description="Apply changes other replicas acknowledged: auto = when the store is PostgreSQL (shared)."
+    )
+    poll_s: float = Field(
+        0.5, gt=0, le=60,
+        description="Longest wait for a change before re-reading the log (PostgreSQL wakes the follower at once "
+        "through LISTEN/NOTIFY; SQLite shared by processes on one machine is polled every 20 ms within it).",
+    )
+    takeover_s: float = Field(
+        2.0, ge=0,
+        description="A foreign change still unembedded after this long is embedded here (its replica may have "
+        "died); before that the follower waits for its owner's embeddings, so each change is embedded once.",
+    )
 
 
 class EmbedderConfig(_Section):
@@ -250,6 +319,7 @@ class KfreshConfig(BaseSettings):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
@@ -280,6 +350,8 @@ class KfreshConfig(BaseSettings):
         data = self.model_dump()
         data["store"]["path"] = home / "kfresh.db"
         data["index"]["snapshot_dir"] = home / "index"
+        if "://" not in data["index"]["milvus_uri"]:  # a milvus-lite file moves with the data; a server stays
+            data["index"]["milvus_uri"] = str(home / "milvus.db")
         data["finetune"]["registry_dir"] = home / "adapters"
         data["finetune"]["work_dir"] = home / "distill"
         return KfreshConfig.model_validate(data)

@@ -25,6 +25,11 @@ DOCUMENTS_ACKED = Counter("kfresh_documents_acked", "Durably acknowledged ingest
 FRESHNESS_LAG = Histogram(
     "kfresh_freshness_lag_seconds", "Acknowledgement -> searchable, per document version.", buckets=_FAST
 )
+REPLICA_LAG = Histogram(
+    "kfresh_replica_lag_seconds",
+    "Acknowledged by another replica sharing the store -> searchable on this one (includes clock skew).",
+    buckets=_FAST,
+)
 RPC_DURATION = Histogram("kfresh_rpc_duration_seconds", "Server-side RPC duration by method.", ["method"], buckets=_FAST)
 RPC_TOTAL = Counter("kfresh_rpcs", "Finished RPCs by method and gRPC status code.", ["method", "code"])
 RETRIEVE_DURATION = Histogram("kfresh_retrieve_seconds", "Embedding + vector search time of one retrieval.", buckets=_FAST)

@@ -109,10 +109,7 @@ async def _load_model(
 ) -> None:
     """Start the backend (unless a shared one is already up), serve the registry's adapter, then SERVING."""
     if not backend.ready:
-        try:
-            await backend.start()
-        except Exception:
-            log.exception("generation backend failed to start; Answer is UNAVAILABLE until a health probe finds it up")
+        if not await _start_backend(backend):
             return
         log.info("model_ready backend=%s model=%s", backend.name, backend.model)
     if adapters is not None:
@@ -123,6 +120,23 @@ async def _load_model(
             log.exception("adapter_sync_failed; serving the base model")
         adapters.start_watcher()
     await health_servicer.set("", SERVING)
+
+
+async def _start_backend(backend: GenerationBackend) -> bool:
+    """True once started. A remote server that is not up yet is retried with backoff (it may simply start
+    after kfresh); a failed in-process engine is final. Answer is UNAVAILABLE meanwhile."""
+    delay = 1.0
+    while not backend.ready:
+        try:
+            await backend.start()
+        except Exception as exc:
+            if not backend.name.startswith("remote"):
+                log.exception("generation backend failed to start; Answer is UNAVAILABLE")
+                return False
+            log.warning("generation_backend_down backend=%s error=%s: retrying in %.0f s", backend.name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    return True
 
 
 def _adapter_manager(cfg: KfreshConfig, backend: GenerationBackend) -> AdapterManager | None:

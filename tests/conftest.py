@@ -102,6 +102,28 @@ def engine_loop() -> Iterator[EngineLoop]:
 
 
 @pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the session (tests/pg_helper.py); skips where PostgreSQL is not installed."""
+    from pg_helper import PgCluster, find_pg_bin
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin)")
+    cluster = PgCluster(bin_dir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Any) -> str:
+    """The DSN of a new, empty database on the session's PostgreSQL server."""
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(scope="session")
 def vllm_backend(engine_loop: EngineLoop, generator_path: str) -> Iterator[Any]:
     """One started in-process engine for the session: float32 (batch-invariant text), LoRA slots reserved."""
     from kfresh.server.generation.vllm_engine import VllmEngineBackend

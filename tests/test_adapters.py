@@ -204,9 +204,9 @@ def test_rollback_with_nothing_served_is_invalid(tmp_path: Path) -> None:
 
 
 def test_citations_are_recorded(tmp_path: Path) -> None:
-    from kfresh.indexer.store import Store
+    from kfresh.indexer.stores.sqlite import SqliteStore
 
-    store = Store(tmp_path / "kfresh.db")
+    store = SqliteStore(tmp_path / "kfresh.db")
     try:
         assert store.record_citations([("a", 1), ("b", 2), ("a", 1)], now=100.0) == 3
         store.record_citations([("a", 2)], now=200.0)

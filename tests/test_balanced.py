@@ -3,6 +3,7 @@ mid-request, refuse an adapter or come back late. The misbehaving replicas are h
 fakes for fault injection only; every answer a test checks comes from the real server."""
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -63,7 +64,36 @@ def adapter_dir(generator_path: str, tmp_path_factory: pytest.TempPathFactory) -
 def test_several_urls_make_a_balanced_backend() -> None:
     backend = create_backend(_config("http://a:8000, http://b:8000"))
     assert isinstance(backend, BalancedRemoteBackend) and [r.url for r in backend.replicas] == ["http://a:8000", "http://b:8000"]
-    assert isinstance(create_backend(_config("http://a:8000")), OpenAIRemoteBackend)
+    single = create_backend(_config("http://a:8000"))  # one server: the balancer reloads adapters after its restart
+    assert isinstance(single, BalancedRemoteBackend) and [r.url for r in single.replicas] == ["http://a:8000"]
+
+
+def test_a_restarted_server_gets_the_adapters_back_before_traffic(engine_loop: Any) -> None:
+    """vLLM forgets runtime-loaded LoRAs when it restarts; kfresh must load them again before routing."""
+    server = {"up": True, "adapters": set()}
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if not server["up"]:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/v1/load_lora_adapter":
+            server["adapters"].add(json.loads(request.content)["lora_name"])
+        return httpx.Response(200)
+
+    calls: list[str] = []
+    backend = balanced((mock_replica("one", vllm, calls), "mock://one"))
+
+    async def scenario() -> None:
+        await backend.start()
+        await backend.load_adapter("kfresh-v0001", "/adapters/v0001")
+        server.update(up=False, adapters=set())  # the vLLM server dies and restarts empty
+        await backend.refresh()
+        assert not backend.ready
+        server["up"] = True
+        await backend.refresh()
+        await backend.shutdown()
+
+    engine_loop.run(scenario(), timeout=30)
+    assert server["adapters"] == {"kfresh-v0001"} and calls.count("/v1/load_lora_adapter") == 2
 
 
 def _config(url: str) -> Any:

@@ -60,6 +60,26 @@ def test_index_suites_quick(suite, tmp_path):
         assert all(0.0 <= s["systems"]["server"]["recall"] <= 1.0 for s in sizes)
 
 
+def test_backends_quick_runs_faiss_and_milvus_on_the_same_vectors(tmp_path):
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -r requirements.txt)")
+    from kfresh.benchmarks.backends import BACKENDS
+
+    data = assert_well_formed(run_suite("backends", quick=True, out=tmp_path), "backends")
+    (size,) = data["raw"]["sizes"]
+    measured = {b["backend"]: b for b in size["backends"]}
+    assert list(measured) == list(BACKENDS)
+    assert measured["faiss-flat"]["recall"] == measured["milvus-flat"]["recall"] == 1.0  # both exact
+    assert all(max(b["searches"]) == 1 for b in measured.values())  # visible to the very next search
+    assert data["summary"][str(size["size"])]["milvus-flat_vs_faiss-flat_p50"] > 0
+
+
+def test_replicas_quick_measures_both_replicas(tmp_path, pg_dsn):
+    data = assert_well_formed(run_suite("replicas", quick=True, out=tmp_path, overrides={"dsn": pg_dsn}), "replicas")
+    assert len(data["raw"]["lag_a_ms"]) == len(data["raw"]["lag_b_ms"]) == 4
+    assert data["summary"]["probe_timeouts"] == 0 and "dsn" not in data["settings"]
+    assert data["summary"]["documents_seen_by_a_and_b"][0] == data["summary"]["documents_seen_by_a_and_b"][1]
+
+
 @pytest.mark.slow
 def test_answer_quick_both_backends(tmp_path, engine_loop, vllm_backend, remote_vllm_server):
     from server_helper import ServerHandle, server_config
@@ -101,6 +121,7 @@ def test_knowledge_quick(tmp_path):
     rows = data["raw"]["rows"]
     assert {r["kind"] for r in rows} == {"fact", "general"}
     assert all(r[s] is not None for r in rows for s in "abcd")
+    assert data["summary"]["a"]["corrected_n"] > 0, "the quick run must ask about corrected facts"
 
 
 def test_results_folder_has_only_complete_runs():

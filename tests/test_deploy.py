@@ -25,6 +25,7 @@ yaml = pytest.importorskip("yaml")
 
 from kfresh.cli import build_parser  # noqa: E402
 from kfresh.config import KfreshConfig  # noqa: E402
+from kfresh.indexer.follower import follow_enabled  # noqa: E402
 from kfresh.models import GENERATOR_NAME  # noqa: E402
 from kfresh.server.auth import parse_tokens, required_scope  # noqa: E402
 
@@ -35,6 +36,8 @@ COMPOSE = DEPLOY / "compose" / "compose.yaml"
 DOCKERFILES = {"cpu": DEPLOY / "docker" / "Dockerfile.cpu", "cuda": DEPLOY / "docker" / "Dockerfile.cuda"}
 K8S_VERSION = "1.37.0"
 HEALTH_SERVICE = "kfresh.v1.Kfresh"
+# Settings that hold a password or a key: from a Secret (k8s) or an env_file under secrets/ (compose), never inline.
+SECRET_ENV = ("KFRESH_STORE__DSN", "KFRESH_INDEX__MILVUS_TOKEN", "KFRESH_SERVER__AUTH_TOKENS", "KFRESH_CLIENT__TOKEN")
 # Read by kfresh directly, not config fields: the data folder, the TOML file, the client address.
 PLAIN_ENV = ("KFRESH_HOME", "KFRESH_CONFIG", "KFRESH_ADDR")
 
@@ -84,6 +87,13 @@ def check_kfresh_command(argv: list[str]) -> None:
 def flag(argv: list[str], name: str) -> str:
     assert name in argv, f"{name} missing from {argv}"
     return argv[argv.index(name) + 1]
+
+
+def image_path(path: Path) -> str:
+    """A config path as the container sees it: the defaults are relative to KFRESH_HOME (.kfresh here)."""
+    if not path.is_absolute() and path.parts[:1] == (".kfresh",):
+        return str(Path(dockerfile_env(DOCKERFILES["cpu"])["KFRESH_HOME"]).joinpath(*path.parts[1:]))
+    return str(path)
 
 
 def deploy_text_files() -> Iterator[Path]:
@@ -137,8 +147,21 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
         "resources": [os.path.relpath(K8S / "overlays" / "gpu", gpu_lora)],
         "components": [os.path.relpath(K8S / "components" / "lora", gpu_lora)],
     }))  # fmt: skip
-    dirs = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "gpu+lora": gpu_lora}
+    # The scale-out overlay with the shared Milvus too, as its kustomization.yaml tells users to do.
+    scale_milvus = tmp_path_factory.mktemp("scale-out-milvus")
+    (scale_milvus / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "scale-out", scale_milvus)],
+        "components": [os.path.relpath(K8S / "components" / "milvus", scale_milvus)],
+    }))  # fmt: skip
+    dirs = {
+        "base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu", "gpu+lora": gpu_lora,
+        "scale-out": K8S / "overlays" / "scale-out", "scale-out+milvus": scale_milvus,
+    }  # fmt: skip
     return {name: render(path) for name, path in dirs.items()}
+
+
+VARIANTS = ["base", "cpu", "gpu", "gpu+lora", "scale-out", "scale-out+milvus"]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
@@ -159,16 +182,26 @@ def workloads(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict
 
 
 def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The environment the container starts with: its ConfigMaps, then its own entries (values and Secret keys)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         cm = find(docs, "ConfigMap", source["configMapRef"]["name"])
         assert cm is not None, source
         env.update(cm["data"])
-    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+            continue
+        ref = entry["valueFrom"]["secretKeyRef"]
+        secret = find(docs, "Secret", ref["name"])
+        data = (secret or {}).get("stringData", {})
+        assert ref["key"] in data or ref.get("optional"), f"{entry['name']}: no key {ref['key']!r} in Secret {ref['name']}"
+        if ref["key"] in data:
+            env[entry["name"]] = data[ref["key"]]
     return env
 
 
-@pytest.mark.parametrize("variant", ["base", "cpu", "gpu", "gpu+lora"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_manifests_validate_against_the_kubernetes_schemas(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
     kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed (requirements.txt pins it)")
     kinds = {d["kind"] for d in rendered[variant]}
@@ -185,7 +218,7 @@ def test_the_schema_validation_catches_a_bad_manifest(rendered: dict[str, list[d
         kv.validate(bad, K8S_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("variant", ["base", "cpu", "gpu", "gpu+lora"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_manifests_agree_with_the_code(
     rendered: dict[str, list[dict[str, Any]]], variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,11 +226,19 @@ def test_manifests_agree_with_the_code(
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     server = find(docs, "Deployment", "kfresh")
     assert server is not None
-    # Embedded SQLite + FAISS on a ReadWriteOnce volume: one replica, never two at once, no autoscaler.
-    assert server["spec"]["replicas"] == 1 and server["spec"]["strategy"]["type"] == "Recreate"
+    server_cfg = config_from_env(container_env(docs, pod_spec(server)["containers"][0]), monkeypatch)
+    assert server_cfg.store.kind == ("postgres" if variant.startswith("scale-out") else "sqlite")
+    assert (server_cfg.index.kind == "milvus") == variant.endswith("+milvus")
     scaled = {d["spec"]["scaleTargetRef"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
-    assert scaled <= {"vllm"}, scaled
+    if server_cfg.store.kind == "sqlite":
+        # Embedded SQLite + FAISS on a ReadWriteOnce volume: one replica, never two at once, no autoscaler.
+        assert server["spec"]["replicas"] == 1 and server["spec"]["strategy"]["type"] == "Recreate"
+        assert scaled <= {"vllm"}, scaled
+    else:
+        check_scaled_out(docs, server, server_cfg)
     assert find(docs, "Deployment", "kfresh-consume")["spec"]["replicas"] == 1  # type: ignore[index]
+    for cm in (d for d in docs if d["kind"] == "ConfigMap"):
+        assert not set(cm["data"]) & set(SECRET_ENV), f"ConfigMap {cm['metadata']['name']} holds a secret"
 
     for doc, container in workloads(docs):
         env = container_env(docs, container)
@@ -235,10 +276,60 @@ def check_server_container(
     assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > cfg.server.grace_s
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod_spec(doc)["volumes"]}
-    assert claims[mounts["/var/lib/kfresh"]] == "kfresh-data"  # KFRESH_HOME in the images
     pvc = find(docs, "PersistentVolumeClaim", "kfresh-data")
-    assert pvc is not None and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    if cfg.store.kind == "sqlite":
+        assert claims[mounts["/var/lib/kfresh"]] == "kfresh-data"  # KFRESH_HOME in the images
+        assert pvc is not None and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    else:  # replicas: KFRESH_HOME per pod, and no ReadWriteOnce claim that only one node could mount
+        assert claims[mounts["/var/lib/kfresh"]] is None and pvc is None
     assert ("nvidia.com/gpu" in json.dumps(docs)) == variant.startswith("gpu")
+
+
+def volume_at(doc: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume that holds `path` in the container (the deepest mount above it)."""
+    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{path} is on no volume (the container's own layer)"
+    name = max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+    return next(v for v in pod_spec(doc)["volumes"] if v["name"] == name)
+
+
+def check_scaled_out(docs: list[dict[str, Any]], server: dict[str, Any], cfg: KfreshConfig) -> None:
+    """Several kfresh replicas over PostgreSQL: the DSN from a Secret, following on, an HPA and a PDB, the
+    per-replica index state on an emptyDir and the adapter registry on a ReadWriteMany claim."""
+    container = pod_spec(server)["containers"][0]
+    assert cfg.store.kind == "postgres" and follow_enabled(cfg)
+    entries = {e["name"]: e for e in container.get("env", [])}
+    for name in SECRET_ENV:
+        if name in entries:
+            assert "secretKeyRef" in entries[name].get("valueFrom", {}), f"{name} must come from a Secret"
+    assert "secretKeyRef" in entries["KFRESH_STORE__DSN"].get("valueFrom", {})
+    dsn = urlparse(cfg.store.dsn.get_secret_value())
+    assert dsn.scheme in ("postgresql", "postgres") and dsn.hostname == "postgres" and dsn.path == "/kfresh"
+    assert "CHANGE-ME" in (dsn.password or ""), "deploy/ must hold placeholder passwords only"
+    if cfg.index.kind == "milvus":
+        uri = urlparse(cfg.index.milvus_uri)
+        assert (uri.scheme, uri.hostname, uri.port) == ("http", "milvus", 19530)
+    else:
+        assert cfg.index.kind in ("flat", "ivf")
+
+    replicas = server["spec"]["replicas"]
+    assert replicas >= 2 and server["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert server["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    hpas = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and d["spec"]["scaleTargetRef"]["name"] == "kfresh"]
+    assert len(hpas) == 1 and hpas[0]["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    assert 2 <= hpas[0]["spec"]["minReplicas"] <= replicas <= hpas[0]["spec"]["maxReplicas"]
+    pod_labels = server["spec"]["template"]["metadata"]["labels"]
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"
+            and d["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()]  # fmt: skip
+    assert len(pdbs) == 1 and pdbs[0]["metadata"]["name"] == "kfresh"
+    assert pdbs[0]["spec"].get("maxUnavailable", 0) < replicas or pdbs[0]["spec"]["minAvailable"] < replicas
+
+    # Per replica: index snapshots and distill scratch. Shared: the adapter registry (with LoRA on).
+    for path in (cfg.index.snapshot_dir, cfg.finetune.work_dir):
+        assert "emptyDir" in volume_at(server, container, image_path(path)), path
+    if cfg.generation.enable_lora:
+        claim = volume_at(server, container, image_path(cfg.finetune.registry_dir))["persistentVolumeClaim"]["claimName"]
+        assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]  # type: ignore[index]
 
 
 def mounted_secret_key(docs: list[dict[str, Any]], doc: dict[str, Any], container: dict[str, Any], path: str) -> str | None:
@@ -342,10 +433,35 @@ def test_compose_file_validates_against_the_compose_spec(compose: dict[str, Any]
     assert list(validator.iter_errors(broken)), "the schema check must catch a bad service"
 
 
+def compose_env(svc: dict[str, Any]) -> dict[str, str]:
+    """What compose puts in the container: the env_file(s), then `environment` (which wins)."""
+    env: dict[str, str] = {}
+    files = svc.get("env_file", [])
+    for entry in [files] if isinstance(files, str) else files:
+        path = COMPOSE.parent / (entry if isinstance(entry, str) else entry["path"])
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, sep, value = line.partition("=")
+                assert sep, f"{path}: {line!r}"
+                env[key.strip()] = value
+    env.update({k: str(v) for k, v in svc.get("environment", {}).items()})
+    return env
+
+
+def compose_servers(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services.items() if svc.get("command", [])[:2] == ["kfresh", "serve"]}
+
+
 def test_compose_agrees_with_the_code(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     here = COMPOSE.parent
     services = compose["services"]
-    assert {"kfresh", "vllm", "consume", "nats", "prometheus"} <= set(services)
+    servers = compose_servers(services)
+    assert len(servers) >= 2 and {"vllm", "consume", "nats", "prometheus", "postgres", "milvus"} <= set(services)
+    image_env = dockerfile_env(DOCKERFILES["cpu"])
+    cfgs = {name: config_from_env({**image_env, **compose_env(svc)}, monkeypatch) for name, svc in servers.items()}
+    # The name clients dial: a network alias every replica answers to.
+    addressed = {name for name, svc in servers.items() if "kfresh" in svc.get("networks", {}).get("default", {}).get("aliases", [])}
+    assert addressed == set(servers), "every replica must answer to the alias `kfresh`"
     for name, svc in services.items():
         if "build" in svc:
             assert (here / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
@@ -356,21 +472,18 @@ def test_compose_agrees_with_the_code(compose: dict[str, Any], monkeypatch: pyte
             check_kfresh_command(svc["command"])
             if "--addr" in svc["command"]:
                 host, _, port = flag(svc["command"], "--addr").rpartition(":")
-                assert host == "kfresh" and int(port) == config_from_env(services["kfresh"]["environment"], monkeypatch).server.port
-    server_env = services["kfresh"]["environment"]
-    image_env = dockerfile_env(DOCKERFILES["cpu"])
-    cfg = config_from_env({**image_env, **server_env}, monkeypatch)
-    assert cfg.server.auth_tokens_file is not None
-    published = {int(p.split(":")[-1]) for p in services["kfresh"]["ports"]}
-    assert published == {cfg.server.port, cfg.metrics.port}
+                assert host == "kfresh" and all(int(port) == cfg.server.port for cfg in cfgs.values())
+        for key in SECRET_ENV:  # passwords and tokens only through env_file / secrets, never inline
+            assert key not in svc.get("environment", {}), f"{name}: {key} inline"
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
-    assert urlparse(cfg.generation.remote_url).hostname == "vllm"
-    vllm_flags_agree(services["vllm"]["command"], cfg)
-    if cfg.generation.enable_lora:
-        registry = str(Path(image_env["KFRESH_HOME"]) / "adapters")
-        mounts = {svc: [v for v in services[svc]["volumes"] if v.split(":")[1] == registry] for svc in ("kfresh", "vllm")}
-        assert mounts["kfresh"] and mounts["vllm"] and mounts["kfresh"][0].split(":")[0] == mounts["vllm"][0].split(":")[0]
-        assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    host_ports = [p.split(":")[1] for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), host_ports
+    for name, cfg in cfgs.items():
+        assert cfg.server.auth_tokens_file is not None
+        assert {int(p.split(":")[-1]) for p in servers[name]["ports"]} == {cfg.server.port, cfg.metrics.port}
+        assert urlparse(cfg.generation.remote_url).hostname == "vllm"
+        vllm_flags_agree(services["vllm"]["command"], cfg)
+    check_compose_replicas(compose, servers, cfgs, image_env)
     secret_files = {k: (here / v["file"]).read_text() for k, v in compose["secrets"].items()}
     token_file = {s: services[s]["environment"]["KFRESH_CLIENT__TOKEN_FILE"] for s in ("consume", "distill")}
     assert token_file == {"consume": "/run/secrets/kfresh_ingest_token", "distill": "/run/secrets/kfresh_admin_token"}
@@ -380,7 +493,45 @@ def test_compose_agrees_with_the_code(compose: dict[str, Any], monkeypatch: pyte
     })  # fmt: skip
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert f"kfresh:{cfg.metrics.port}" in targets
+    assert {f"{name}:{cfg.metrics.port}" for name, cfg in cfgs.items()} <= targets
+
+
+def check_compose_replicas(
+    compose: dict[str, Any], servers: dict[str, dict[str, Any]], cfgs: dict[str, KfreshConfig], image_env: dict[str, str]
+) -> None:
+    """The replicas share one PostgreSQL store, one Milvus collection and the adapter registry (with LoRA),
+    and each has its own KFRESH_HOME; the DSN matches the postgres service and its password secret."""
+    services, here = compose["services"], COMPOSE.parent
+    dsns = {cfg.store.dsn.get_secret_value() for cfg in cfgs.values()}
+    uris = {(cfg.index.milvus_uri, cfg.index.milvus_collection) for cfg in cfgs.values()}
+    assert len(dsns) == 1 and len(uris) == 1, (len(dsns), uris)
+    for name, cfg in cfgs.items():
+        assert cfg.store.kind == "postgres" and follow_enabled(cfg) and cfg.index.kind == "milvus", name
+        needs = {dep for dep, cond in servers[name]["depends_on"].items() if cond["condition"] == "service_healthy"}
+        assert {"postgres", "milvus", "vllm"} <= needs, name
+    dsn = urlparse(dsns.pop())
+    postgres = services[dsn.hostname or ""]
+    assert postgres["image"].startswith("postgres:") and (dsn.port or 5432) == 5432
+    pg_env = postgres["environment"]
+    assert (dsn.username, dsn.path) == (pg_env["POSTGRES_USER"], "/" + pg_env["POSTGRES_DB"])
+    secret = pg_env["POSTGRES_PASSWORD_FILE"].removeprefix("/run/secrets/")
+    assert secret in postgres["secrets"]
+    password = (here / compose["secrets"][secret]["file"]).read_text().strip()
+    assert dsn.password == password and "CHANGE-ME" in password
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    uri = urlparse(uris.pop()[0])
+    milvus = services[uri.hostname or ""]
+    assert uri.scheme == "http" and uri.port == 19530 and milvus["image"].startswith("milvusdb/milvus:")
+    assert milvus["command"] == ["milvus", "run", "standalone"] and "healthcheck" in milvus
+    home = image_env["KFRESH_HOME"]
+    homes = [next(v.split(":")[0] for v in svc["volumes"] if v.split(":")[1] == home) for svc in servers.values()]
+    assert len(set(homes)) == len(homes), f"each replica needs its own {home} volume: {homes}"
+    if any(cfg.generation.enable_lora for cfg in cfgs.values()):
+        registry = str(Path(home) / "adapters")
+        assert all(image_path(cfg.finetune.registry_dir) == registry for cfg in cfgs.values())
+        mounts = {svc: [v.split(":")[0] for v in services[svc]["volumes"] if v.split(":")[1] == registry] for svc in [*servers, "vllm"]}
+        assert len({tuple(m) for m in mounts.values()}) == 1 and all(mounts.values()), mounts
+        assert services["vllm"]["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
 
 
 def test_prometheus_config_passes_promtool() -> None:

@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.store import Store
+from kfresh.indexer.stores import StoreError
+from kfresh.indexer.stores.sqlite import SqliteStore
 from kfresh.net import free_port
 from kfresh.v1 import kfresh_pb2 as pb
 from reliability_helper import (
@@ -52,16 +53,17 @@ class _FailingCommit:
 
 
 def test_failed_commit_rolls_back_and_later_writes_succeed(tmp_path: Path) -> None:
-    store = Store(tmp_path / "kfresh.db")
+    store = SqliteStore(tmp_path / "kfresh.db")
     store.upsert(DocumentIn("kept", "Acknowledged before the disk filled."), ["Acknowledged before the disk filled."])
     store._w = _FailingCommit(store._w)  # type: ignore[assignment]
-    with pytest.raises(sqlite3.OperationalError, match="full"):
+    with pytest.raises(StoreError, match="full") as err:
         store.upsert(DocumentIn("torn", "Never acknowledged."), ["Never acknowledged."])
+    assert err.value.full and isinstance(err.value.__cause__, sqlite3.OperationalError)
     assert not store._w.in_transaction  # else every later write fails ("transaction within a transaction")
     ack = store.upsert(DocumentIn("after", "Written once space returned."), ["Written once space returned."])
     assert ack.status == "stored"
     store.close()
-    reopened = Store(tmp_path / "kfresh.db")
+    reopened = SqliteStore(tmp_path / "kfresh.db")
     assert reopened.current("torn") is None  # nothing half-applied, even after a reopen
     assert reopened.current("kept") is not None and reopened.current("after") is not None
     reopened.close()
@@ -152,7 +154,7 @@ def _wait(cond: Any, timeout_s: float = 60) -> None:
 # -- SIGKILL rounds --------------------------------------------------------------------------------
 def test_the_kill_round_checker_catches_lost_stale_and_phantom_documents(tmp_path: Path) -> None:
     """The checker is not vacuous: a lost, a stale and a never-sent document in the store are all reported."""
-    store = Store(tmp_path / "kfresh.db")
+    store = SqliteStore(tmp_path / "kfresh.db")
     for doc_id in ("d000001", "d000009"):
         text = doc_text(doc_id, 0)
         store.upsert(DocumentIn(doc_id, text, metadata={"doc": doc_id}), [text])

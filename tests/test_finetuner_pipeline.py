@@ -17,11 +17,12 @@ from kfresh.config import KfreshConfig
 from kfresh.finetuner.distill import run_distill
 from kfresh.finetuner.facts import Fact, read_facts
 from kfresh.finetuner.registry import AdapterRegistry
-from kfresh.finetuner.selection import connect_read_only, select_documents
+from kfresh.finetuner.selection import select_documents
 from kfresh.finetuner.worker import run_distill_in_subprocess
 from kfresh.indexer.documents import DocumentIn
 from kfresh.indexer.service import Indexer
-from kfresh.indexer.store import Store
+from kfresh.indexer.stores import open_store
+from kfresh.indexer.stores.sqlite import connect_read_only
 
 T0 = 1_780_000_000.0  # valid_from of the first documents (2026-05-28)
 TRUSTED = ["council/*", "transit/*", "city/*"]
@@ -78,18 +79,18 @@ def store_home(tmp_path_factory, embedder_path, models_config) -> tuple[Path, fl
 def test_selection_reads_only_trusted_stable_current_documents(store_home, models_config):
     home, middle = store_home
     cfg = config(home, models_config)
-    everything = select_documents(cfg.finetune, cfg.store.path)
+    everything = select_documents(cfg.finetune, cfg.store)
     assert {d.doc_id for d in everything.docs} == {"quillon-mayor", "quillon-mayor-2", "orvik-tower", "night-train", "viaduct"}
     assert everything.skipped["rumour"].startswith("untrusted source")
     assert everything.skipped["tower-draft"] == "superseded by orvik-tower"
     assert "gone" in everything.deleted and "gone" not in everything.skipped
 
     window = time.time() - middle  # only documents acknowledged before `middle` are stable enough
-    stable = select_documents(cfg.finetune.model_copy(update={"stable_for_s": window}), cfg.store.path)
+    stable = select_documents(cfg.finetune.model_copy(update={"stable_for_s": window}), cfg.store)
     assert "viaduct" not in {d.doc_id for d in stable.docs} and "stable_for_s" in stable.skipped["viaduct"]
     assert "night-train" in {d.doc_id for d in stable.docs}
 
-    cited = select_documents(cfg.finetune.model_copy(update={"require_cited": True}), cfg.store.path)
+    cited = select_documents(cfg.finetune.model_copy(update={"require_cited": True}), cfg.store)
     assert cited.docs == [] and set(cited.skipped.values()) >= {"never cited by an answer"}
 
     conn = connect_read_only(cfg.store.path)
@@ -100,12 +101,12 @@ def test_selection_reads_only_trusted_stable_current_documents(store_home, model
 
 def test_cited_documents_only_when_required(tmp_path, models_config):
     cfg = config(tmp_path, models_config, require_cited=True)
-    store = Store(cfg.store.path)
+    store = open_store(cfg.store)
     store.upsert(DocumentIn("a", "The mayor of Quillon is Oren Pask.", source="council/a"), ["x"], now=T0)
     store.upsert(DocumentIn("b", "The Orvik Tower is 212 metres tall.", source="city/b"), ["x"], now=T0)
     store.record_citations([("a", 1)])
     store.close()
-    assert [d.doc_id for d in select_documents(cfg.finetune, cfg.store.path).docs] == ["a"]
+    assert [d.doc_id for d in select_documents(cfg.finetune, cfg.store).docs] == ["a"]
 
 
 @pytest.mark.slow
@@ -173,7 +174,7 @@ def test_plan_keeps_what_the_previous_adapter_knew_unless_its_document_changed(t
     from kfresh.finetuner.plan import plan_knowledge
 
     cfg = config(tmp_path, models_config)
-    store = Store(cfg.store.path)
+    store = open_store(cfg.store)
     for doc_id, text in (("tower", "The Orvik Tower is 212 metres tall."), ("train", "The night train departs from Platform 9."),
                          ("gone", "The Brask Lighthouse is 30 metres tall.")):  # fmt: skip
         store.upsert(DocumentIn(doc_id, text, source="city/x", valid_from=T0), ["x"], now=T0)

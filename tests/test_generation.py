@@ -280,8 +280,11 @@ def test_factory_builds_the_configured_backend(generator_path: str) -> None:
     from kfresh.server.generation.factory import create_backend
     from kfresh.server.generation.vllm_engine import VllmEngineBackend
 
+    from kfresh.server.generation.balanced import BalancedRemoteBackend
+
     remote = create_backend(KfreshConfig(generation=GenerationConfig(backend="remote", remote_url="http://127.0.0.1:9")))
-    assert isinstance(remote, OpenAIRemoteBackend) and not remote.ready
+    assert isinstance(remote, BalancedRemoteBackend) and not remote.ready  # one server, still health-watched
+    assert [type(r.backend) for r in remote.replicas] == [OpenAIRemoteBackend]
     local = create_backend(KfreshConfig(models=ModelsConfig(generator=generator_path)))
     assert isinstance(local, VllmEngineBackend) and local.model == generator_path and not local.ready
 

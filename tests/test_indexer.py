@@ -16,7 +16,7 @@ from kfresh.errors import InvalidInput, Overloaded
 from kfresh.indexer.documents import DocumentIn
 from kfresh.indexer.embedder import SentenceTransformerEmbedder
 from kfresh.indexer.service import Indexer
-from kfresh.indexer.store import Store
+from kfresh.indexer.stores import open_store
 
 from indexer_helper import CountingEmbedder, FailingEmbedder, GatedEmbedder, doc_text
 
@@ -216,7 +216,7 @@ def test_sigkill_while_ingesting_loses_no_acknowledged_document(tmp_path, embedd
             acked[doc_id] = int(version)
     assert child.returncode == -signal.SIGKILL and len(acked) >= 40
 
-    store = Store(config(tmp_path).store.path)
+    store = open_store(config(tmp_path).store)
     unembedded = {d.doc_id for d, _ in store.unembedded()}
     store.close()
     assert len(unembedded) < len(acked)  # the helper waited for doc-9: the kill found embedded docs too

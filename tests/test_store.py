@@ -1,23 +1,46 @@
-"""The durable store on a real SQLite file: versions, idempotence, deletes, the worker's write-back."""
+"""The durable store, the same tests on each backend: a real SQLite file and a real PostgreSQL server.
+
+Versions, idempotence, deletes, the worker's write-back, crash leftovers, waiting for a change.
+"""
 from __future__ import annotations
 
-import sqlite3
 import threading
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
+from kfresh.config import StoreConfig
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.store import Applied, Store
+from kfresh.indexer.stores import Applied, DocumentStore, StoreError, open_store
+from kfresh.indexer.stores.sqlite import SqliteStore
 
 DIM = 8
+Opener = Callable[..., DocumentStore]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_backend(request, tmp_path) -> Iterator[Opener]:
+    """Opens a store on one SQLite file / one PostgreSQL database; each call is another process's view of it."""
+    if request.param == "sqlite":
+        cfg = StoreConfig(path=tmp_path / "kfresh.db")
+    else:
+        cfg = StoreConfig(kind="postgres", dsn=request.getfixturevalue("pg_dsn"))
+    opened: list[DocumentStore] = []
+
+    def open_(**kwargs) -> DocumentStore:
+        opened.append(open_store(cfg, **kwargs))
+        return opened[-1]
+
+    yield open_
+    for s in opened:
+        s.close()
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "kfresh.db")
-    yield s
-    s.close()
+def store(open_backend: Opener) -> DocumentStore:
+    return open_backend()
 
 
 def vecs(n: int, seed: int = 0) -> np.ndarray:
@@ -25,7 +48,7 @@ def vecs(n: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def apply(store: Store, doc_id: str, *, at: float = 1.0) -> np.ndarray:
+def apply(store: DocumentStore, doc_id: str, *, at: float = 1.0) -> np.ndarray:
     """What the worker does after a swap: save vectors for the current version, drop older rows."""
     cur = store.current(doc_id)
     rows = store.chunks_for(doc_id, cur.version)
@@ -35,14 +58,21 @@ def apply(store: Store, doc_id: str, *, at: float = 1.0) -> np.ndarray:
     return ids
 
 
-def count(store: Store, table: str) -> int:
-    return store._r().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+def count(store: DocumentStore, table: str) -> int:
+    """Rows in `table`, read through the backend's own connection (a test-only peek)."""
+    if isinstance(store, SqliteStore):
+        return store._r().execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    return store._fetchall(f"SELECT COUNT(*) FROM {table}")[0][0]
 
 
 def test_durability_settings(store):
     w = store._w
-    assert w.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert w.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    if isinstance(store, SqliteStore):
+        assert w.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert w.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    else:  # COMMIT returns after the WAL flush, and the flush reaches the disk
+        assert w.execute("SHOW synchronous_commit").fetchone()[0] == "on"
+        assert w.execute("SHOW fsync").fetchone()[0] == "on"
 
 
 def test_upsert_versions_and_unchanged(store):
@@ -116,21 +146,17 @@ def test_iter_embedded_and_changes(store):
     assert sorted(d.doc_id for d, _ in store.unembedded()) == ["d3", "d4"]
 
 
-def test_reopen_cleans_stale_rows_and_keeps_acks(tmp_path):
-    path = tmp_path / "kfresh.db"
-    s = Store(path)
+def test_reopen_cleans_stale_rows_and_keeps_acks(open_backend):
+    s = open_backend()
     s.upsert(DocumentIn("a", "one"), ["one"])
     s.upsert(DocumentIn("a", "two"), ["two"])  # v1 rows wait for a worker that never comes (crash)
     s.upsert(DocumentIn("b", "bee"), ["bee"])
     s.delete("b")
     s._w.close()  # no clean close: what a crash leaves
-    s2 = Store(path)
-    try:
-        assert count(s2, "chunks") == 1 and s2.chunks_for("a", 2)[0].text == "two"
-        assert s2.current("a").version == 2 and s2.current("b").deleted
-        assert count(s2, "versions") == 1
-    finally:
-        s2.close()
+    s2 = open_backend()
+    assert count(s2, "chunks") == 1 and s2.chunks_for("a", 2)[0].text == "two"
+    assert s2.current("a").version == 2 and s2.current("b").deleted
+    assert count(s2, "versions") == 1
 
 
 def test_embedder_change_forgets_vectors(store):
@@ -170,9 +196,33 @@ def test_concurrent_writers_and_readers(store):
     assert store.max_seq() == 120
 
 
-def test_closed_store_refuses_reads(tmp_path):
-    s = Store(tmp_path / "x.db")
+def test_closed_store_refuses_reads_and_closes_twice(open_backend):
+    s = open_backend()
     s.counts()  # this thread has a reader connection now
     s.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(StoreError, match="closed"):
         s.current("a")
+    with pytest.raises(StoreError):
+        s.upsert(DocumentIn("a", "one"), ["one"])
+    s.close()  # idempotent
+
+
+def test_wait_for_change_wakes_at_another_writers_commit(open_backend):
+    waiter, writer = open_backend(), open_backend()  # e.g. two replicas, or two processes on one file
+    start = waiter.max_seq()
+    t0 = time.monotonic()
+    assert not waiter.wait_for_change(start, 0.2)
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+    woke: list[tuple[bool, float]] = []
+
+    def wait() -> None:
+        woke.append((waiter.wait_for_change(start, 10), time.monotonic()))
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)  # the waiter is asleep by now
+    ack = writer.upsert(DocumentIn("a", "one"), ["one"])
+    acked = time.monotonic()
+    thread.join(10)
+    assert woke and woke[0][0] and woke[0][1] - acked < 0.25, (woke, acked)  # not its 10 s timeout
+    assert waiter.wait_for_change(start, 0.0) and not waiter.wait_for_change(ack.seq, 0.05)

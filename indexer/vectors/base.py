@@ -85,5 +85,9 @@ class VectorIndex(ABC):
         if self.needs_maintenance():
             self.apply_maintenance(self.prepare_maintenance())
 
+    def close(self) -> None:
+        """Release outside resources (a Milvus connection); in-memory indexes have none."""
+        return None
+
     def _empty(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)

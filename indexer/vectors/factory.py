@@ -6,7 +6,8 @@ from kfresh.indexer.vectors.base import VectorIndex
 
 
 def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
-    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA."""
+    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA, 'milvus'
+    without pymilvus. A milvus index is empty only if its collection is new: it connects to what exists."""
     if cfg.kind == "flat":
         from kfresh.indexer.vectors.flat import FlatIndex
 
@@ -19,6 +20,10 @@ def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
         from kfresh.indexer.vectors.gpu import create_gpu_index
 
         return create_gpu_index(dim, compact_ratio=cfg.compact_ratio)
+    if cfg.kind == "milvus":
+        from kfresh.indexer.vectors.milvus import MilvusIndex
+
+        return MilvusIndex(dim, cfg)
     raise ValueError(f"unknown index kind {cfg.kind!r}")
 
 
@@ -32,6 +37,10 @@ def index_from_bytes(cfg: IndexConfig, dim: int, data: bytes | memoryview) -> Ve
         from kfresh.indexer.vectors.ivf import IvfIndex
 
         return IvfIndex.from_bytes(data, dim, nlist=cfg.ivf_nlist, nprobe=cfg.ivf_nprobe, train_min=cfg.ivf_train_min)
+    if cfg.kind == "milvus":
+        from kfresh.indexer.vectors.milvus import MilvusIndex
+
+        return MilvusIndex.from_bytes(data, dim, cfg)
     index = create_index(cfg, dim)
     index.load_bytes(data)  # type: ignore[attr-defined]
     return index

@@ -81,7 +81,7 @@ class BalancedRemoteBackend(GenerationBackend):
             self._health_task = None
         await asyncio.gather(*(r.backend.shutdown() for r in self.replicas), return_exceptions=True)
         for replica in self.replicas:
-            replica.routable = False
+            self._drop(replica)
 
     async def check_health(self) -> bool:
         await self.refresh()
@@ -94,8 +94,15 @@ class BalancedRemoteBackend(GenerationBackend):
             if healthy is True and not replica.routable:
                 await self._admit(replica)
             elif healthy is not True and replica.routable:
-                replica.routable = False
+                self._drop(replica)
                 log.warning("replica_down url=%s", replica.url)
+
+    @staticmethod
+    def _drop(replica: Replica) -> None:
+        """Out of the rotation. It may come back restarted, without its runtime-loaded adapters, so it is
+        admitted again only after reloading every one (in place: harmless when it still holds them)."""
+        replica.routable = False
+        replica.adapters.clear()
 
     async def _check(self, replica: Replica) -> bool:
         if not replica.backend.ready:  # never started, or marked failed: (re)start waits briefly for /health
@@ -148,7 +155,7 @@ class BalancedRemoteBackend(GenerationBackend):
                     yield chunk
                 return
             except Unavailable:
-                replica.routable = False  # the health watcher re-admits it when it recovers
+                self._drop(replica)  # the health watcher re-admits it when it recovers
                 log.warning("replica_failed url=%s request=%s started=%s", replica.url, request.request_id, started)
                 if started:
                     raise

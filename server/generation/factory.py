@@ -9,12 +9,12 @@ def create_backend(cfg: KfreshConfig) -> GenerationBackend:
     """An unstarted backend for `cfg.generation.backend`; the vllm one gets a provisioned local model."""
     gen = cfg.generation
     if gen.backend == "remote":
+        from kfresh.server.generation.balanced import BalancedRemoteBackend
         from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
+        # One URL goes through the balancer too: its health watcher reloads the served adapters into a
+        # vLLM server that restarted (runtime-loaded LoRAs do not survive a restart).
         urls = [u.strip() for u in gen.remote_url.split(",") if u.strip()]
-        if len(urls) == 1:
-            return OpenAIRemoteBackend(gen)
-        from kfresh.server.generation.balanced import BalancedRemoteBackend
 
         replicas = [OpenAIRemoteBackend(gen.model_copy(update={"remote_url": u}), start_timeout_s=2.0, poll_interval_s=0.25)
                     for u in urls]  # fmt: skip

@@ -1,0 +1,163 @@
+"""The document store seam: what the indexer, its worker and the finetuner need from durable storage.
+
+Every backend (SQLite in `sqlite.py`, PostgreSQL in `postgres.py`) has the same semantics: an Ack is
+returned only after the commit is durable; an identical re-send is "unchanged"; a delete is a new version;
+the change log's seq order is its commit order; chunk ids are int64 FAISS ids that are never reused.
+Failures leave every method as `StoreError`, so callers map them to gRPC codes without knowing the backend.
+"""
+from __future__ import annotations
+
+import abc
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from kfresh.indexer.documents import Ack, DocumentIn
+from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocRecord, DocState
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class StoreError(Exception):
+    """A store operation failed. `full`: out of space (SQLITE_FULL, SQLSTATE 53100); retry once space is freed."""
+
+    def __init__(self, message: str, *, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+def translate_errors(errors: type[BaseException] | tuple[type[BaseException], ...],
+                     is_full: Callable[[BaseException], bool]) -> Callable[[F], F]:  # fmt: skip
+    """Decorator factory: a backend's `errors` leave the decorated method (or generator) as StoreError."""
+
+    def wrap(fn: F) -> F:
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                try:
+                    yield from fn(*args, **kwargs)
+                except errors as exc:
+                    raise StoreError(_first_line(exc), full=is_full(exc)) from exc
+
+            return gen  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except errors as exc:
+                raise StoreError(_first_line(exc), full=is_full(exc)) from exc
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _first_line(exc: BaseException) -> str:
+    """The backend's message without PostgreSQL's DETAIL/CONTEXT lines (those stay on __cause__ for the log)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class DocumentStore(abc.ABC):
+    """Documents, chunks (with embeddings), an append-only change log and citations. Thread-safe.
+
+    `read_only` stores (the finetuner's view) refuse every write at the database level.
+    """
+
+    read_only: bool = False
+
+    # -- writes from clients -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def upsert(self, doc: DocumentIn, chunks: Sequence[str], *, now: float | None = None) -> Ack:
+        """Store a new version of `doc` with its chunks (status "stored"), or nothing ("unchanged")."""
+
+    @abc.abstractmethod
+    def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
+        """Mark `doc_id` deleted under a new version ("deleted"), or "not_found"."""
+
+    @abc.abstractmethod
+    def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
+        """Append one (doc_id, version) row per passage an answer showed the model; returns how many."""
+
+    @abc.abstractmethod
+    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
+        """How often each (doc_id, version) was shown to the model since `since` (unix seconds)."""
+
+    # -- the worker's side -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def current(self, doc_id: str) -> DocState | None:
+        """The acknowledged version of `doc_id` with its latest change seq, or None if never stored."""
+
+    @abc.abstractmethod
+    def chunks_for(self, doc_id: str, version: int) -> list[ChunkRow]:
+        """The chunk rows of one version, in order, with their embeddings where saved."""
+
+    @abc.abstractmethod
+    def save_applied(self, applied: Sequence[Applied]) -> None:
+        """Persist a micro-batch the worker made searchable: embeddings, indexed_at/lag, stale rows gone."""
+
+    @abc.abstractmethod
+    def cleanup_stale(self) -> int:
+        """Drop chunk rows of superseded or deleted versions; returns how many chunks went."""
+
+    @abc.abstractmethod
+    def ensure_embedder(self, name: str, dim: int) -> bool:
+        """Record the embedder; if a different one made the stored vectors, forget them. True if forgotten."""
+
+    # -- reads for search and recovery -------------------------------------------------------------
+    @abc.abstractmethod
+    def lookup(self, chunk_ids: Sequence[int], *, with_vectors: bool = False) -> dict[int, ChunkHitRow]:
+        """Resolve index ids to chunk rows with their version's attributes; unknown ids are absent."""
+
+    @abc.abstractmethod
+    def iter_embedded(self, *, batch: int = 8192) -> Iterator[tuple[list[str], list[int], np.ndarray, np.ndarray]]:
+        """Yield (doc_ids, versions, chunk_ids, vectors) of every live, embedded current-version chunk."""
+
+    @abc.abstractmethod
+    def docs_changed_since(self, seq: int) -> list[str]:
+        """Documents with a change after `seq`, ordered by their last change."""
+
+    @abc.abstractmethod
+    def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
+        """(seq, doc_id, version, op) of every change after `seq`, in seq (= commit) order."""
+
+    @abc.abstractmethod
+    def unembedded(self) -> list[tuple[DocState, int]]:
+        """Live documents whose current version still lacks embeddings, with their chunk counts."""
+
+    @abc.abstractmethod
+    def max_seq(self) -> int:
+        """The newest committed change seq (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def wait_for_change(self, after_seq: int, timeout_s: float) -> bool:
+        """True as soon as max_seq() > after_seq (a change committed, by any writer); False on timeout."""
+
+    @abc.abstractmethod
+    def counts(self) -> tuple[int, int, int]:
+        """(live documents, chunks of their current versions, deleted documents)."""
+
+    # -- the finetuner's read-only view ------------------------------------------------------------
+    @abc.abstractmethod
+    def documents(self) -> list[DocRecord]:
+        """Every document's current row, deleted ones too, ordered by (valid_from, doc_id)."""
+
+    @abc.abstractmethod
+    def cited_versions(self) -> set[tuple[str, int]]:
+        """(doc_id, version) pairs that answers have cited."""
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release every connection; idempotent. Later calls raise StoreError."""
+
+    def __enter__(self) -> DocumentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
