@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shlex
 import sys
 import textwrap
@@ -50,6 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test); figures are not measurements")
     p.add_argument("--addr", default=None, help="measure an already running server at host:port instead of starting one")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results, or a temp folder with --quick)")
+    p.add_argument("--tag", default="", help="suffix of the result files, e.g. 'ivf' -> <suite>-<date>-ivf.json (a variant run "
+                   "beside the default one)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override an option of the suite (not with 'all'), e.g. --set 'sizes=[10000]'")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each suite, wait up to SECONDS for the 1-minute load average to drop below --quiet-load; "
@@ -72,8 +75,10 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def run_suite(name: str, *, quick: bool = False, addr: str | None = None, out: Path | None = None,
-              overrides: dict[str, Any] | None = None, command: str = "") -> Any:  # fmt: skip
-    """Run one suite and write its files; returns report.Written."""
+              overrides: dict[str, Any] | None = None, command: str = "", tag: str = "") -> Any:  # fmt: skip
+    """Run one suite and write its files (named <suite>-<date>[-quick][-tag]); returns report.Written."""
+    import time
+
     from kfresh.benchmarks.report import write_result
 
     module = suite_module(name)
@@ -81,7 +86,8 @@ def run_suite(name: str, *, quick: bool = False, addr: str | None = None, out: P
     base = options_cls.quick() if quick else options_cls()
     opts = options_cls.model_validate({**base.model_dump(), **(overrides or {})})
     result = module.run(opts, addr=addr, quick=quick, command=command or f"kfresh bench {name}{' --quick' if quick else ''}")
-    return write_result(result, out or _default_out(quick), module.plot)
+    stem = f"{name}-{time.strftime('%Y-%m-%d')}{'-quick' if quick else ''}-{tag}" if tag else None
+    return write_result(result, out or _default_out(quick), module.plot, stem=stem)
 
 
 def wait_quiet(seconds: float, threshold: float) -> bool:
@@ -122,7 +128,9 @@ def main(args: argparse.Namespace) -> int:
         if args.wait_quiet and not wait_quiet(args.wait_quiet, args.quiet_load):
             print(f"kfresh bench {name}: skipped, the load average stayed above {args.quiet_load} for {args.wait_quiet:.0f} s", file=sys.stderr)
             continue
-        written = run_suite(name, quick=args.quick, addr=args.addr, out=args.out, overrides=overrides,
+        if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", args.tag):
+            raise SystemExit(f"--tag must be letters, digits, '.', '_' or '-' (at most 41), got {args.tag!r}")
+        written = run_suite(name, quick=args.quick, addr=args.addr, out=args.out, overrides=overrides, tag=args.tag,
                             command=command.replace(" all", f" {name}") if args.suite == "all" else command)  # fmt: skip
         print(written.markdown.read_text())
         print(f"wrote {written.json}, {written.markdown}" + (f", {written.png}" if written.png else ""), file=sys.stderr)

@@ -33,6 +33,9 @@ class FreshnessOptions(SuiteOptions):
     load_fraction: float = Field(0.5, gt=0, le=1, description="Background ingest rate as a share of the measured maximum.")
     burst_docs: int = Field(1000, ge=8, description="Documents in the maximum-rate burst.")
     k: int = Field(5, ge=1, description="k of the timed Retrieve calls.")
+    server: dict[str, Any] = Field(
+        default_factory=dict, description='Extra `kfresh serve` settings, e.g. {"index.kind": "ivf"} (ignored with --addr).'
+    )
 
     @classmethod
     def quick(cls) -> FreshnessOptions:
@@ -87,7 +90,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
     if not addr and opts.corpus_docs:
         store = cached_store("corpus", corpus.embeddings(opts.corpus_docs), corpus.text)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-fresh-")))
-    with kfresh_server(NO_GENERATION, addr=addr, home=home) as target:
+    with kfresh_server({**NO_GENERATION, **opts.server}, addr=addr, home=home) as target:
         with connect(target.addr) as client:
             stats = client.stats()
         n_docs = max(int(stats.documents), 1)
@@ -114,7 +117,8 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         with connect(target.addr) as client:
             server_lag = client.stats().freshness
     return _result(opts, addr, quick, command, env=env, n_docs=n_docs, max_rate=max_rate, load=load, lags=lags, polls=polls,
-                   idle=(idle_client, idle_server), loaded=(load_client, load_server), server_lag=server_lag)  # fmt: skip
+                   idle=(idle_client, idle_server), loaded=(load_client, load_server), server_lag=server_lag,
+                   index_kind=stats.index_kind)  # fmt: skip
 
 
 def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str, **m: Any) -> Result:
@@ -124,13 +128,13 @@ def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str,
     load = m["load"]
     timeouts = sum(1 for x in m["lags"] if x >= PROBE_TIMEOUT_S * 1000)
     result = Result(
-        suite="freshness", title=f"Freshness under a sustained ingest load ({m['n_docs']:,} documents)", command=command,
+        suite="freshness", title=f"Freshness under a sustained ingest load ({m['n_docs']:,} documents, {m['index_kind']} index)", command=command,
         quick=quick, settings=opts.model_dump(), env=m["env"],
         raw={"lag_ms": m["lags"], "polls": m["polls"], "retrieve_idle_client_ms": m["idle"][0], "retrieve_idle_server_ms": m["idle"][1],
              "retrieve_load_client_ms": m["loaded"][0], "retrieve_load_server_ms": m["loaded"][1]},
     )  # fmt: skip
     result.summary = {
-        "corpus_docs": m["n_docs"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
+        "corpus_docs": m["n_docs"], "index_kind": m["index_kind"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
         "load_target_docs_per_s": round(opts.load_fraction * m["max_rate"], 1), "load_achieved_docs_per_s": round(load.achieved_rate, 1),
         "lag_ms": {k: round(v, 1) for k, v in lag.items()}, "probe_timeouts": timeouts,
         "meets_target": lag["p95"] <= TARGET_P95_MS and lag["max"] <= TARGET_MAX_MS,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 
-from kfresh.benchmarks.knowledge import (
-    KnowledgeOptions,
+from kfresh.benchmarks.corrections import (
     correction_notes,
     corrections_from_history,
     pick_questions,
     replay_history,
     sample_history,
-    score,
 )
+from kfresh.benchmarks.knowledge import KnowledgeOptions, score
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import QA
 from kfresh.finetuner.extraction import extract_documents, resolve_conflicts
