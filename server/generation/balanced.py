@@ -46,6 +46,7 @@ class BalancedRemoteBackend(GenerationBackend):
             raise ValueError("a balanced backend needs at least one replica")
         self._cfg = cfg
         self.replicas = [Replica(b, u) for b, u in zip(replicas, urls)]
+        self.name = "remote" if len(self.replicas) == 1 else "remote-balanced"  # what Stats reports
         self._adapters: dict[str, str] = {}  # name -> path: what every routable replica must hold
         self._requests: dict[str, Replica] = {}
         self._lock = asyncio.Lock()  # adapter changes and replica admission
