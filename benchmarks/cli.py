@@ -77,8 +77,6 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 def run_suite(name: str, *, quick: bool = False, addr: str | None = None, out: Path | None = None,
               overrides: dict[str, Any] | None = None, command: str = "", tag: str = "") -> Any:  # fmt: skip
     """Run one suite and write its files (named <suite>-<date>[-quick][-tag]); returns report.Written."""
-    import time
-
     from kfresh.benchmarks.report import write_result
 
     module = suite_module(name)
@@ -86,8 +84,7 @@ def run_suite(name: str, *, quick: bool = False, addr: str | None = None, out: P
     base = options_cls.quick() if quick else options_cls()
     opts = options_cls.model_validate({**base.model_dump(), **(overrides or {})})
     result = module.run(opts, addr=addr, quick=quick, command=command or f"kfresh bench {name}{' --quick' if quick else ''}")
-    stem = f"{name}-{time.strftime('%Y-%m-%d')}{'-quick' if quick else ''}-{tag}" if tag else None
-    return write_result(result, out or _default_out(quick), module.plot, stem=stem)
+    return write_result(result, out or _default_out(quick), module.plot, tag=tag)
 
 
 def wait_quiet(seconds: float, threshold: float) -> bool:

@@ -6,7 +6,6 @@ value but not the new one as stale. Pure functions: no model, no store.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,11 +47,10 @@ def replay_history(rows: Iterable[dict[str, Any]]) -> History:
 
 
 def sample_history() -> History:
-    """The shipped sample corpus (day 1, then day 2) as `ingest_samples` streams it."""
-    from kfresh.benchmarks.distill import SAMPLES
+    """The shipped sample corpus replayed in the order `ingest_samples` ingests it."""
+    from kfresh.benchmarks.distill import sample_rows
 
-    lines = [line for day in (1, 2) for line in (SAMPLES / f"port_avel_day{day}.jsonl").read_text().splitlines()]
-    return replay_history(json.loads(line) for line in lines if line.strip())
+    return replay_history(sample_rows())
 
 
 def corrections_from_history(old_docs: Iterable[DocLike], final_facts: Iterable[Fact]) -> dict[tuple[str, str], set[str]]:

@@ -16,6 +16,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from kfresh.config import KfreshConfig
 from kfresh.finetuner.distill import run_distill
@@ -26,19 +27,22 @@ from kfresh.indexer.service import Indexer
 SAMPLES = Path(__file__).resolve().parents[1] / "kfresh" / "samples"
 
 
+def sample_rows() -> list[dict[str, Any]]:
+    """The shipped sample corpus as JSONL rows, day 1 then day 2: the order it is ingested in."""
+    return [json.loads(line) for day in (1, 2)
+            for line in (SAMPLES / f"port_avel_day{day}.jsonl").read_text().splitlines() if line.strip()]  # fmt: skip
+
+
 def ingest_samples(cfg: KfreshConfig) -> int:
-    n = 0
+    rows = sample_rows()
     with Indexer(cfg) as ix:
-        for day in (1, 2):
-            for line in (SAMPLES / f"port_avel_day{day}.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                ack = ix.upsert(DocumentIn(
-                    row["id"], row["text"], source=row.get("source", ""), metadata=row.get("metadata", {}),
-                    valid_from=parse_date(row["valid_from"]), supersedes=tuple(row.get("supersedes", [])),
-                ))  # fmt: skip
-                ix.wait_until_indexed(ack.id, ack.version, 60)
-                n += 1
-    return n
+        for row in rows:
+            ack = ix.upsert(DocumentIn(
+                row["id"], row["text"], source=row.get("source", ""), metadata=row.get("metadata", {}),
+                valid_from=parse_date(row["valid_from"]), supersedes=tuple(row.get("supersedes", [])),
+            ))  # fmt: skip
+            ix.wait_until_indexed(ack.id, ack.version, 60)
+    return len(rows)
 
 
 def main() -> None:

@@ -42,13 +42,14 @@ class Written:
 PlotFn = Callable[[Result, Any], None]  # (result, matplotlib Figure) -> draws into the figure
 
 
-def write_result(result: Result, out_dir: Path, plot: PlotFn | None = None, *, stem: str | None = None) -> Written:
-    """Write the JSON, Markdown and (when `plot` is given) PNG files of a run; returns their paths."""
+def write_result(result: Result, out_dir: Path, plot: PlotFn | None = None, *, tag: str = "") -> Written:
+    """Write the JSON, Markdown and (when `plot` is given) PNG files of a run, named
+    <suite>-<date>[-quick][-tag]; returns their paths."""
     from kfresh.benchmarks.common import load_average
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result.env["load_average_1m_end"] = round(load_average(), 2)
-    name = stem or f"{result.suite}-{time.strftime('%Y-%m-%d')}{'-quick' if result.quick else ''}"
+    name = f"{result.suite}-{time.strftime('%Y-%m-%d')}{'-quick' if result.quick else ''}{'-' + tag if tag else ''}"
     json_path, md_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"
     json_path.write_text(json.dumps(asdict(result), indent=1, default=_jsonable) + "\n")
     written_png = None

@@ -69,8 +69,6 @@ class ChangeFollower:
         self.cfg = cfg
         self.seen = after_seq
         self.failures = 0
-        self.followed = 0
-        self.taken_over = 0
         self._waiting: list[_Foreign] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kfresh-follower", daemon=True)
@@ -132,7 +130,6 @@ class ChangeFollower:
             return "go", cur
         if time.time() - cur.acked_at < self.cfg.takeover_s:
             return "wait", cur  # its owner is embedding it; do not spend the model twice
-        self.taken_over += 1
         log.warning("follower.takeover doc_id=%s version=%d: unembedded after %.1fs", item.doc_id,
                     item.version, time.time() - cur.acked_at)
         return "go", cur
@@ -143,5 +140,4 @@ class ChangeFollower:
         if item.op == "delete":
             self.state.hide(item.doc_id, item.version)
         self.queue.put(Pending(item.doc_id, item.version, item.op, item.seq, acked_at, 1, foreign=True))
-        self.followed += 1
         return True

@@ -79,7 +79,7 @@ class Indexer:
                 raise
             self._store, self._state = store, recovered.state
             self._queue = WorkQueue(self.cfg.embedder.queue_size)
-            self._tracker = SeqTracker(start_seq if follow else store.max_seq(), follow=follow)
+            self._tracker = SeqTracker(start_seq, follow=follow)  # start() holds the lifecycle lock: no local ack since
             for doc, chunks in store.unembedded():
                 self._tracker.register_recovered(doc.seq)
                 self._queue.put(

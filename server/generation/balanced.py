@@ -39,8 +39,6 @@ class Replica:
 class BalancedRemoteBackend(GenerationBackend):
     """One GenerationBackend over N `vllm serve` replicas (generation.remote_url lists them, comma-separated)."""
 
-    name = "remote-balanced"
-
     def __init__(self, cfg: GenerationConfig, replicas: Sequence[OpenAIRemoteBackend], urls: Sequence[str]) -> None:
         if not replicas:
             raise ValueError("a balanced backend needs at least one replica")
