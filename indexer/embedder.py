@@ -90,11 +90,43 @@ class SentenceTransformerEmbedder:
         )
 
 
+def resolve_backend(backend: str, device: str) -> str:
+    """'auto' means onnxruntime on the CPU (when installed) and torch on CUDA."""
+    if backend != "auto":
+        return backend
+    if resolve_device(device) != "cpu":
+        return "torch"
+    import importlib.util
+
+    return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
 def create_embedder(cfg: KfreshConfig) -> Embedder:
     """The configured embedder (kfresh.models resolves 'packaged:...' and hub names to a local folder)."""
     from kfresh.models import embedder_path
 
-    return SentenceTransformerEmbedder(
-        embedder_path(cfg.models), device=cfg.embedder.device, threads=cfg.embedder.threads,
-        batch_size=cfg.embedder.batch_size, name=cfg.models.embedder,
+    ecfg = cfg.embedder
+    path = embedder_path(cfg.models)
+    backend = resolve_backend(ecfg.backend, ecfg.device)
+    if backend == "torch":
+        return SentenceTransformerEmbedder(
+            path, device=ecfg.device, threads=ecfg.threads, batch_size=ecfg.batch_size, name=cfg.models.embedder
+        )
+    if resolve_device(ecfg.device) != "cpu":
+        raise Unavailable(f"embedder.backend={backend} runs on the CPU only; set embedder.backend=torch for {ecfg.device}")
+    from kfresh.indexer.embedder_onnx import OnnxEmbedder
+    from kfresh.onnx_export import ExportError, onnx_folder
+
+    try:
+        folder = onnx_folder(path, cfg.models.cache_dir)
+    except ExportError as exc:
+        if ecfg.backend != "auto":
+            raise Unavailable(str(exc)) from exc
+        log.warning("embedder.onnx_unavailable falling back to torch: %s", exc)
+        return SentenceTransformerEmbedder(
+            path, device=ecfg.device, threads=ecfg.threads, batch_size=ecfg.batch_size, name=cfg.models.embedder
+        )
+    return OnnxEmbedder(
+        folder, name=cfg.models.embedder, quantized=backend == "onnx-int8", threads=ecfg.threads,
+        batch_size=ecfg.batch_size,
     )

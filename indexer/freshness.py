@@ -18,6 +18,7 @@ class LagRing:
         self._buf = np.zeros(capacity, dtype=np.float64)
         self._n = 0
         self._lock = threading.Lock()
+        self._cached: tuple[int, LagStats] = (0, LagStats())  # stats() at record count n: polling is cheap
 
     def record(self, lag_ms: float) -> None:
         with self._lock:
@@ -26,12 +27,18 @@ class LagRing:
 
     def stats(self) -> LagStats:
         with self._lock:
-            filled = self._buf[: min(self._n, len(self._buf))].copy()
+            n = self._n
+            if self._cached[0] == n:
+                return self._cached[1]
+            filled = self._buf[: min(n, len(self._buf))].copy()
         if not len(filled):
             return LagStats()
         p50, p95, p99 = np.percentile(filled, [50, 95, 99])
-        return LagStats(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(filled.max()),
-                        count=len(filled))
+        stats = LagStats(p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99), max_ms=float(filled.max()),
+                         count=len(filled))  # fmt: skip
+        with self._lock:
+            self._cached = (n, stats)
+        return stats
 
 
 class RateMeter:

@@ -50,6 +50,7 @@ class Indexer:
         self._tracker = SeqTracker(0)
         self._lags = LagRing()
         self._ingest_rate = RateMeter()
+        self._counts: tuple[int, tuple[int, int, int]] | None = None  # (change-log seq, store.counts()) for stats()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -275,7 +276,11 @@ class Indexer:
 
     def stats(self) -> IndexStats:
         store, state = self._require_started()
-        live, chunks, deleted = store.counts()
+        seq = store.max_seq()  # every change (from any replica) appends to the log: same seq, same counts
+        cached = self._counts
+        if cached is None or cached[0] != seq:
+            cached = self._counts = (seq, store.counts())
+        live, chunks, deleted = cached[1]
         return IndexStats(
             documents=live, chunks=chunks, deleted=deleted, pending=self._queue.in_use,
             indexed_vectors=state.index.ntotal, ingest_docs_per_s=self._ingest_rate.rate(),

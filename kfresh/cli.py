@@ -325,7 +325,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from kfresh.models import provision
 
     setup_logging("INFO")
-    result = provision(_config_from(args).models)
+    result = provision(_config_from(args))
     _print_json({k: str(v) for k, v in result.items()})
     return 0
 

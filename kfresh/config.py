@@ -129,11 +129,17 @@ class EmbedderConfig(_Section):
     """Background embedding worker."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where sentence-transformers runs.")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto",
+        description="Embedding runtime: torch (sentence-transformers), onnx (onnxruntime, the same vectors, faster on "
+        "the CPU; exported once into models.cache_dir) or onnx-int8 (quantized: faster still, a different vector "
+        "space). auto = onnx on the CPU when onnxruntime is installed, torch on CUDA.",
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Largest micro-batch of chunks embedded at once.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the worker waits to fill a micro-batch.")
     queue_size: int = Field(4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED.")
     queue_wait_ms: float = Field(2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED.")
-    threads: int = Field(0, ge=0, description="torch threads for the embedder; 0 = torch default.")
+    threads: int = Field(0, ge=0, description="Threads for the embedder (torch or onnxruntime); 0 = the runtime's default.")
 
 
 class RetrievalConfig(_Section):

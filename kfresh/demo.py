@@ -83,7 +83,7 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
     from kfresh.models import provision
 
     _banner("1/5 models (converted once, then cached)")
-    provisioned = provision(cfg.models)
+    provisioned = provision(cfg)
     for name in ("embedder", "generator"):
         print(f"  {name}: {provisioned[name]} ({float(provisioned[name + '_s']):.1f} s)")
 

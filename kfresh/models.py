@@ -72,7 +72,8 @@ def generator_path(cfg: ModelsConfig) -> str:
 
 
 def provision(cfg: ModelsConfig | KfreshConfig) -> dict[str, Any]:
-    """Make both models available locally; returns their paths and the seconds each took."""
+    """Make both models available locally (and the embedder's ONNX export when the whole config says it runs
+    on onnxruntime); returns their paths and the seconds each took."""
     models = cfg.models if isinstance(cfg, KfreshConfig) else cfg  # the CLI passes the whole config
     report: dict[str, Any] = {}
     for kind, resolve in (("embedder", embedder_path), ("generator", generator_path)):
@@ -81,6 +82,15 @@ def provision(cfg: ModelsConfig | KfreshConfig) -> dict[str, Any]:
         report[kind] = resolve(models)
         report[f"{kind}_s"] = round(time.perf_counter() - t0, 3)
         log.info("provisioned %s -> %s in %.2f s", kind, report[kind], report[f"{kind}_s"])
+    if isinstance(cfg, KfreshConfig):
+        from kfresh.indexer.embedder import resolve_backend
+
+        if resolve_backend(cfg.embedder.backend, cfg.embedder.device).startswith("onnx"):
+            from kfresh.onnx_export import onnx_folder
+
+            t0 = time.perf_counter()
+            report["embedder_onnx"] = onnx_folder(report["embedder"], models.cache_dir)
+            report["embedder_onnx_s"] = round(time.perf_counter() - t0, 3)
     return report
 
 

@@ -1,0 +1,116 @@
+"""The onnxruntime embedder: exported once, the same vectors as sentence-transformers, int8 a named other space."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from kfresh import onnx_export  # noqa: E402
+from kfresh.config import KfreshConfig, ModelsConfig  # noqa: E402
+from kfresh.errors import Unavailable  # noqa: E402
+from kfresh.indexer.embedder import SentenceTransformerEmbedder, create_embedder, resolve_backend  # noqa: E402
+from kfresh.indexer.embedder_onnx import INT8_SUFFIX, OnnxEmbedder  # noqa: E402
+
+TEXTS = [
+    "What is the capital of Freedonia?",
+    "x",
+    "The Zorblat reactor on Kepler station was rebuilt in 2031 after the coolant leak. " * 40,  # > 256 tokens
+    "",
+    "Mixed lengths make the batches pad: short, then long, then short again.",
+    "Ünïcödé text, numbers 12345 and punctuation!?",
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(models_config: ModelsConfig, embedder_path: str) -> Path:
+    return onnx_export.onnx_folder(embedder_path, models_config.cache_dir)
+
+
+@pytest.fixture(scope="module")
+def torch_embedder(embedder_path: str) -> SentenceTransformerEmbedder:
+    return SentenceTransformerEmbedder(embedder_path, device="cpu", name="packaged:all-MiniLM-L6-v2")
+
+
+def test_onnx_vectors_match_sentence_transformers(onnx_dir: Path, torch_embedder: SentenceTransformerEmbedder) -> None:
+    onnx = OnnxEmbedder(onnx_dir, name=torch_embedder.name, batch_size=2)  # small batches: sorting + restoring order
+    a, b = onnx.encode(TEXTS), torch_embedder.encode(TEXTS)
+    assert a.shape == b.shape == (len(TEXTS), 384) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert (a * b).sum(1).min() > 0.9999  # the same vector space: stored torch vectors stay valid
+    assert onnx.name == torch_embedder.name
+    assert onnx.encode([]).shape == (0, 384)
+    # A text alone gets the same vector as inside a padded batch.
+    np.testing.assert_allclose(onnx.encode([TEXTS[1]])[0], a[1], atol=1e-5)
+
+
+def test_int8_is_a_differently_named_nearby_space(onnx_dir: Path, torch_embedder: SentenceTransformerEmbedder) -> None:
+    int8 = OnnxEmbedder(onnx_dir, name=torch_embedder.name, quantized=True)
+    assert int8.name == torch_embedder.name + INT8_SUFFIX  # switching re-embeds the stored vectors
+    cos = (int8.encode(TEXTS) * torch_embedder.encode(TEXTS)).sum(1)
+    assert cos.min() > 0.8 and cos.max() < 0.9999
+
+
+def test_concurrent_encodes_share_one_session(onnx_dir: Path) -> None:
+    onnx = OnnxEmbedder(onnx_dir, name="m")
+    expected = onnx.encode(TEXTS)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(5):
+                results.append(onnx.encode(TEXTS))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20
+    for r in results:
+        np.testing.assert_allclose(r, expected, atol=1e-5)
+
+
+def test_export_is_cached_and_redone_when_stale(onnx_dir: Path, models_config: ModelsConfig, embedder_path: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    marker = json.loads((onnx_dir / onnx_export.MARKER).read_text())
+    assert marker["dim"] == 384 and marker["max_seq_length"] == 256 and len(marker["source_sha256"]) == 64
+
+    def must_not_export(*_: object) -> None:
+        raise AssertionError("a current export was redone")
+
+    monkeypatch.setattr(onnx_export, "export", must_not_export)
+    assert onnx_export.onnx_folder(embedder_path, models_config.cache_dir) == onnx_dir
+    monkeypatch.setattr(onnx_export, "EXPORT_VERSION", onnx_export.EXPORT_VERSION + 1)
+    with pytest.raises(AssertionError, match="redone"):
+        onnx_export.onnx_folder(embedder_path, models_config.cache_dir)
+
+
+def test_unsupported_models_say_to_use_torch(embedder_path: str, tmp_path: Path) -> None:
+    src = tmp_path / "cls-model"
+    shutil.copytree(embedder_path, src)
+    cfg = src / "1_Pooling" / "config.json"
+    pooling = json.loads(cfg.read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    cfg.write_text(json.dumps(pooling))
+    with pytest.raises(onnx_export.ExportError, match="backend=torch"):
+        onnx_export.onnx_folder(src, tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache" / "onnx").iterdir() if p.is_dir()]  # no half-written export left
+
+
+def test_factory_picks_the_backend(models_config: ModelsConfig, embedder_path: str) -> None:
+    assert resolve_backend("auto", "cpu") == "onnx"
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    cfg = KfreshConfig(models=models_config, embedder={"backend": "onnx"})
+    assert isinstance(create_embedder(cfg), OnnxEmbedder)
+    with pytest.raises(Unavailable, match="backend=torch"):
+        create_embedder(KfreshConfig(models=models_config, embedder={"backend": "onnx", "device": "cuda"}))
