@@ -22,6 +22,19 @@ class DocumentIn:
 
 
 @dataclass(frozen=True)
+class WriteOp:
+    """One change of an ingest stream: an upsert (`doc` and its `chunks`) or a delete of `doc_id` (doc None)."""
+
+    doc_id: str
+    doc: DocumentIn | None = None
+    chunks: tuple[str, ...] = ()
+
+    @property
+    def op(self) -> Literal["upsert", "delete"]:
+        return "delete" if self.doc is None else "upsert"
+
+
+@dataclass(frozen=True)
 class Ack:
     """Returned only after the change is durably committed."""
 

@@ -54,6 +54,16 @@ class WorkQueue:
             self._used += 1
             return True
 
+    def reserve_up_to(self, n: int, timeout_s: float) -> int:
+        """Take up to `n` slots: waits at most `timeout_s` for the first, takes the others only if free now.
+        Returns how many were taken (0 if the queue stayed full)."""
+        if n <= 0 or not self.reserve(timeout_s):
+            return 0
+        with self._cond:
+            extra = max(0, min(n - 1, self.capacity - self._used))
+            self._used += extra
+        return 1 + extra
+
     def unreserve(self) -> None:
         """Give back a reserved slot that was not used (the change was a no-op or failed)."""
         self.release(1)

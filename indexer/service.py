@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -17,7 +19,7 @@ from kfresh.config import KfreshConfig
 from kfresh.errors import InvalidInput, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
-from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats
+from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
 from kfresh.indexer.embedder import Embedder, create_embedder
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
@@ -159,51 +161,54 @@ class Indexer:
     # -- writes ------------------------------------------------------------------------------------
     def upsert(self, doc: DocumentIn) -> Ack:
         """Durably store `doc` (a new version unless unchanged) and queue it for indexing."""
-        store, _ = self._require_started()
-        validation.check_document(doc, self.cfg.store)
-        chunks = split(doc.text, self.cfg.store)
-        self._reserve()
-        try:
-            with self._tracker.lock:
-                ack = store.upsert(doc, chunks)
-                if ack.status == "stored":
-                    self._tracker.register(ack.seq)
-        except StoreError as exc:
-            self._queue.unreserve()
-            log.exception("indexer.store_write_failed doc_id=%s", doc.id)
-            raise _write_error(exc) from exc
-        except BaseException:
-            self._queue.unreserve()
-            raise
-        if ack.status != "stored":
-            self._queue.unreserve()
-            return ack
-        self._queue.put(Pending(doc.id, ack.version, "upsert", ack.seq, ack.acked_at, ack.chunks))
-        self._ingest_rate.record()
-        return ack
+        return self.write_many([WriteOp(doc.id, doc)])[0]
 
     def delete(self, doc_id: str) -> Ack:
         """Durably delete; once this returns no search shows the document, the index catches up after."""
+        return self.write_many([WriteOp(doc_id)])[0]
+
+    def write_many(self, ops: Sequence[WriteOp]) -> list[Ack]:
+        """Durably apply the first ops in ONE store transaction (a group commit) and queue them for indexing.
+
+        Every op is validated first (InvalidInput: nothing written). Returns one ack per applied op, in order:
+        as many ops as the indexing queue has room for, at least one (Overloaded when it stays full).
+        """
         store, state = self._require_started()
-        validation.check_doc_id(doc_id)
-        self._reserve()
+        prepared = [self._prepare(op) for op in ops]
+        taken = self._queue.reserve_up_to(len(prepared), self.cfg.embedder.queue_wait_ms / 1000)
+        if not taken and prepared:
+            raise Overloaded(f"indexing queue is full ({self.cfg.embedder.queue_size} changes waiting); retry later")
+        prepared = prepared[:taken]
         try:
             with self._tracker.lock:
-                ack = store.delete(doc_id)
-                if ack.status == "deleted":
-                    self._tracker.register(ack.seq)
-                    state.hide(doc_id, ack.version)
+                acks = store.write_many(prepared)
+                for op, ack in zip(prepared, acks):
+                    if ack.status in ("stored", "deleted"):
+                        self._tracker.register(ack.seq)
+                    if ack.status == "deleted":
+                        state.hide(op.doc_id, ack.version)
         except StoreError as exc:
-            self._queue.unreserve()
+            self._queue.release(taken)
+            log.exception("indexer.store_write_failed ops=%d first=%s", len(prepared), prepared[0].doc_id)
             raise _write_error(exc) from exc
         except BaseException:
-            self._queue.unreserve()
+            self._queue.release(taken)
             raise
-        if ack.status != "deleted":
-            self._queue.unreserve()
-            return ack
-        self._queue.put(Pending(doc_id, ack.version, "delete", ack.seq, ack.acked_at))
-        return ack
+        for op, ack in zip(prepared, acks):
+            if ack.status not in ("stored", "deleted"):
+                self._queue.unreserve()  # unchanged / not_found: nothing to index
+                continue
+            self._queue.put(Pending(op.doc_id, ack.version, op.op, ack.seq, ack.acked_at, ack.chunks))
+            if op.doc is not None:
+                self._ingest_rate.record()
+        return acks
+
+    def _prepare(self, op: WriteOp) -> WriteOp:
+        if op.doc is None:
+            validation.check_doc_id(op.doc_id)
+            return op
+        validation.check_document(op.doc, self.cfg.store)
+        return replace(op, chunks=tuple(split(op.doc.text, self.cfg.store)))
 
     def record_citations(self, pairs: list[tuple[str, int]]) -> int:
         """Durably log the (doc_id, version) passages an answer showed the model."""
@@ -217,12 +222,6 @@ class Indexer:
         """How often each (doc_id, version) was shown to the model by an answer since `since`."""
         store, _ = self._require_started()
         return store.citation_counts(since=since)
-
-    def _reserve(self) -> None:
-        if not self._queue.reserve(self.cfg.embedder.queue_wait_ms / 1000):
-            raise Overloaded(
-                f"indexing queue is full ({self.cfg.embedder.queue_size} changes waiting); retry later"
-            )
 
     # -- reads -------------------------------------------------------------------------------------
     def search(

@@ -46,6 +46,11 @@ class StoreConfig(_Section):
         "so set it through KFRESH_STORE__DSN (e.g. from a Secret) rather than a flag.",
     )
     pool_size: int = Field(8, ge=1, le=256, description="PostgreSQL: most read connections of one process (searches run on many threads).")
+    group_commit_max: int = Field(
+        64, ge=1, le=4096,
+        description="Most messages of one Ingest stream committed in one transaction (those already received; a lone "
+        "message commits at once). 1 = a transaction per message.",
+    )
     max_document_chars: int = Field(200_000, ge=1, description="Larger documents are rejected with INVALID_ARGUMENT.")
     chunk_chars: int = Field(800, ge=64, le=20_000, description="Target chunk size in characters.")
     chunk_overlap: int = Field(100, ge=0, le=5_000, description="Overlap between neighbouring chunks in characters.")

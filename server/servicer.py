@@ -11,7 +11,7 @@ import grpc
 from kfresh import metrics
 from kfresh.config import KfreshConfig
 from kfresh.errors import InvalidInput, NotFound, Unavailable
-from kfresh.server import convert, validation
+from kfresh.server import convert, ingest_stream, validation
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
 from kfresh.server.errors import rpc
@@ -70,21 +70,8 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IngestResponse]:
         indexer = self._rt.require_indexer()
-        position = 0
-        async for req in request_iterator:
-            position += 1
-            try:
-                validation.reject_unknown_fields(req)
-                op = req.WhichOneof("op")
-                if op == "upsert":
-                    ack = await asyncio.to_thread(indexer.upsert, validation.document_from_proto(req.upsert))
-                elif op == "delete_id":
-                    ack = await asyncio.to_thread(indexer.delete, validation.check_doc_id(req.delete_id, "delete_id"))
-                else:
-                    raise InvalidInput("request has neither upsert nor delete_id")
-            except InvalidInput as exc:
-                raise InvalidInput(f"ingest message #{position}: {exc}") from None
-            metrics.DOCUMENTS_ACKED.labels(op=op, status=ack.status).inc()
+        async for op, ack in ingest_stream.ingest(indexer, request_iterator, max_group=self._rt.cfg.store.group_commit_max):
+            metrics.DOCUMENTS_ACKED.labels(op="delete_id" if op.doc is None else "upsert", status=ack.status).inc()
             yield convert.ack_to_proto(ack)
 
     @rpc

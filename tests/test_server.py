@@ -150,6 +150,20 @@ def test_bad_documents_are_invalid_argument_and_lose_nothing(client: KfreshClien
     _visible(client, "Acknowledged before a bad document arrives", good.id, 1)
 
 
+def test_a_bad_message_in_a_group_commit_acknowledges_everything_before_it(client: KfreshClient) -> None:
+    before = client.stats().documents
+    docs = [document(f"grp-{i}", f"Group commit document number {i} about the Quillon estuary.") for i in range(120)]
+    docs[99] = pb.Document(id="grp-bad", text="x" * 6_000)  # rejected by the indexer, inside a group
+    acks: list[pb.IngestResponse] = []
+    with pytest.raises(grpc.RpcError) as err:
+        for ack in client.ingest(docs, timeout=60):
+            acks.append(ack)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "#100" in err.value.details()
+    assert [a.id for a in acks] == [f"grp-{i}" for i in range(99)]
+    assert client.stats().documents == before + 99
+    _visible(client, "Group commit document number 98 about the Quillon estuary", "grp-98", 1)
+
+
 def test_unknown_fields_are_invalid_argument(server: ServerHandle, client: KfreshClient) -> None:
     raw = pb.RetrieveRequest(query="hello", k=2).SerializeToString() + b"\xf8\x06\x01"  # field 111 = 1
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -226,3 +226,48 @@ def test_wait_for_change_wakes_at_another_writers_commit(open_backend):
     thread.join(10)
     assert woke and woke[0][0] and woke[0][1] - acked < 0.25, (woke, acked)  # not its 10 s timeout
     assert waiter.wait_for_change(start, 0.0) and not waiter.wait_for_change(ack.seq, 0.05)
+
+
+def test_write_many_is_one_transaction_in_order(store):
+    from kfresh.indexer.documents import WriteOp
+
+    store.upsert(DocumentIn("gone", "to be deleted"), ["to be deleted"])
+    ops = [
+        WriteOp("a", DocumentIn("a", "first"), ("first",)),
+        WriteOp("a", DocumentIn("a", "second"), ("second",)),  # the same document twice: two versions, in order
+        WriteOp("a", DocumentIn("a", "second"), ("second",)),  # identical to the one before: unchanged
+        WriteOp("gone"),
+        WriteOp("never-there"),
+        WriteOp("b", DocumentIn("b", "bee"), ("bee",)),
+    ]
+    acks = store.write_many(ops)
+    assert [(a.id, a.version, a.status) for a in acks] == [
+        ("a", 1, "stored"), ("a", 2, "stored"), ("a", 2, "unchanged"), ("gone", 2, "deleted"),
+        ("never-there", 0, "not_found"), ("b", 1, "stored"),
+    ]
+    seqs = [a.seq for a in acks if a.status in ("stored", "deleted")]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4  # one change-log entry each, in op order
+    assert store.current("a").version == 2 and store.current("gone").deleted
+    assert store.write_many([]) == []
+
+
+def test_write_many_failing_midway_commits_nothing(store, monkeypatch):
+    from kfresh.indexer.documents import WriteOp
+    from kfresh.indexer.stores import pg_writes, sqlite_writes
+
+    writes = sqlite_writes if isinstance(store, SqliteStore) else pg_writes
+    real, calls = writes.upsert, []
+
+    def fail_third(*args, **kwargs):  # fault injection: the transaction dies after two writes
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure inside the group commit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writes, "upsert", fail_third)
+    ops = [WriteOp(f"g{i}", DocumentIn(f"g{i}", f"text {i}"), (f"text {i}",)) for i in range(4)]
+    with pytest.raises(RuntimeError, match="injected"):
+        store.write_many(ops)
+    monkeypatch.setattr(writes, "upsert", real)
+    assert all(store.current(f"g{i}") is None for i in range(4))  # nothing acknowledged, nothing committed
+    assert [a.status for a in store.write_many(ops)] == ["stored"] * 4  # the writer connection still works

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, DocumentIn
+from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
 from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocRecord, DocState
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +79,11 @@ class DocumentStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
         """Mark `doc_id` deleted under a new version ("deleted"), or "not_found"."""
+
+    @abc.abstractmethod
+    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
+        """upsert/delete each op in order inside ONE transaction (a group commit: one durable flush for all);
+        all acks or, on error, nothing committed."""
 
     @abc.abstractmethod
     def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:

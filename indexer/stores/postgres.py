@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, DocumentIn
+from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
 from kfresh.indexer.rows import (
     Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
 )  # fmt: skip
@@ -164,6 +164,14 @@ class PostgresStore(DocumentStore):
     def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
         with self._txn() as cur:
             return pg_writes.delete(cur, doc_id, now)
+
+    @_errors
+    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
+        if not ops:
+            return []
+        with self._txn() as cur:
+            return [pg_writes.upsert(cur, op.doc, op.chunks, now) if op.doc is not None else pg_writes.delete(cur, op.doc_id, now)
+                    for op in ops]  # fmt: skip
 
     @_errors
     def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, DocumentIn
+from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
 from kfresh.indexer.rows import (
     SCHEMA, Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
 )  # fmt: skip
@@ -135,6 +135,14 @@ class SqliteStore(DocumentStore):
     def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
         with self._txn() as w:
             return sqlite_writes.delete(w, doc_id, now)
+
+    @_errors
+    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
+        if not ops:
+            return []
+        with self._txn() as w:
+            return [sqlite_writes.upsert(w, op.doc, op.chunks, now) if op.doc is not None else sqlite_writes.delete(w, op.doc_id, now)
+                    for op in ops]  # fmt: skip
 
     @_errors
     def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:

@@ -1,5 +1,6 @@
 """The SQLite store's write transactions, each run on the writer connection inside one BEGIN IMMEDIATE
-transaction (sqlite.py `_txn`). A function that decides to write nothing issues ROLLBACK itself.
+transaction (sqlite.py `_txn`). Several may share one transaction (a group commit: `write_many`), so none
+of them ends it; one that decides to write nothing just returns (an empty COMMIT flushes nothing).
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ def upsert(w: sqlite3.Connection, doc: DocumentIn, chunks: Sequence[str], now: f
 def _unchanged_ack(w: sqlite3.Connection, doc_id: str, version: int, acked_at: float) -> Ack:
     (n,) = w.execute("SELECT COUNT(*) FROM chunks WHERE doc_id=? AND version=?", (doc_id, version)).fetchone()
     (seq,) = w.execute("SELECT COALESCE(MAX(seq), 0) FROM changes WHERE doc_id=?", (doc_id,)).fetchone()
-    w.execute("ROLLBACK")
     return Ack(id=doc_id, version=version, status="unchanged", chunks=n, seq=seq, acked_at=acked_at)
 
 
@@ -57,7 +57,6 @@ def delete(w: sqlite3.Connection, doc_id: str, now: float | None) -> Ack:
     """Mark `doc_id` deleted under a new version; its chunk rows stay until the worker drops them from the index."""
     cur = w.execute("SELECT version, deleted FROM documents WHERE doc_id=?", (doc_id,)).fetchone()
     if cur is None or cur[1]:
-        w.execute("ROLLBACK")
         version = 0 if cur is None else cur[0]
         return Ack(id=doc_id, version=version, status="not_found", chunks=0, seq=0, acked_at=time.time())
     version = cur[0] + 1
