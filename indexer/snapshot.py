@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class SnapshotData:
     dim: int
     embedder: str
     applied_seq: int
-    index_bytes: bytes
+    index_bytes: bytes | Callable[[], bytes]  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
     map_bytes: bytes
 
 
@@ -59,10 +60,11 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     """Atomically replace the snapshot in `folder`; returns its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    index_bytes = data.index_bytes() if callable(data.index_bytes) else data.index_bytes
     header = json.dumps(
         {
             "kind": data.kind, "dim": data.dim, "embedder": data.embedder, "applied_seq": data.applied_seq,
-            "index_len": len(data.index_bytes), "map_len": len(data.map_bytes), "created_at": time.time(),
+            "index_len": len(index_bytes), "map_len": len(data.map_bytes), "created_at": time.time(),
         }
     ).encode("utf-8")
     final = snapshot_path(folder)
@@ -70,7 +72,7 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     digest = hashlib.sha256()
     started = time.perf_counter()
     with open(tmp, "wb") as f:
-        for part in (MAGIC, struct.pack("<Q", len(header)), header, data.index_bytes, data.map_bytes):
+        for part in (MAGIC, struct.pack("<Q", len(header)), header, index_bytes, data.map_bytes):
             digest.update(part)
             f.write(part)
         f.write(digest.digest())

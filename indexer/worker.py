@@ -227,7 +227,7 @@ class Worker:
             seq = self.tracker.watermark()
             data = SnapshotData(
                 kind=st.index.kind, dim=self.embedder.dim, embedder=self.embedder.name, applied_seq=seq,
-                index_bytes=st.index.to_bytes(), map_bytes=st.docmap.to_bytes(),
+                index_bytes=st.index.snapshot_later(), map_bytes=st.docmap.to_bytes(),
             )
         self._since_snapshot = 0
         return data

@@ -133,3 +133,24 @@ def test_indexer_rebuilds_from_stored_embeddings_when_the_snapshot_is_damaged(tm
             assert ix.search(text, 1)[0].doc_id == doc_id
         assert counting.worker_encoded == []  # rebuilt from stored vectors: nothing re-embedded
     assert load_snapshot(cfg.index.snapshot_dir, cfg.index, dim=embedder.dim, embedder=embedder.name) is not None
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat-phase", "ivf"])
+def test_snapshot_later_is_the_index_at_capture_time(kind: str) -> None:
+    from kfresh.indexer.vectors.ivf import IvfIndex
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((600, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    if kind == "flat":
+        index = FlatIndex(DIM)
+    else:
+        index = IvfIndex(DIM, nlist=4, nprobe=4, train_min=100 if kind == "ivf" else 10_000)
+    index.add(np.arange(500), vecs[:500])
+    while index.needs_maintenance():  # train the IVF index (the worker does this between batches)
+        index.apply_maintenance(index.prepare_maintenance())
+    expected = index.to_bytes()
+    later = index.snapshot_later()
+    index.add(np.arange(500, 600), vecs[500:])  # the worker keeps mutating after the capture
+    index.remove(np.arange(0, 50))
+    assert later() == expected

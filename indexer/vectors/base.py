@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,6 +68,12 @@ class VectorIndex(ABC):
     @abstractmethod
     def to_bytes(self) -> bytes:
         """A self-contained serialisation for snapshots."""
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        """to_bytes() in two halves: a cheap copy now (the caller holds the index lock, the worker waits) and
+        the serialisation later, on the snapshot thread. The default serialises now."""
+        data = self.to_bytes()
+        return lambda: data
 
     # Maintenance (IVF training, tombstone compaction) is split so the slow half runs while searches go on:
     # prepare_maintenance() only reads the index; apply_maintenance() mutates it under the writer's lock.

@@ -6,6 +6,7 @@ migrates. Training runs in prepare_maintenance(), off the writer's lock, so sear
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,16 @@ class IvfIndex(VectorIndex):
             assert self._flat is not None
             return _FLAT + self._flat.to_bytes()
         return _IVF + serialize(self._ivf)
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        if self._ivf is None:
+            assert self._flat is not None
+            flat = self._flat.snapshot_later()
+            return lambda: _FLAT + flat()
+        import faiss
+
+        copy = faiss.clone_index(self._ivf)  # about half the cost of serialising it under the lock
+        return lambda: _IVF + serialize(copy)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, dim: int, *, nlist: int, nprobe: int, train_min: int) -> IvfIndex:
