@@ -27,6 +27,7 @@ log = logging.getLogger("kfresh.indexer")
 MAGIC = b"KFSNAP1\n"
 FILENAME = "index.snap"
 _DIGEST = 32
+_FLUSH_EVERY = 8 << 20  # bytes written between fdatasyncs of a large snapshot
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,14 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     started = time.perf_counter()
     with open(tmp, "wb") as f:
         for part in (MAGIC, struct.pack("<Q", len(header)), header, index_bytes, data.map_bytes):
-            digest.update(part)
-            f.write(part)
+            view = memoryview(part)
+            for at in range(0, len(view), _FLUSH_EVERY):
+                piece = view[at : at + _FLUSH_EVERY]
+                digest.update(piece)
+                f.write(piece)
+                if len(view) > _FLUSH_EVERY:  # many short flushes: the store's small fsyncs never queue behind one huge one
+                    f.flush()
+                    os.fdatasync(f.fileno())
         f.write(digest.digest())
         f.flush()
         os.fsync(f.fileno())
@@ -168,6 +175,7 @@ class SnapshotWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        _lower_priority()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._next is not None or self._closed)
@@ -183,3 +191,14 @@ class SnapshotWriter:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _lower_priority() -> None:
+    """Serialising, hashing and writing hundreds of MB is background work: on Linux a thread has its own nice
+    value, so this one yields the cores to the indexing worker and the gRPC threads."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
