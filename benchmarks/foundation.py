@@ -57,8 +57,7 @@ def measure_ingest(client: KfreshClient, texts: list[str]) -> float:
     start = time.perf_counter()
     acks = list(client.ingest((document(f"b-{i}", t) for i, t in enumerate(texts)), timeout=600))
     assert len(acks) == len(texts)
-    while client.stats().pending:
-        time.sleep(0.01)
+    assert client.wait_searchable(600.0).searchable
     return len(texts) / (time.perf_counter() - start)
 
 

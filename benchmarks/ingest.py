@@ -1,7 +1,7 @@
 """ingest: documents/s through the gRPC Ingest stream vs raw sentence-transformers `encode` on the same texts.
 
 For each concurrency (streams in parallel, documents split evenly), the clock runs from the first send
-until every document is acknowledged AND searchable (Stats.pending == 0). The baseline is the embedder
+until every document is acknowledged AND searchable (WaitSearchable returns). The baseline is the embedder
 alone, in this process, on exactly those texts with the server's batch size, measured just before and
 just after each level while the server idles (their mean). Ratio = ingest / encode; the target is >= 0.95. ~60-word documents, one
 chunk each. The server runs without a generation model (nothing else competes for the cores). Each
@@ -67,9 +67,10 @@ async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) ->
         start = time.perf_counter()
         acked = sum(await asyncio.gather(*(one(p) for p in parts)))
         acked_s = time.perf_counter() - start
-        while (await client.stats()).pending:
-            await asyncio.sleep(0.02)  # each poll costs the server CPU the embedder needs; 20 ms is < 0.2% of a level
+        # One WaitSearchable call, not a Stats poll: 50 polls/s cost the server ~8% of its embedding speed here.
+        waited = await client.wait_searchable(900.0)
         searchable_s = time.perf_counter() - start
+        assert waited.searchable, f"not searchable after {waited.waited_ms / 1000:.0f} s"
     assert acked == len(texts), f"{acked} of {len(texts)} acknowledged"
     return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s}
 

@@ -254,6 +254,16 @@ class Indexer:
         except StoreError as exc:  # e.g. closed underneath a late search during shutdown
             raise Unavailable(f"the document store is unavailable: {exc}") from exc
 
+    def acked_seq(self) -> int:
+        """The newest change acknowledged so far; searchable once applied_seq() reaches it."""
+        self._require_started()
+        return self._tracker.last()
+
+    def applied_seq(self) -> int:
+        """Every change up to this seq is in the index (in memory: cheap to poll)."""
+        self._require_started()
+        return self._tracker.watermark()
+
     def wait_until_indexed(self, doc_id: str, version: int, timeout_s: float) -> bool:
         """True once `version` (or a newer one) of `doc_id` is applied to the index; False on timeout."""
         store, state = self._require_started()

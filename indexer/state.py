@@ -97,6 +97,11 @@ class SeqTracker:
                 if self._pending[seq] <= 0:
                     del self._pending[seq]
 
+    def last(self) -> int:
+        """The newest seq registered (acknowledged here, or claimed from another replica)."""
+        with self.lock:
+            return self._last
+
     def watermark(self) -> int:
         with self.lock:
             mark = min(self._pending) - 1 if self._pending else self._last

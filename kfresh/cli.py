@@ -120,9 +120,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             counts[status] = counts.get(status, 0) + 1
             if args.json:
                 _print_json(_message_dict(ack))
+        waited = client.wait_searchable(args.wait) if args.wait > 0 else None
     if not args.json:
         print("acknowledged: " + ", ".join(f"{k.removeprefix('ACK_STATUS_').lower()}={v}" for k, v in sorted(counts.items())))
-    return 0
+        if waited is not None:
+            print(f"searchable: {'yes' if waited.searchable else 'not yet'} after {waited.waited_ms / 1000:.2f} s")
+    return 4 if waited is not None and not waited.searchable else 0
 
 
 def _print_citations(done: Any) -> None:
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_parser(sub, "ingest", "stream documents to the server (JSONL file, '-' for stdin, or a folder of .md/.txt)", cmd_ingest)
     p.add_argument("source", help="JSONL file, '-' (stdin) or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="after the last ack, wait up to SECONDS until everything is searchable (exit 4 if not)")
 
     p = sub.add_parser(
         "consume",

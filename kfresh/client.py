@@ -216,6 +216,10 @@ class KfreshClient:
     def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return self._stub.Stats(pb.StatsRequest(), timeout=timeout)
 
+    def wait_searchable(self, timeout_s: float = 30.0, *, timeout: float | None = None) -> pb.WaitSearchableResponse:
+        """Block until everything the server had acknowledged is searchable (`searchable` False after timeout_s)."""
+        return self._stub.WaitSearchable(pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout))
+
     def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         """Adapter versions in the server's registry; which is served, loaded, the rollback target."""
         return self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
@@ -290,6 +294,9 @@ class AsyncKfreshClient:
     async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return await self._stub.Stats(pb.StatsRequest(), timeout=timeout)
 
+    async def wait_searchable(self, timeout_s: float = 30.0, *, timeout: float | None = None) -> pb.WaitSearchableResponse:
+        return await self._stub.WaitSearchable(pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout))
+
     async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         return await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
 
@@ -301,3 +308,10 @@ class AsyncKfreshClient:
 
     async def distill(self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None) -> pb.DistillResponse:
         return await self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)
+
+
+def _wait_deadline(timeout_s: float, timeout: float | None) -> float:
+    """The RPC deadline of a WaitSearchable: the server's wait plus slack (the server rejects a bad timeout_s)."""
+    if timeout is not None:
+        return timeout
+    return (timeout_s if timeout_s == timeout_s and 0 <= timeout_s <= 3600 else 0.0) + 30.0

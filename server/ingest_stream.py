@@ -8,6 +8,7 @@ INVALID_ARGUMENT naming its position, after every message before it has been ack
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 from kfresh.errors import InvalidInput
@@ -100,3 +101,16 @@ async def _commit(indexer: Indexer, ops: list[WriteOp], *, first: int) -> AsyncI
         for op, ack in zip(part, acks):
             yield op, ack
         done += len(acks)
+
+
+async def wait_searchable(indexer: Indexer, timeout_s: float, *, poll_s: float = 0.005) -> pb.WaitSearchableResponse:
+    """Poll the indexer's in-memory watermark (no store read, no thread) until it reaches the newest
+    acknowledged change of the moment of the call."""
+    target = indexer.acked_seq()
+    start = time.monotonic()
+    while (applied := indexer.applied_seq()) < target and time.monotonic() - start < timeout_s:
+        await asyncio.sleep(poll_s)
+    return pb.WaitSearchableResponse(
+        searchable=applied >= target, target_seq=target, applied_seq=max(applied, 0),
+        waited_ms=(time.monotonic() - start) * 1000,
+    )

@@ -104,6 +104,11 @@ class KfreshServicer(pb_grpc.KfreshServicer):
                 yield pb.AnswerResponse(done=convert.answer_done(event))
 
     @rpc
+    async def WaitSearchable(self, request: pb.WaitSearchableRequest, context: grpc.aio.ServicerContext) -> pb.WaitSearchableResponse:
+        timeout_s = validation.wait_timeout(request)
+        return await ingest_stream.wait_searchable(self._rt.require_indexer(), timeout_s)
+
+    @rpc
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         validation.reject_unknown_fields(request)
         stats = await asyncio.to_thread(self._rt.require_indexer().stats)

@@ -1,6 +1,8 @@
 """Edge validation: protobuf messages in, domain values out, or InvalidInput saying what is wrong."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -132,3 +134,15 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
         temperature=temperature,
         adapter=req.adapter,
     )
+
+
+WAIT_DEFAULT_S, WAIT_MAX_S = 30.0, 3600.0
+
+
+def wait_timeout(req: pb.WaitSearchableRequest) -> float:
+    """Seconds a WaitSearchable may wait: 0 means the default; negative, NaN or too long is INVALID_ARGUMENT."""
+    reject_unknown_fields(req)
+    t = req.timeout_s
+    if not math.isfinite(t) or t < 0 or t > WAIT_MAX_S:
+        raise InvalidInput(f"timeout_s must be between 0 and {WAIT_MAX_S:g} seconds, got {t}")
+    return t or WAIT_DEFAULT_S

@@ -121,6 +121,7 @@ CALLS = {
     "Retrieve": lambda c: c.retrieve("lighthouse keeper", timeout=10),
     "Answer": lambda c: c.answer("Who keeps the lighthouse?", timeout=10),
     "Stats": lambda c: c.stats(timeout=10),
+    "WaitSearchable": lambda c: c.wait_searchable(5.0, timeout=10),
     "ListAdapters": lambda c: c.list_adapters(timeout=10),
     "Ingest": lambda c: c.ingest([document("sec-1", "The Varn lighthouse keeper is Ilse Maro.")], timeout=10),
     "Delete": lambda c: c.delete("sec-never-existed", timeout=10),
@@ -137,7 +138,7 @@ AUTHORISED = {
 
 def test_method_scope_table_and_default_deny() -> None:
     assert {m.rsplit("/", 1)[1]: s for m, s in METHOD_SCOPES.items()} == {
-        "Retrieve": "read", "Answer": "read", "Stats": "read", "ListAdapters": "read",
+        "Retrieve": "read", "Answer": "read", "Stats": "read", "WaitSearchable": "read", "ListAdapters": "read",
         "Ingest": "write", "Delete": "write",
         "PromoteAdapter": "admin", "RollbackAdapter": "admin", "Distill": "admin",
     }  # fmt: skip

@@ -164,6 +164,36 @@ def test_a_bad_message_in_a_group_commit_acknowledges_everything_before_it(clien
     _visible(client, "Group commit document number 98 about the Quillon estuary", "grp-98", 1)
 
 
+def test_wait_searchable_returns_once_everything_acknowledged_is_searchable(client: KfreshClient) -> None:
+    docs = [document(f"ws-{i}", f"Bulk loaded note {i} about the Vantor lighthouse keepers.") for i in range(40)]
+    assert len(list(client.ingest(docs, timeout=60))) == 40
+    reply = client.wait_searchable(60.0)
+    assert reply.searchable and reply.applied_seq >= reply.target_seq > 0
+    # No polling: the very next Retrieve already sees the last document of the load.
+    hits = client.retrieve("Bulk loaded note 39 about the Vantor lighthouse keepers.", k=3).chunks
+    assert any(h.doc_id == "ws-39" for h in hits)
+    assert client.wait_searchable(1.0).searchable  # nothing pending: returns at once
+    for bad in (-1.0, 4000.0, float("nan")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.wait_searchable(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "timeout_s" in err.value.details()
+
+
+def test_cli_ingest_wait_reports_searchable(server: ServerHandle, client: KfreshClient, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import json
+
+    from kfresh.cli import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": f"cli-w-{i}", "text": f"Ferry timetable {i} for the Oskel crossing."}) + "\n"
+                           for i in range(20)))  # fmt: skip
+    assert main(["ingest", str(src), "--addr", f"127.0.0.1:{server.port}", "--quiet", "--wait", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "stored=20" in out and "searchable: yes" in out
+    assert any(h.doc_id == "cli-w-19" for h in client.retrieve("Ferry timetable 19 for the Oskel crossing.", k=3).chunks)
+
+
 def test_unknown_fields_are_invalid_argument(server: ServerHandle, client: KfreshClient) -> None:
     raw = pb.RetrieveRequest(query="hello", k=2).SerializeToString() + b"\xf8\x06\x01"  # field 111 = 1
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:

@@ -224,6 +224,24 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class WaitSearchableRequest(_message.Message):
+    __slots__ = ("timeout_s",)
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    timeout_s: float
+    def __init__(self, timeout_s: _Optional[float] = ...) -> None: ...
+
+class WaitSearchableResponse(_message.Message):
+    __slots__ = ("searchable", "target_seq", "applied_seq", "waited_ms")
+    SEARCHABLE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SEQ_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    WAITED_MS_FIELD_NUMBER: _ClassVar[int]
+    searchable: bool
+    target_seq: int
+    applied_seq: int
+    waited_ms: float
+    def __init__(self, searchable: _Optional[bool] = ..., target_seq: _Optional[int] = ..., applied_seq: _Optional[int] = ..., waited_ms: _Optional[float] = ...) -> None: ...
+
 class LagPercentiles(_message.Message):
     __slots__ = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "count")
     P50_MS_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.WaitSearchable = channel.unary_unary(
+                '/kfresh.v1.Kfresh/WaitSearchable',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/kfresh.v1.Kfresh/ListAdapters',
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.SerializeToString,
@@ -114,6 +119,15 @@ class KfreshServicer:
 
     def Stats(self, request, context):
         """Counters, freshness lag percentiles, model and adapter in use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitSearchable(self, request, context):
+        """Returns once every change this server had acknowledged when the call arrived is searchable
+        (read-your-writes after a bulk load), or when timeout_s passes (searchable false). A replica
+        counts the other replicas' changes it has read from the shared store too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,6 +190,11 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.SerializeToString,
+            ),
+            'WaitSearchable': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitSearchable,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -333,6 +352,33 @@ class Kfresh:
             '/kfresh.v1.Kfresh/Stats',
             kfresh_dot_v1_dot_kfresh__pb2.StatsRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitSearchable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/WaitSearchable',
+            kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.FromString,
             options,
             channel_credentials,
             insecure,
