@@ -11,14 +11,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from kfresh.config import KfreshConfig, ModelsConfig
-from kfresh.fsutil import sha256_file
+from kfresh.fsutil import build_dir_once, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +126,9 @@ def _is_current(dest: Path, gguf: Path) -> bool:
 
 def _convert_locked(gguf: Path, dest: Path) -> Path:
     """Convert under an inter-process lock so racing processes convert once and all see the result."""
-    try:
-        from filelock import FileLock
-    except ImportError as exc:  # comes with transformers / huggingface_hub
-        raise ProvisioningError("model conversion needs transformers: pip install 'kfresh[models]'") from exc
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        if _is_current(dest, gguf):  # another process finished while we waited
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            _convert(gguf, tmp)
-            _replace_dir(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    if importlib.util.find_spec("filelock") is None:  # comes with transformers / huggingface_hub
+        raise ProvisioningError("model conversion needs transformers: pip install 'kfresh[models]'")
+    return build_dir_once(dest, is_current=lambda: _is_current(dest, gguf), build=lambda tmp: _convert(gguf, tmp))
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -196,12 +181,3 @@ def _dequantize_kwargs(gguf: Path) -> dict[str, Any]:
     except ImportError:
         return {}
     return {"quantization_config": GgufConfig(gguf_file=str(gguf), dequantize=True)}
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move `src` to `dest` with a rename; a stale `dest` is moved aside first, then deleted."""
-    if dest.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        dest.replace(trash / dest.name)
-        shutil.rmtree(trash, ignore_errors=True)
-    src.replace(dest)

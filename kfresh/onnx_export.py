@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kfresh.fsutil import sha256_file
+from kfresh.fsutil import build_dir_once, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +42,8 @@ def onnx_folder(source: str | Path, cache_dir: Path) -> Path:
     dest = Path(cache_dir).expanduser().resolve() / "onnx" / f"{src.parent.name}-{src.name}"
     if _is_current(dest, weights):
         return dest
-    try:
-        from filelock import FileLock
-    except ImportError as exc:  # comes with transformers / huggingface_hub
-        raise ExportError("the ONNX export needs transformers: pip install 'kfresh[models]'") from exc
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        if _is_current(dest, weights):  # another process finished while we waited
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        tmp.chmod(0o755)
-        try:
-            export(src, tmp, weights)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.replace(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    _check_supported(src)  # fail fast, before taking the lock
+    return build_dir_once(dest, is_current=lambda: _is_current(dest, weights), build=lambda tmp: export(src, tmp, weights))
 
 
 def export(src: Path, out: Path, weights: Path) -> dict[str, Any]:
