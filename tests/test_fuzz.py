@@ -218,6 +218,8 @@ UNARY = {
     "Retrieve": st.builds(pb.RetrieveRequest, query=TEXT, k=INT32, filter=MAP),
     "Delete": st.builds(pb.DeleteRequest, id=TEXT),
     "Stats": st.just(pb.StatsRequest()),
+    "WaitSearchable": st.builds(pb.WaitSearchableRequest, timeout_s=st.one_of(
+        st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0]))),
     "ListAdapters": st.just(pb.ListAdaptersRequest()),
     "PromoteAdapter": st.builds(pb.PromoteAdapterRequest, version=TEXT),
     "RollbackAdapter": st.just(pb.RollbackAdapterRequest()),
