@@ -107,26 +107,23 @@ def create_embedder(cfg: KfreshConfig) -> Embedder:
 
     ecfg = cfg.embedder
     path = embedder_path(cfg.models)
-    backend = resolve_backend(ecfg.backend, ecfg.device)
-    if backend == "torch":
-        return SentenceTransformerEmbedder(
-            path, device=ecfg.device, threads=ecfg.threads, batch_size=ecfg.batch_size, name=cfg.models.embedder
-        )
-    if resolve_device(ecfg.device) != "cpu":
-        raise Unavailable(f"embedder.backend={backend} runs on the CPU only; set embedder.backend=torch for {ecfg.device}")
-    from kfresh.indexer.embedder_onnx import OnnxEmbedder
-    from kfresh.onnx_export import ExportError, onnx_folder
+    device = resolve_device(ecfg.device)
+    backend = resolve_backend(ecfg.backend, device)
+    if backend != "torch":
+        if device != "cpu":
+            raise Unavailable(f"embedder.backend={backend} runs on the CPU only; set embedder.backend=torch for {device}")
+        from kfresh.indexer.embedder_onnx import OnnxEmbedder
+        from kfresh.onnx_export import ExportError, onnx_folder
 
-    try:
-        folder = onnx_folder(path, cfg.models.cache_dir)
-    except ExportError as exc:
-        if ecfg.backend != "auto":
-            raise Unavailable(str(exc)) from exc
-        log.warning("embedder.onnx_unavailable falling back to torch: %s", exc)
-        return SentenceTransformerEmbedder(
-            path, device=ecfg.device, threads=ecfg.threads, batch_size=ecfg.batch_size, name=cfg.models.embedder
-        )
-    return OnnxEmbedder(
-        folder, name=cfg.models.embedder, quantized=backend == "onnx-int8", threads=ecfg.threads,
-        batch_size=ecfg.batch_size,
+        try:
+            return OnnxEmbedder(
+                onnx_folder(path, cfg.models.cache_dir), name=cfg.models.embedder, quantized=backend == "onnx-int8",
+                threads=ecfg.threads, batch_size=ecfg.batch_size,
+            )  # fmt: skip
+        except ExportError as exc:
+            if ecfg.backend != "auto":
+                raise Unavailable(str(exc)) from exc
+            log.warning("embedder.onnx_unavailable falling back to torch: %s", exc)
+    return SentenceTransformerEmbedder(
+        path, device=ecfg.device, threads=ecfg.threads, batch_size=ecfg.batch_size, name=cfg.models.embedder
     )

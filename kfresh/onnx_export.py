@@ -42,7 +42,6 @@ def onnx_folder(source: str | Path, cache_dir: Path) -> Path:
     dest = Path(cache_dir).expanduser().resolve() / "onnx" / f"{src.parent.name}-{src.name}"
     if _is_current(dest, weights):
         return dest
-    _check_supported(src)  # fail fast, before taking the lock
     return build_dir_once(dest, is_current=lambda: _is_current(dest, weights), build=lambda tmp: export(src, tmp, weights))
 
 

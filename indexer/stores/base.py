@@ -72,13 +72,13 @@ class DocumentStore(abc.ABC):
     read_only: bool = False
 
     # -- writes from clients -----------------------------------------------------------------------
-    @abc.abstractmethod
     def upsert(self, doc: DocumentIn, chunks: Sequence[str], *, now: float | None = None) -> Ack:
         """Store a new version of `doc` with its chunks (status "stored"), or nothing ("unchanged")."""
+        return self.write_many([WriteOp(doc.id, doc, tuple(chunks))], now=now)[0]
 
-    @abc.abstractmethod
     def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
         """Mark `doc_id` deleted under a new version ("deleted"), or "not_found"."""
+        return self.write_many([WriteOp(doc_id)], now=now)[0]
 
     @abc.abstractmethod
     def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:

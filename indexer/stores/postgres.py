@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
+from kfresh.indexer.documents import Ack, WriteOp
 from kfresh.indexer.rows import (
     Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
 )  # fmt: skip
@@ -155,16 +155,6 @@ class PostgresStore(DocumentStore):
                 self._w.close()
 
     # -- writes (their SQL: pg_writes.py) ----------------------------------------------------------
-    @_errors
-    def upsert(self, doc: DocumentIn, chunks: Sequence[str], *, now: float | None = None) -> Ack:
-        with self._txn() as cur:
-            return pg_writes.upsert(cur, doc, chunks, now)
-
-    @_errors
-    def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
-        with self._txn() as cur:
-            return pg_writes.delete(cur, doc_id, now)
-
     @_errors
     def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
         if not ops:

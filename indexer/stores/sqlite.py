@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
+from kfresh.indexer.documents import Ack, WriteOp
 from kfresh.indexer.rows import (
     SCHEMA, Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
 )  # fmt: skip
@@ -126,16 +126,6 @@ class SqliteStore(DocumentStore):
                     raise
 
     # -- writes (their SQL: sqlite_writes.py) ------------------------------------------------------
-    @_errors
-    def upsert(self, doc: DocumentIn, chunks: Sequence[str], *, now: float | None = None) -> Ack:
-        with self._txn() as w:
-            return sqlite_writes.upsert(w, doc, chunks, now)
-
-    @_errors
-    def delete(self, doc_id: str, *, now: float | None = None) -> Ack:
-        with self._txn() as w:
-            return sqlite_writes.delete(w, doc_id, now)
-
     @_errors
     def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
         if not ops:
