@@ -3,9 +3,29 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
+
+
+_CHUNK = 8192  # documents encoded per step: each step is short, so other threads get the GIL in between
+
+
+def _encode(docs: dict[str, tuple[int, np.ndarray]]) -> bytes:
+    """u64 header length, JSON {"docs", "versions", "counts"}, then every document's ids as little-endian int64."""
+    names = list(docs)
+    heads: tuple[list[str], list[str], list[str]] = ([], [], [])
+    ids: list[bytes] = []
+    for at in range(0, len(names), _CHUNK):
+        part = names[at : at + _CHUNK]
+        entries = [docs[d] for d in part]
+        heads[0].append(json.dumps(part, ensure_ascii=False)[1:-1])
+        heads[1].append(json.dumps([e[0] for e in entries])[1:-1])
+        heads[2].append(json.dumps([len(e[1]) for e in entries])[1:-1])
+        ids.append(np.concatenate([e[1] for e in entries]).astype("<i8").tobytes())
+    lists = [f'"{key}": [' + ", ".join(parts) + "]" for key, parts in zip(("docs", "versions", "counts"), heads)]
+    head = ("{" + ", ".join(lists) + "}").encode("utf-8")
+    return struct.pack("<Q", len(head)) + head + b"".join(ids)
 
 
 class DocMap:
@@ -50,12 +70,13 @@ class DocMap:
         return entry[1]
 
     def to_bytes(self) -> bytes:
-        names = list(self._docs)
-        versions = [self._docs[d][0] for d in names]
-        counts = [len(self._docs[d][1]) for d in names]
-        head = json.dumps({"docs": names, "versions": versions, "counts": counts}, ensure_ascii=False).encode("utf-8")
-        ids = np.concatenate([self._docs[d][1] for d in names]) if names else np.zeros(0, dtype=np.int64)
-        return struct.pack("<Q", len(head)) + head + ids.astype("<i8").tobytes()
+        return _encode(self._docs)
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        """to_bytes() in two halves: a shallow copy now (~3 ms at 100k documents; the id arrays are never
+        mutated in place, so it is a consistent picture) and the encoding later, on the snapshot thread."""
+        docs = dict(self._docs)
+        return lambda: _encode(docs)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> DocMap:

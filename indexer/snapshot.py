@@ -39,7 +39,7 @@ class SnapshotData:
     embedder: str
     applied_seq: int
     index_bytes: bytes | Callable[[], bytes]  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
-    map_bytes: bytes
+    map_bytes: bytes | Callable[[], bytes]  # likewise (DocMap.snapshot_later)
 
 
 @dataclass
@@ -62,10 +62,11 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_bytes = data.index_bytes() if callable(data.index_bytes) else data.index_bytes
+    map_bytes = data.map_bytes() if callable(data.map_bytes) else data.map_bytes
     header = json.dumps(
         {
             "kind": data.kind, "dim": data.dim, "embedder": data.embedder, "applied_seq": data.applied_seq,
-            "index_len": len(index_bytes), "map_len": len(data.map_bytes), "created_at": time.time(),
+            "index_len": len(index_bytes), "map_len": len(map_bytes), "created_at": time.time(),
         }
     ).encode("utf-8")
     final = snapshot_path(folder)
@@ -73,7 +74,7 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     digest = hashlib.sha256()
     started = time.perf_counter()
     with open(tmp, "wb") as f:
-        for part in (MAGIC, struct.pack("<Q", len(header)), header, index_bytes, data.map_bytes):
+        for part in (MAGIC, struct.pack("<Q", len(header)), header, index_bytes, map_bytes):
             view = memoryview(part)
             for at in range(0, len(view), _FLUSH_EVERY):
                 piece = view[at : at + _FLUSH_EVERY]

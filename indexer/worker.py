@@ -126,10 +126,13 @@ class Worker:
         for item in batch:
             if item.doc_id not in latest or item.version > latest[item.doc_id].version:
                 latest[item.doc_id] = item
-        plans = [p for p in (self._plan(item) for item in latest.values()) if p is not None]
+        with metrics.INDEXER_STAGE.labels("plan").time():
+            plans = [p for p in (self._plan(item) for item in latest.values()) if p is not None]
         if plans:
-            self._embed(plans)
-            self._swap(plans)
+            with metrics.INDEXER_STAGE.labels("embed").time():
+                self._embed(plans)
+            with metrics.INDEXER_STAGE.labels("swap").time():
+                self._swap(plans)
         searchable_at = time.time()
         applied = [
             Applied(
@@ -140,7 +143,8 @@ class Worker:
             for p in plans
         ]
         # A foreign change's owner saves it; this replica writes only vectors it had to embed itself.
-        self.store.save_applied([a for p, a in zip(plans, applied) if not p.item.foreign or p.texts_to_embed])
+        with metrics.INDEXER_STAGE.labels("save").time():
+            self.store.save_applied([a for p, a in zip(plans, applied) if not p.item.foreign or p.texts_to_embed])
         for p, a in zip(plans, applied):
             if p.item.foreign:
                 metrics.REPLICA_LAG.observe(max(a.lag_ms, 0.0) / 1000)
@@ -216,20 +220,30 @@ class Worker:
         self._snapshot_requested.set()
 
     def _maybe_snapshot(self) -> None:
-        if self._snapshot_requested.is_set() or self._since_snapshot >= self.cfg.index.snapshot_every_changes:
+        if self._snapshot_requested.is_set() or self._since_snapshot >= self._snapshot_threshold():
             self._snapshot_requested.clear()
             self.snapshot()
 
+    def _snapshot_threshold(self) -> int:
+        """Applied changes between snapshots: the fixed count, or a share of the index when that is larger, so a
+        snapshot (the whole index) costs the same per change at 100k vectors as at 10M. The document map's count
+        is in memory (a remote index's ntotal would be a query on every turn of the loop)."""
+        icfg = self.cfg.index
+        return max(icfg.snapshot_every_changes, int(icfg.snapshot_every_fraction * self.state.docmap.total_ids))
+
     def capture(self) -> SnapshotData:
-        """Snapshot bytes of the current state; only call from the worker thread or when it is stopped."""
+        """Snapshot bytes of the current state; only call from the worker thread or when it is stopped.
+        Under the lock only cheap copies are taken; serialising them happens on the snapshot thread."""
         st = self.state
+        started = time.perf_counter()
         with st.lock.read():
             seq = self.tracker.watermark()
             data = SnapshotData(
                 kind=st.index.kind, dim=self.embedder.dim, embedder=self.embedder.name, applied_seq=seq,
-                index_bytes=st.index.snapshot_later(), map_bytes=st.docmap.to_bytes(),
+                index_bytes=st.index.snapshot_later(), map_bytes=st.docmap.snapshot_later(),
             )
         self._since_snapshot = 0
+        log.info("snapshot.captured applied_seq=%d ms=%.1f", seq, (time.perf_counter() - started) * 1000)
         return data
 
     def snapshot(self) -> None:

@@ -74,7 +74,12 @@ class IndexConfig(_Section):
         "milvus: a Milvus collection (milvus-lite file or server, see milvus_uri).",
     )
     snapshot_dir: Path = Field(DEFAULT_HOME / "index", description="Folder for atomic index snapshots.")
-    snapshot_every_changes: int = Field(5_000, ge=1, description="Write a snapshot after this many applied changes.")
+    snapshot_every_changes: int = Field(5_000, ge=1, description="Write a snapshot after this many applied changes...")
+    snapshot_every_fraction: float = Field(
+        0.1, ge=0, le=100,
+        description="...or after this share of the index's vectors in changes, when that is more: a snapshot rewrites the "
+        "whole index, so at 1M vectors one every 5,000 changes would never stop (0 = the fixed count only).",
+    )  # fmt: skip
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists (ivf kind only).")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
     ivf_train_min: int = Field(20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that.")

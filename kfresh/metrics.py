@@ -30,6 +30,10 @@ REPLICA_LAG = Histogram(
     "Acknowledged by another replica sharing the store -> searchable on this one (includes clock skew).",
     buckets=_FAST,
 )
+INDEXER_STAGE = Histogram(
+    "kfresh_indexer_stage_seconds", "Time the indexing worker spends per micro-batch, by stage (plan, embed, swap, save).",
+    ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)  # fmt: skip
 RPC_DURATION = Histogram("kfresh_rpc_duration_seconds", "Server-side RPC duration by method.", ["method"], buckets=_FAST)
 RPC_TOTAL = Counter("kfresh_rpcs", "Finished RPCs by method and gRPC status code.", ["method", "code"])
 RETRIEVE_DURATION = Histogram("kfresh_retrieve_seconds", "Embedding + vector search time of one retrieval.", buckets=_FAST)

@@ -73,6 +73,7 @@ def main(argv: list[str]) -> None:
     home, path, count = Path(argv[0]), argv[1], int(argv[2])
     cfg = KfreshConfig().with_home(home)
     cfg.index.snapshot_every_changes = 7  # snapshots are being written when the kill lands
+    cfg.index.snapshot_every_fraction = 0.0
     indexer = Indexer(cfg, embedder=SentenceTransformerEmbedder(path, device="cpu"))
     indexer.start()
     print("READY", flush=True)

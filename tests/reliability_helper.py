@@ -129,7 +129,7 @@ class KillHarness:
         self.home = home
         self.rng = random.Random(seed)
         self.streams = streams
-        self.server_args = ("--index.snapshot_every_changes", "40", *server_args)
+        self.server_args = ("--index.snapshot_every_changes", "40", "--index.snapshot_every_fraction", "0", *server_args)
         self.docs: dict[str, DocModel] = {}
         self.lock = threading.Lock()
         self.report = KillReport()

@@ -66,6 +66,8 @@ def test_metrics_count_what_happened(server: ServerHandle) -> None:
 
     assert grew("kfresh_documents_acked_total", op="upsert", status="stored") == 5
     assert grew("kfresh_freshness_lag_seconds_count") == 5
+    assert 1 <= grew("kfresh_indexer_stage_seconds_count", stage="embed") <= 5  # micro-batches that embedded the 5
+    assert grew("kfresh_indexer_stage_seconds_sum", stage="embed") > 0
     assert grew("kfresh_rpcs_total", method="Ingest", code="OK") == 1
     assert grew("kfresh_rpcs_total", method="Retrieve", code="INVALID_ARGUMENT") == 1
     assert grew("kfresh_rpcs_total", method="Retrieve", code="OK") >= 5

@@ -154,3 +154,35 @@ def test_snapshot_later_is_the_index_at_capture_time(kind: str) -> None:
     index.add(np.arange(500, 600), vecs[500:])  # the worker keeps mutating after the capture
     index.remove(np.arange(0, 50))
     assert later() == expected
+
+
+def test_docmap_snapshot_later_is_the_map_at_capture_time(monkeypatch, tmp_path) -> None:
+    from kfresh.indexer import docmap as docmap_module
+
+    monkeypatch.setattr(docmap_module, "_CHUNK", 7)  # several encoding steps
+    docmap = DocMap()
+    for d in range(30):
+        docmap.set(f"dok-ü-{d}", 1 + d % 4, np.arange(d % 3) + 100 * d)  # some documents have no chunks
+    expected = {d: (docmap.version(d), docmap.ids(d).tolist()) for d in docmap}
+    later = docmap.snapshot_later()
+    docmap.set("dok-ü-3", 9, np.array([7, 8]))  # the worker keeps mutating after the capture
+    docmap.pop("dok-ü-4")
+    docmap.set("new", 1, np.array([1]))
+    index = FlatIndex(DIM)
+    index.add(np.array([100 * d + i for d in range(30) for i in range(d % 3)]), np.ones((sum(d % 3 for d in range(30)), DIM), np.float32))
+    write_snapshot(tmp_path, SnapshotData("flat", DIM, "m", 5, index.to_bytes(), later))
+    loaded = load_snapshot(tmp_path, CFG, dim=DIM, embedder="m")
+    assert loaded is not None
+    assert {d: (loaded.docmap.version(d), loaded.docmap.ids(d).tolist()) for d in loaded.docmap} == expected
+
+
+@pytest.mark.parametrize(("every", "fraction", "ntotal", "threshold"), [(5_000, 0.1, 100_000, 10_000), (5_000, 0.1, 20_000, 5_000), (40, 0.0, 10**6, 40)])
+def test_snapshot_threshold_grows_with_the_index(every: int, fraction: float, ntotal: int, threshold: int) -> None:
+    from types import SimpleNamespace
+
+    from kfresh.indexer.worker import Worker
+
+    cfg = KfreshConfig()
+    cfg.index.snapshot_every_changes, cfg.index.snapshot_every_fraction = every, fraction
+    worker = SimpleNamespace(cfg=cfg, state=SimpleNamespace(docmap=SimpleNamespace(total_ids=ntotal)))
+    assert Worker._snapshot_threshold(worker) == threshold  # type: ignore[arg-type]
