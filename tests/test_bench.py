@@ -134,3 +134,10 @@ def test_results_folder_has_only_complete_runs():
         assert not data["quick"], json_path
         assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file(), json_path
         assert f"kfresh bench {data['suite']}" in json_path.with_suffix(".md").read_text()
+
+
+def test_freshness_load_is_a_share_of_the_maximum_or_a_fixed_rate():
+    from kfresh.benchmarks.freshness import FreshnessOptions, _load_target
+
+    assert _load_target(FreshnessOptions(), 276.0) == 138.0
+    assert _load_target(FreshnessOptions(load_fraction=0.25, load_rate=100.0), 276.0) == 100.0
