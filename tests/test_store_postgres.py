@@ -138,3 +138,27 @@ def test_the_dsn_comes_from_the_environment_and_is_never_shown(monkeypatch):
     with pytest.raises(StoreError, match="cannot open the document store at host=127.0.0.1 port=1") as err:
         open_store(unreachable).close()
     assert "s3cret-pw" not in str(err.value)
+
+
+def test_reads_survive_the_server_dropping_every_connection(pg_dsn, monkeypatch):
+    """After a restart or failover the pooled read connections are dead; the next reads get fresh ones, and
+    the next write a fresh writer (checked after an idle second; 0 here, so the test need not wait)."""
+    from kfresh.indexer.stores import postgres
+
+    monkeypatch.setattr(postgres, "_WRITER_CHECK_IDLE_S", 0.0)
+    store = open_store(StoreConfig(kind="postgres", dsn=pg_dsn))
+    try:
+        store.upsert(DocumentIn("d", "a document"), ["a document"])
+        assert store.current("d") is not None  # the pool now holds a connection that has been used
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        assert killed >= 2  # the writer and at least one pooled reader
+        for _ in range(3):
+            cur = store.current("d")
+            assert cur is not None and cur.version == 1
+        assert store.upsert(DocumentIn("d", "a new text"), ["a new text"]).version == 2  # the writer is replaced too
+    finally:
+        store.close()

@@ -38,6 +38,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger("kfresh.indexer")
 
+_WRITER_CHECK_IDLE_S = 1.0
+
 _RECHECK_S = 0.5  # wait_for_change re-reads max_seq at least this often (covers a listener that is down)
 _errors = translate_errors(psycopg.Error, lambda exc: getattr(exc, "sqlstate", None) == "53100")  # disk_full
 
@@ -83,9 +85,13 @@ class PostgresStore(DocumentStore):
         self._listener: ChangeListener | None = None
         self._listener_lock = threading.Lock()
         self._w: psycopg.Connection[Any] | None = None
+        self._w_used = 0.0  # time.monotonic() of the writer's last transaction
         self._pool = ConnectionPool(
             self._dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, configure=_read_only_session,
             open=False, name="kfresh-store", num_workers=2,
+            # Checked on borrow (one empty round trip): after a server restart or a failover a search gets a
+            # fresh connection instead of the dead one's error.
+            check=ConnectionPool.check_connection,
         )  # fmt: skip
         try:
             self._open(open_timeout_s)
@@ -134,14 +140,30 @@ class PostgresStore(DocumentStore):
         if self.read_only:
             raise StoreError(f"document store {self.where} is open read-only")
         with self._write_lock:
-            if self._w is None or self._w.broken or self._w.closed:
+            if not self._writer_alive():
                 if self._w is not None:
                     self._w.close()
                 self._w = self._connect_writer()
+            assert self._w is not None
+            self._w_used = time.monotonic()
             with self._w.transaction(), self._w.cursor() as cur:
                 if serialised:
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
                 yield cur
+
+    def _writer_alive(self) -> bool:
+        """False when the writer connection is gone. After an idle second it is checked with an empty query
+        first, so the first write after a server restart or failover reconnects instead of failing."""
+        w = self._w
+        if w is None or w.broken or w.closed:
+            return False
+        if time.monotonic() - self._w_used < _WRITER_CHECK_IDLE_S:
+            return True
+        try:
+            w.execute("")
+        except psycopg.Error:
+            return False
+        return True
 
     def close(self) -> None:
         self._closed = True
