@@ -179,7 +179,7 @@ class GenerationConfig(_Section):
         "http://127.0.0.1:8000",
         description="Base URL of the remote vLLM server (remote backend); several, comma-separated = balanced replicas.",
     )
-    remote_health_interval_s: float = Field(2.0, gt=0, description="How often each remote replica's /health is checked.")
+    remote_health_interval_s: float = Field(2.0, gt=0, description="How often each remote replica's /health is checked (and the model behind health service \"\" after start).")
     remote_model: str = Field("", description="Model name on the remote server; empty = the first model it lists.")
     remote_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout for the remote backend.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype (float32 is batch-invariant).")

@@ -21,6 +21,7 @@ from kfresh.server.adapters import AdapterManager
 from kfresh.server.auth import AuthInterceptor, TokenTable
 from kfresh.server.errors import MalformedRequestGuard
 from kfresh.server.generation.base import GenerationBackend
+from kfresh.server.model_health import NOT_SERVING, SERVING, follow_model_health
 from kfresh.server.servicer import KfreshServicer, Runtime
 from kfresh.server.tls import server_credentials
 from kfresh.v1 import kfresh_pb2, kfresh_pb2_grpc
@@ -28,8 +29,6 @@ from kfresh.v1 import kfresh_pb2, kfresh_pb2_grpc
 log = logging.getLogger("kfresh.server")
 
 SERVICE_NAME = kfresh_pb2.DESCRIPTOR.services_by_name["Kfresh"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -206,6 +205,7 @@ async def running_server(
     owns_indexer = indexer is None
     idx = indexer if indexer is not None else Indexer(cfg)
     model_task: asyncio.Task[None] | None = None
+    health_task: asyncio.Task[None] | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     try:
         if owns_indexer:
@@ -217,14 +217,18 @@ async def running_server(
         if backend.ready and adapters is None:
             await health_servicer.set("", SERVING)
         model_task = asyncio.create_task(_load_model(backend, health_servicer, adapters))
+        health_task = asyncio.create_task(
+            follow_model_health(backend, health_servicer, model_task, interval_s=cfg.generation.remote_health_interval_s)
+        )
         yield RunningServer(port, f"{cfg.server.host}:{port}", runtime, health_servicer, model_task,
                             metrics_endpoint.port if metrics_endpoint else 0)  # fmt: skip
     finally:
         log.info("shutting_down grace_s=%.1f", cfg.server.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(cfg.server.grace_s)
-        if model_task is not None and not model_task.done():
-            model_task.cancel()
+        for task in (health_task, model_task):
+            if task is not None and not task.done():
+                task.cancel()
         if runtime.distiller is not None:
             await runtime.distiller.close()
         if metrics_endpoint is not None:

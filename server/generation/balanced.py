@@ -86,6 +86,9 @@ class BalancedRemoteBackend(GenerationBackend):
         await self.refresh()
         return self.ready
 
+    async def serving(self) -> bool:
+        return self.ready  # the health watcher refreshes the replicas every remote_health_interval_s already
+
     async def refresh(self) -> None:
         """One health round: drop failing replicas, admit recovered ones (after loading the adapters)."""
         checks = await asyncio.gather(*(self._check(r) for r in self.replicas), return_exceptions=True)

@@ -61,6 +61,10 @@ class GenerationBackend(abc.ABC):
     @abc.abstractmethod
     async def check_health(self) -> bool: ...
 
+    async def serving(self) -> bool:
+        """Whether Answer can be served now, for the health service: checks the backend, then `ready`."""
+        return await self.check_health() and self.ready
+
     async def load_adapter(self, name: str, path: str) -> None:
         raise NotImplementedError(f"{self.name} backend does not serve LoRA adapters yet")
 
