@@ -219,6 +219,13 @@ class AdapterManager:
         self._loaded[version] = manifest.served_name
         log.info("adapter_loaded version=%s name=%s ms=%.1f", version, manifest.served_name, (time.perf_counter() - start) * 1000)
 
+    async def reload(self, version: str) -> None:
+        """Load `version` into the backend again (in place) although this manager loaded it already: a
+        generation server shared with other replicas may have dropped it."""
+        async with self._lock:
+            self._loaded.pop(version, None)
+            await self._load(version)
+
     def _wanted(self) -> set[str]:
         return {v for v in (self._current, self._standby) if v}
 

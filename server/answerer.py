@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kfresh import metrics
@@ -15,7 +15,7 @@ from kfresh.config import AnswerConfig
 from kfresh.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
-from kfresh.server.generation.base import GenerationBackend, GenerationRequest
+from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.prompting import build_messages, closed_book_messages, resolve_conflicts
 from kfresh.server.validation import AnswerQuery
 
@@ -108,6 +108,24 @@ class Answerer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _generate(self, request: GenerationRequest, adapter: AdapterChoice) -> AsyncIterator[GenerationChunk]:
+        """The backend's stream. A vLLM server shared by several kfresh replicas may have had this adapter
+        unloaded by another one (its swap or its shutdown): then it is loaded again and the request retried once."""
+        started = False
+        try:
+            async for chunk in self._backend.generate(request):
+                started = True
+                yield chunk
+            return
+        except NotFound:
+            if started or not adapter.version or self._adapters is None:
+                raise
+        log.warning("adapter_missing version=%s name=%s: the backend lost it (another replica unloaded it?); reloading",
+                    adapter.version, adapter.served_name)  # fmt: skip
+        await self._adapters.reload(adapter.version)
+        async for chunk in self._backend.generate(replace(request, request_id=f"{request.request_id}-retry")):
+            yield chunk
+
     async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:
         start = time.perf_counter()
         passages: list[Hit] = []
@@ -137,7 +155,7 @@ class Answerer:
         ttft_ms = 0.0
         finish_reason = ""
         tokens = 0
-        async for chunk in self._backend.generate(request):
+        async for chunk in self._generate(request, adapter):
             if chunk.text:
                 if not ttft_ms:
                     ttft_ms = (time.perf_counter() - start) * 1000

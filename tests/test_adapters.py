@@ -396,6 +396,31 @@ def test_tampered_adapter_is_refused_by_a_running_server(
 
 
 @pytest.mark.slow
+def test_an_adapter_another_replica_unloaded_is_reloaded_on_demand(
+    engine_loop: Any, remote_vllm_server: str, peft_adapters: list[Path], tmp_path: Path
+) -> None:
+    """Replicas sharing one `vllm serve`: another one's swap or shutdown unloads this one's adapter there."""
+    import httpx
+
+    registry = AdapterRegistry(tmp_path / "adapters")
+    _publish(registry, peft_adapters[0])  # v0001
+    cfg = server_config(tmp_path / "home", generation__backend="remote", generation__remote_url=remote_vllm_server,
+                        generation__enable_lora=True, finetune__registry_dir=registry.root)  # fmt: skip
+    handle = ServerHandle(engine_loop, cfg, None)
+    try:
+        with KfreshClient(f"127.0.0.1:{handle.port}") as client, httpx.Client(base_url=remote_vllm_server) as http:
+            client.wait_ready(timeout=120)
+            first, done = _answer(client, "Name three uses of copper.", closed_book=True, max_tokens=12)
+            assert done.adapter == "v0001"
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "kfresh-v0001"}).status_code == 200
+            again, done = _answer(client, "Name three uses of copper.", closed_book=True, max_tokens=12)
+            assert done.adapter == "v0001" and again == first  # greedy: the same adapter, loaded again
+            assert "kfresh-v0001" in {m["id"] for m in http.get("/v1/models").json()["data"]}
+    finally:
+        handle.stop()
+
+
+@pytest.mark.slow
 def test_remote_backend_loads_and_unloads_versions_by_name(
     engine_loop: Any, remote_vllm_server: str, peft_adapters: list[Path], tmp_path: Path
 ) -> None:

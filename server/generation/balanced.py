@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from kfresh.config import GenerationConfig
-from kfresh.errors import KfreshError, Unavailable
+from kfresh.errors import KfreshError, NotFound, Unavailable
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
@@ -156,6 +156,10 @@ class BalancedRemoteBackend(GenerationBackend):
                     started = True
                     yield chunk
                 return
+            except NotFound:
+                if request.adapter and not started:  # unloaded behind our back (a replica sharing the server):
+                    replica.adapters.discard(request.adapter)  # the next load_adapter puts it back there
+                raise
             except Unavailable:
                 self._drop(replica)  # the health watcher re-admits it when it recovers
                 log.warning("replica_failed url=%s request=%s started=%s", replica.url, request.request_id, started)
