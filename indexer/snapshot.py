@@ -21,6 +21,7 @@ from kfresh.config import IndexConfig
 from kfresh.fsutil import fsync_dir
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.vectors import VectorIndex, index_from_bytes
+from kfresh.indexer.vectors.base import SnapshotParts
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -38,7 +39,7 @@ class SnapshotData:
     dim: int
     embedder: str
     applied_seq: int
-    index_bytes: bytes | Callable[[], bytes]  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
+    index_bytes: bytes | Callable[[], SnapshotParts]  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
     map_bytes: bytes | Callable[[], bytes]  # likewise (DocMap.snapshot_later)
 
 
@@ -61,12 +62,13 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     """Atomically replace the snapshot in `folder`; returns its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    index_bytes = data.index_bytes() if callable(data.index_bytes) else data.index_bytes
+    index = data.index_bytes() if callable(data.index_bytes) else (data.index_bytes,)
+    index_parts = [memoryview(part).cast("B") for part in index]
     map_bytes = data.map_bytes() if callable(data.map_bytes) else data.map_bytes
     header = json.dumps(
         {
             "kind": data.kind, "dim": data.dim, "embedder": data.embedder, "applied_seq": data.applied_seq,
-            "index_len": len(index_bytes), "map_len": len(map_bytes), "created_at": time.time(),
+            "index_len": sum(p.nbytes for p in index_parts), "map_len": len(map_bytes), "created_at": time.time(),
         }
     ).encode("utf-8")
     final = snapshot_path(folder)
@@ -74,7 +76,7 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     digest = hashlib.sha256()
     started = time.perf_counter()
     with open(tmp, "wb") as f:
-        for part in (MAGIC, struct.pack("<Q", len(header)), header, index_bytes, map_bytes):
+        for part in (MAGIC, struct.pack("<Q", len(header)), header, *index_parts, map_bytes):
             view = memoryview(part)
             for at in range(0, len(view), _FLUSH_EVERY):
                 piece = view[at : at + _FLUSH_EVERY]
@@ -196,10 +198,11 @@ class SnapshotWriter:
 
 def _lower_priority() -> None:
     """Serialising, hashing and writing hundreds of MB is background work: on Linux a thread has its own nice
-    value, so this one yields the cores to the indexing worker and the gRPC threads."""
+    value, so this one (nice 19) yields the cores to the indexing worker and the gRPC threads. Not SCHED_IDLE:
+    a thread that may hold the GIL must never be starved outright."""
     import threading
 
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         pass

@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+# Buffers (bytes, uint8 arrays) that are written one after another: joining hundreds of MB into one bytes
+# object would be a copy that holds the GIL, stalling every other thread of the server meanwhile.
+SnapshotParts = tuple[Any, ...]
+
 
 def as_ids(ids: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -69,11 +73,12 @@ class VectorIndex(ABC):
     def to_bytes(self) -> bytes:
         """A self-contained serialisation for snapshots."""
 
-    def snapshot_later(self) -> Callable[[], bytes]:
+    def snapshot_later(self) -> Callable[[], SnapshotParts]:
         """to_bytes() in two halves: a cheap copy now (the caller holds the index lock, the worker waits) and
-        the serialisation later, on the snapshot thread. The default serialises now."""
+        the serialisation later, on the snapshot thread, as parts whose concatenation is to_bytes(). The
+        default serialises now."""
         data = self.to_bytes()
-        return lambda: data
+        return lambda: (data,)
 
     # Maintenance (IVF training, tombstone compaction) is split so the slow half runs while searches go on:
     # prepare_maintenance() only reads the index; apply_maintenance() mutates it under the writer's lock.

@@ -6,13 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.vectors.base import VectorIndex, as_ids, as_vecs, threads_for
+from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs, threads_for
 
 
 def serialize(index: Any) -> bytes:
+    return serialize_array(index).tobytes()
+
+
+def serialize_array(index: Any) -> np.ndarray:
+    """The serialised index as a uint8 array; faiss releases the GIL while it writes, unlike a tobytes() copy."""
     import faiss
 
-    return faiss.serialize_index(index).tobytes()
+    return faiss.serialize_index(index)
 
 
 def deserialize(data: bytes | memoryview) -> Any:
@@ -63,16 +68,16 @@ class FlatIndex(VectorIndex):
     def to_bytes(self) -> bytes:
         return serialize(self._index)
 
-    def snapshot_later(self) -> Callable[[], bytes]:
+    def snapshot_later(self) -> Callable[[], SnapshotParts]:
         # Copying the arrays is ~10x cheaper than serialising the index (0.05 vs 0.45 s at 100k x 384);
         # rebuilding from them on the snapshot thread gives the same bytes.
         ids, vecs = self.export()
         dim = self.dim
 
-        def later() -> bytes:
+        def later() -> SnapshotParts:
             copy = FlatIndex(dim)
             copy.add(ids, vecs)
-            return copy.to_bytes()
+            return (serialize_array(copy._index),)
 
         return later
 

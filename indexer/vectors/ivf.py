@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.vectors.base import VectorIndex, as_ids, as_vecs, threads_for
-from kfresh.indexer.vectors.flat import FlatIndex, deserialize, serialize
+from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs, threads_for
+from kfresh.indexer.vectors.flat import FlatIndex, deserialize, serialize, serialize_array
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -117,15 +117,15 @@ class IvfIndex(VectorIndex):
             return _FLAT + self._flat.to_bytes()
         return _IVF + serialize(self._ivf)
 
-    def snapshot_later(self) -> Callable[[], bytes]:
+    def snapshot_later(self) -> Callable[[], SnapshotParts]:
         if self._ivf is None:
             assert self._flat is not None
             flat = self._flat.snapshot_later()
-            return lambda: _FLAT + flat()
+            return lambda: (_FLAT, *flat())
         import faiss
 
         copy = faiss.clone_index(self._ivf)  # about half the cost of serialising it under the lock
-        return lambda: _IVF + serialize(copy)
+        return lambda: (_IVF, serialize_array(copy))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, dim: int, *, nlist: int, nprobe: int, train_min: int) -> IvfIndex:
