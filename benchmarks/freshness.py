@@ -93,7 +93,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
     if not addr and opts.corpus_docs:
         store = cached_store("corpus", corpus.embeddings(opts.corpus_docs), corpus.text)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-fresh-")))
-    with kfresh_server({**NO_GENERATION, **opts.server}, addr=addr, home=home) as target:
+    with kfresh_server({**NO_GENERATION, **opts.server}, addr=addr, home=home, remove_home=True) as target:
         with connect(target.addr) as client:
             stats = client.stats()
         n_docs = max(int(stats.documents), 1)

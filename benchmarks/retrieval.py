@@ -138,7 +138,7 @@ def server_retrieve(vecs: np.ndarray, text_of: Any, label: str, queries: list[st
         name = "corpus" if label == "real" else f"derived{opts.real_max}"
         store = cached_store(name, vecs, text_of)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-retrieval-")))
-    with kfresh_server(settings, addr=addr, home=home) as target, connect(target.addr) as client:
+    with kfresh_server(settings, addr=addr, home=home, remove_home=True) as target, connect(target.addr) as client:
         for q in queries[:5]:
             client.retrieve(q, k=opts.k, timeout=60)
         total, server, found = [], [], []

@@ -69,11 +69,13 @@ def _flags(settings: Mapping[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def kfresh_server(
     settings: Mapping[str, Any] | None = None, *, addr: str | None = None, home: Path | None = None,
-    model: bool = False, timeout_s: float = 900.0, env: Mapping[str, str] | None = None,
+    model: bool = False, timeout_s: float = 900.0, env: Mapping[str, str] | None = None, remove_home: bool | None = None,
 ) -> Iterator[Target]:  # fmt: skip
     """Yield a ready server: `addr` as is, or a `kfresh serve` on a free port with data under `home` (temp if None).
 
     `model=True` waits for the model too (health service ""), else only for the index (kfresh.v1.Kfresh).
+    The home is deleted afterwards when this made it or `remove_home` says so (a preloaded copy of a
+    1M-document store is GBs: a suite's temporary homes must not pile up in /tmp).
     """
     from kfresh.client import SERVICE_NAME
 
@@ -82,7 +84,7 @@ def kfresh_server(
             c.wait_ready(timeout=timeout_s, service=SERVICE_NAME if not model else "")
         yield Target(addr)
         return
-    owned = home is None
+    owned = home is None if remove_home is None else remove_home
     home = Path(tempfile.mkdtemp(prefix="kfresh-bench-")) if home is None else home
     port = free_port()
     merged = {"server.port": port, "store.path": home / "kfresh.db", "index.snapshot_dir": home / "index",

@@ -141,3 +141,19 @@ def test_freshness_load_is_a_share_of_the_maximum_or_a_fixed_rate():
 
     assert _load_target(FreshnessOptions(), 276.0) == 138.0
     assert _load_target(FreshnessOptions(load_fraction=0.25, load_rate=100.0), 276.0) == 100.0
+
+
+def test_a_suite_removes_the_server_home_it_prepared(tmp_path):
+    """A preloaded home is a copy of a store (GBs at 1M documents): it must not stay behind in /tmp."""
+    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with kfresh_server(NO_GENERATION, home=home, remove_home=True) as target:
+        assert target.home == home and (home / "kfresh.db").exists()
+    assert not home.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with kfresh_server(NO_GENERATION, home=kept):
+        pass
+    assert (kept / "kfresh.db").exists()  # a home the caller owns stays by default
