@@ -270,10 +270,11 @@ class Indexer:
         deadline = time.monotonic() + timeout_s
 
         def done() -> bool:
+            # This replica's own index only: indexed_at in a shared store may be another replica's work.
             if state.docmap.version(doc_id) >= version:
                 return True
-            cur = store.current(doc_id)
-            return cur is not None and cur.version >= version and cur.indexed_at is not None
+            cur = store.current(doc_id)  # a delete is applied once the document is out of the index
+            return cur is not None and cur.deleted and cur.version >= version and doc_id not in state.docmap
 
         with state.applied:
             while not done():
