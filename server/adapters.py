@@ -208,9 +208,10 @@ class AdapterManager:
                 except KfreshError as exc:
                     log.warning("adapter_standby_failed version=%s reason=%s (rollback will load it then)", standby, exc)
 
-    async def _load(self, version: str) -> None:
-        """Verify (sha256) and load `version` into the backend; caller holds the lock."""
-        if version in self._loaded:
+    async def _load(self, version: str, *, again: bool = False) -> None:
+        """Verify (sha256) and load `version` into the backend; caller holds the lock. `again` loads it (in place)
+        even though this manager loaded it already."""
+        if version in self._loaded and not again:
             return
         manifest = await asyncio.to_thread(self._registry.get, version)
         start = time.perf_counter()
@@ -223,8 +224,8 @@ class AdapterManager:
         """Load `version` into the backend again (in place) although this manager loaded it already: a
         generation server shared with other replicas may have dropped it."""
         async with self._lock:
-            self._loaded.pop(version, None)
-            await self._load(version)
+            # Stays in _loaded while it loads and if that fails: requests for it keep resolving (and retrying).
+            await self._load(version, again=True)
 
     def _wanted(self) -> set[str]:
         return {v for v in (self._current, self._standby) if v}
