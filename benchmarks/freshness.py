@@ -4,8 +4,10 @@ The server starts on a preloaded corpus (`corpus_docs` one-chunk documents with 
 see preload.py). The suite measures the maximum ingest rate (a burst over 4 streams until searchable),
 then keeps a background Ingest stream at `load_fraction` of it (or at a fixed `load_rate`) while probes run: each probe ingests a
 new document, and from the moment its acknowledgement arrives polls Retrieve(its text, k=3) until the
-document shows up. Lag resolution is one Retrieve call. Retrieve latency is sampled on the same queries
-with the load running and, before it, without. Targets: p95 <= 100 ms, max <= 500 ms.
+document shows up. Lag resolution is one Retrieve call (the first poll embeds the text; later polls of
+the same text hit the server's query-embedding cache, as a client's retries would). Retrieve latency is
+sampled on distinct, never repeated queries with the load running and, before it, without.
+Targets: p95 <= 100 ms, max <= 500 ms.
 """
 from __future__ import annotations
 
@@ -97,9 +99,11 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         with connect(target.addr) as client:
             stats = client.stats()
         n_docs = max(int(stats.documents), 1)
-        queries = corpus.queries(opts.retrieve_samples, min(n_docs, opts.corpus_docs or n_docs))
+        # Three disjoint query sets: the server caches query embeddings, so a repeated query would skip the model.
+        n = opts.retrieve_samples
+        queries = corpus.queries(5 + 2 * n, min(n_docs, opts.corpus_docs or n_docs))
         retrieve_latencies(target.addr, queries[:5], opts.k)  # warm-up
-        idle_client, idle_server = retrieve_latencies(target.addr, queries, opts.k)
+        idle_client, idle_server = retrieve_latencies(target.addr, queries[5 : 5 + n], opts.k)
         burst = [_doc_text(1_000_000 + i) for i in range(opts.burst_docs)]
         max_rate = asyncio.run(ingest_rate(target.addr, burst, 4, f"burst-{run_id}"))["docs_per_s"]
         load_docs = (document(f"load-{run_id}-{i}", _doc_text(2_000_000 + i), source="load") for i in range(10**9))
@@ -108,7 +112,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         with BackgroundIngest(target.addr, load_docs, _load_target(opts, max_rate)) as load, connect(target.addr) as client:
             time.sleep(1.0)
             per_probe = max(1, opts.retrieve_samples // opts.probes)
-            q = iter(queries * 2)
+            q = iter(queries[5 + n :])
             for i in range(opts.probes):
                 lag, n_polls = probe(client, f"probe-{run_id}-{i}", _doc_text(3_000_000 + i))
                 lags.append(lag)

@@ -139,8 +139,8 @@ def server_retrieve(vecs: np.ndarray, text_of: Any, label: str, queries: list[st
         store = cached_store(name, vecs, text_of)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-retrieval-")))
     with kfresh_server(settings, addr=addr, home=home, remove_home=True) as target, connect(target.addr) as client:
-        for q in queries[:5]:
-            client.retrieve(q, k=opts.k, timeout=60)
+        for q in queries[:5]:  # warm-up on other texts: the server caches query embeddings
+            client.retrieve(f"{q} warm-up", k=opts.k, timeout=60)
         total, server, found = [], [], []
         for q in queries:
             start = time.perf_counter()

@@ -30,7 +30,7 @@ class Pending:
 class WorkQueue:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: deque[Pending] = deque()
+        self._items: deque[tuple[float, Pending]] = deque()  # (monotonic enqueue time, change)
         self._used = 0  # reserved + queued + being applied
         self._cond = threading.Condition()
         self._closed = False
@@ -73,22 +73,25 @@ class WorkQueue:
         with self._cond:
             if not reserved:
                 self._used += 1
-            self._items.append(item)
+            self._items.append((time.monotonic(), item))
             self._cond.notify_all()
 
     def take(self, *, max_chunks: int, max_wait_s: float, poll_s: float = 0.2) -> list[Pending]:
-        """A micro-batch: waits up to `poll_s` for a first item, then up to `max_wait_s` to fill the batch."""
+        """A micro-batch: waits up to `poll_s` for a first item, then fills the batch until `max_wait_s` after
+        that item was queued. The wait counts from the enqueue, not from this call: items that queued up
+        while the worker was busy have waited already, and waiting again would only add to their lag."""
         with self._cond:
             if not self._items:
                 self._cond.wait(poll_s)
             if not self._items:
                 return []
-            batch = [self._items.popleft()]
-            chunks = max(batch[0].chunks, 1)
-            deadline = time.monotonic() + max_wait_s
+            queued_at, first = self._items.popleft()
+            batch = [first]
+            chunks = max(first.chunks, 1)
+            deadline = queued_at + max_wait_s
             while chunks < max_chunks:
                 if self._items:
-                    item = self._items.popleft()
+                    item = self._items.popleft()[1]
                     batch.append(item)
                     chunks += max(item.chunks, 1)
                     continue

@@ -21,6 +21,7 @@ from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
 from kfresh.indexer.embedder import Embedder, create_embedder
+from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.queue import Pending, WorkQueue
@@ -41,6 +42,7 @@ class Indexer:
         self.cfg = cfg
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
+        self._queries: QueryEmbeddings | None = None
         self._lifecycle = threading.Lock()
         self._started = False
         self._store: DocumentStore | None = None
@@ -63,6 +65,16 @@ class Indexer:
                 if self._embedder is None:
                     self._embedder = create_embedder(self.cfg)
         return self._embedder
+
+    @property
+    def query_embeddings(self) -> QueryEmbeddings:
+        """Query text -> vector through the LRU cache (retrieval.query_cache_size)."""
+        if self._queries is None:
+            embedder = self.embedder  # loads it (under the same lock) before the cache is made
+            with self._embedder_lock:
+                if self._queries is None:
+                    self._queries = QueryEmbeddings(embedder, size=self.cfg.retrieval.query_cache_size)
+        return self._queries
 
     def start(self) -> None:
         """Open the store, restore the index, re-queue unindexed acknowledged documents, start the worker."""
@@ -232,7 +244,7 @@ class Indexer:
         validation.check_query(query, self.cfg.retrieval)
         k = validation.check_k(k, self.cfg.retrieval)
         filters = validation.check_metadata(filters, "filters")
-        vec = self.embedder.encode([query])[0]
+        vec = self.query_embeddings.encode(query)
         return self._search(vec, k, filters, with_vectors)
 
     def search_vector(

@@ -146,7 +146,9 @@ class EmbedderConfig(_Section):
         "space). auto = onnx on the CPU when onnxruntime is installed, torch on CUDA.",
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Largest micro-batch of chunks embedded at once.")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long the worker waits to fill a micro-batch.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest a change waits, from its enqueue, for others to fill its micro-batch (none once the worker is behind)."
+    )
     queue_size: int = Field(4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED.")
     queue_wait_ms: float = Field(2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED.")
     threads: int = Field(0, ge=0, description="Threads for the embedder (torch or onnxruntime); 0 = the runtime's default.")
@@ -156,6 +158,9 @@ class RetrievalConfig(_Section):
     default_k: int = Field(4, ge=1, description="Chunks returned when a request leaves k at 0.")
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_query_chars: int = Field(4_000, ge=1, description="Longer queries are rejected with INVALID_ARGUMENT.")
+    query_cache_size: int = Field(
+        4_096, ge=0, description="Query embeddings kept in an LRU cache (repeated queries skip the model; results are never cached). 0 = off."
+    )
 
 
 class AnswerConfig(_Section):

@@ -36,6 +36,7 @@ INDEXER_STAGE = Histogram(
 )  # fmt: skip
 RPC_DURATION = Histogram("kfresh_rpc_duration_seconds", "Server-side RPC duration by method.", ["method"], buckets=_FAST)
 RPC_TOTAL = Counter("kfresh_rpcs", "Finished RPCs by method and gRPC status code.", ["method", "code"])
+QUERY_CACHE = Counter("kfresh_query_embedding_cache", "Query embeddings served from the cache (hit) or computed (miss).", ["result"])
 RETRIEVE_DURATION = Histogram("kfresh_retrieve_seconds", "Embedding + vector search time of one retrieval.", buckets=_FAST)
 TTFT = Histogram(
     "kfresh_time_to_first_token_seconds", "Answer start (retrieval included) -> first generated token.",
