@@ -7,10 +7,11 @@ never embedded, so a SIGKILL loses nothing that was acknowledged and re-embeds n
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -21,9 +22,9 @@ from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
 from kfresh.indexer.embedder import Embedder, create_embedder
-from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
+from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
 from kfresh.indexer.search import search_index
@@ -275,6 +276,19 @@ class Indexer:
         """Every change up to this seq is in the index (in memory: cheap to poll)."""
         self._require_started()
         return self._tracker.watermark()
+
+    @contextlib.contextmanager
+    def applied_listener(self, listener: Callable[[], None]) -> Iterator[None]:
+        """Call `listener` (on the worker thread; it must be quick) after each batch the index applies, while
+        the block runs. For waiters that cannot block a thread, e.g. a coroutine woken via call_soon_threadsafe."""
+        _, state = self._require_started()
+        with state.applied:
+            state.listeners.append(listener)
+        try:
+            yield
+        finally:
+            with state.applied:
+                state.listeners.remove(listener)
 
     def wait_until_indexed(self, doc_id: str, version: int, timeout_s: float) -> bool:
         """True once `version` (or a newer one) of `doc_id` is applied to the index; False on timeout."""

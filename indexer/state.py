@@ -1,8 +1,10 @@
 """The in-memory side of the index shared by searches and the worker, and the applied-sequence watermark."""
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +12,8 @@ import numpy as np
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.rwlock import RWLock
 from kfresh.indexer.vectors import VectorIndex
+
+log = logging.getLogger("kfresh.indexer")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class IndexState:
     hidden_lock: threading.Lock = field(default_factory=threading.Lock)
     unsaved: dict[int, np.ndarray] = field(default_factory=dict)
     applied: threading.Condition = field(default_factory=threading.Condition)
+    listeners: list[Callable[[], None]] = field(default_factory=list)  # called after each applied batch; under `applied`
 
     def hide(self, doc_id: str, version: int) -> None:
         with self.hidden_lock:
@@ -44,8 +49,15 @@ class IndexState:
             return dict(self.hidden)
 
     def notify_applied(self) -> None:
+        """Wake threads waiting on `applied`, then call the listeners (on the worker thread: they must be quick)."""
         with self.applied:
             self.applied.notify_all()
+            listeners = tuple(self.listeners)
+        for listener in listeners:
+            try:
+                listener()
+            except Exception:  # a listener must not fail a batch that is already applied
+                log.exception("indexer.listener_failed")
 
 
 class SeqTracker:
