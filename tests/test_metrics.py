@@ -73,6 +73,9 @@ def test_metrics_count_what_happened(server: ServerHandle) -> None:
     assert grew("kfresh_rpcs_total", method="Retrieve", code="OK") >= 5
     assert grew("kfresh_rpcs_total", method="Answer", code="OK") == 1
     assert grew("kfresh_time_to_first_token_seconds_count") == 1
+    looked_up = grew("kfresh_query_embedding_cache_total", result="miss") + grew("kfresh_query_embedding_cache_total", result="hit")
+    assert grew("kfresh_query_embedding_cache_total", result="miss") >= 5  # five distinct queries, at least
+    assert looked_up >= grew("kfresh_rpcs_total", method="Retrieve", code="OK")  # every valid query went through the cache
     assert grew("kfresh_output_tokens_total", adapter="") > 0
     assert value(after, "kfresh_documents") >= 5 and value(after, "kfresh_ingest_queue_capacity") > 0
     assert ("kfresh_ingest_queue_depth", ()) in after
