@@ -67,12 +67,16 @@ async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) ->
         start = time.perf_counter()
         acked = sum(await asyncio.gather(*(one(p) for p in parts)))
         acked_s = time.perf_counter() - start
+        pending = (await client.stats()).pending  # one call: what is left to embed once the last ack is in
+        drain_from = time.perf_counter()
         # One WaitSearchable call, not a Stats poll: 50 polls/s cost the server ~8% of its embedding speed here.
         waited = await client.wait_searchable(900.0)
         searchable_s = time.perf_counter() - start
         assert waited.searchable, f"not searchable after {waited.waited_ms / 1000:.0f} s"
     assert acked == len(texts), f"{acked} of {len(texts)} acknowledged"
-    return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s}
+    drain_s = start + searchable_s - drain_from
+    return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s,
+            "pending_at_last_ack": int(pending), "drain_docs_per_s": pending / drain_s if pending and drain_s > 0 else None}  # fmt: skip
 
 
 def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
@@ -97,9 +101,11 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
                 measured = asyncio.run(ingest_rate(target.addr, texts, streams, f"ing-{run_id}-{backend}-{level}"))
                 after = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
                 baseline = (before + after) / 2  # bracketing the level halves the drift of a shared box
+                drain = measured["drain_docs_per_s"]
                 levels.append({"backend": backend, "streams": streams, "encode_docs_per_s": baseline,
                                "encode_before": before, "encode_after": after, **measured,
-                               "ratio": measured["docs_per_s"] / baseline, "load_1m_after": round(load_average(), 2)})  # fmt: skip
+                               "ratio": measured["docs_per_s"] / baseline, "drain_ratio": drain / baseline if drain else None,
+                               "load_1m_after": round(load_average(), 2)})  # fmt: skip
         del embedder
     result = Result(
         suite="ingest", title="Ingest throughput vs raw encode", command=command, quick=quick, settings=opts.model_dump(),
@@ -107,19 +113,30 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
     )  # fmt: skip
     result.summary = {f"ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["ratio"], 3) for lv in levels}
     result.summary.update({f"docs_per_s_{lv['backend']}_{lv['streams']}_streams": round(lv["docs_per_s"], 1) for lv in levels})
+    result.summary.update({f"drain_ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["drain_ratio"], 3)
+                           for lv in levels if lv.get("drain_ratio")})  # fmt: skip
     result.summary["target_ratio"] = TARGET_RATIO
     result.summary["meets_target"] = all(lv["ratio"] >= TARGET_RATIO for lv in levels)
     result.tables.append(Table(
         f"{opts.docs} documents of {opts.words} words per level; clock stops when all are searchable",
         ["backend", "streams", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline: before / after)",
-         "ratio", f"target >= {TARGET_RATIO}", "load average after"],
+         "ratio", f"target >= {TARGET_RATIO}", "after the last ack: docs left, docs/s (ratio)", "load average after"],
         [[lv["backend"], lv["streams"], lv["docs_per_s"], lv["ack_docs_per_s"], _baseline_cell(lv), round(lv["ratio"], 3),
-          "met" if lv["ratio"] >= TARGET_RATIO else "missed", lv.get("load_1m_after")] for lv in levels],
+          "met" if lv["ratio"] >= TARGET_RATIO else "missed", _drain_cell(lv), lv.get("load_1m_after")] for lv in levels],
     ))  # fmt: skip
     result.notes.append("The baseline runs in the benchmark process while the server idles; both share the same CPU cores.")
     result.notes.append("Each backend's ratio is against its own raw encode; compare backends by their docs/s.")
+    result.notes.append("The ratio is the target's figure. 'After the last ack' splits it: until then the benchmark client "
+                        "and the server's acknowledgement path (gRPC, validation, chunking, one store commit per group) "
+                        "share the two cores with the embedder; from then on only the indexing worker runs.")
     result.notes.append("The suite itself keeps both cores busy (server and client: a load average near 2); well above 2 means other work on the box.")
     return result
+
+
+def _drain_cell(lv: dict[str, Any]) -> str:
+    if lv.get("drain_docs_per_s") is None:
+        return "-"
+    return f"{lv['pending_at_last_ack']}, {lv['drain_docs_per_s']:.1f} ({lv['drain_ratio']:.3f})"
 
 
 def _baseline_cell(lv: dict[str, Any]) -> str:
