@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kfresh.config import IndexConfig
 from kfresh.fsutil import fsync_dir
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.vectors import VectorIndex, index_from_bytes
-from kfresh.indexer.vectors.base import SnapshotParts
+from kfresh.indexer.vectors.base import SnapshotParts, StreamedPart
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -63,7 +64,7 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index = data.index_bytes() if callable(data.index_bytes) else (data.index_bytes,)
-    index_parts = [memoryview(part).cast("B") for part in index]
+    index_parts = [part if isinstance(part, StreamedPart) else memoryview(part).cast("B") for part in index]
     map_bytes = data.map_bytes() if callable(data.map_bytes) else data.map_bytes
     header = json.dumps(
         {
@@ -73,19 +74,18 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     ).encode("utf-8")
     final = snapshot_path(folder)
     tmp = final.with_name(f"{FILENAME}.tmp-{os.getpid()}")
-    digest = hashlib.sha256()
     started = time.perf_counter()
     with open(tmp, "wb") as f:
+        out = _HashingWriter(f)
         for part in (MAGIC, struct.pack("<Q", len(header)), header, *index_parts, map_bytes):
-            view = memoryview(part)
-            for at in range(0, len(view), _FLUSH_EVERY):
-                piece = view[at : at + _FLUSH_EVERY]
-                digest.update(piece)
-                f.write(piece)
-                if len(view) > _FLUSH_EVERY:  # many short flushes: the store's small fsyncs never queue behind one huge one
-                    f.flush()
-                    os.fdatasync(f.fileno())
-        f.write(digest.digest())
+            if isinstance(part, StreamedPart):
+                before = out.written
+                part.write(out.write)
+                if out.written - before != part.nbytes:  # the header already promised nbytes
+                    raise SnapshotError(f"index part wrote {out.written - before} bytes, expected {part.nbytes}")
+            else:
+                out.write(part)
+        f.write(out.digest.digest())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -95,6 +95,30 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
         final, data.applied_seq, final.stat().st_size, (time.perf_counter() - started) * 1000,
     )
     return final
+
+
+class _HashingWriter:
+    """Writes and hashes pieces; fdatasyncs every _FLUSH_EVERY bytes, so the store's small fsyncs never queue
+    behind one huge flush of a snapshot."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+        self.written = 0
+        self._unsynced = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        for at in range(0, len(view), _FLUSH_EVERY):
+            piece = view[at : at + _FLUSH_EVERY]
+            self.digest.update(piece)
+            self.f.write(piece)
+            self.written += len(piece)
+            self._unsynced += len(piece)
+            if self._unsynced >= _FLUSH_EVERY:
+                self.f.flush()
+                os.fdatasync(self.f.fileno())
+                self._unsynced = 0
 
 
 def read_snapshot(path: Path) -> tuple[dict, memoryview, memoryview]:

@@ -4,13 +4,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-# Buffers (bytes, uint8 arrays) that are written one after another: joining hundreds of MB into one bytes
-# object would be a copy that holds the GIL, stalling every other thread of the server meanwhile.
+# Buffers (bytes, uint8 arrays) or StreamedParts, written one after another: joining hundreds of MB into one
+# bytes object would be a copy that holds the GIL, stalling every other thread of the server meanwhile.
 SnapshotParts = tuple[Any, ...]
+
+
+@runtime_checkable
+class StreamedPart(Protocol):
+    """A snapshot part produced piece by piece straight into the file (no serialised copy in memory)."""
+
+    nbytes: int
+
+    def write(self, sink: Callable[[bytes], None]) -> None:
+        """Call `sink` with consecutive pieces whose lengths add up to nbytes."""
+        ...
 
 
 def as_ids(ids: Any) -> np.ndarray:

@@ -20,6 +20,30 @@ def serialize_array(index: Any) -> np.ndarray:
     return faiss.serialize_index(index)
 
 
+class FaissStream:
+    """A faiss index as a StreamedPart: faiss.write_index through a callback, 1 MiB at a time. A counting pass
+    first gives the length (the snapshot header precedes the index), so neither pass holds the whole
+    serialisation in memory; the old way made ~5 copies of it (writer buffer growth, array, rebuild)."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        total = 0
+
+        def count(piece: bytes) -> None:
+            nonlocal total
+            total += len(piece)
+
+        self.write(count)
+        self.nbytes = total
+
+    def write(self, sink: Callable[[bytes], None]) -> None:
+        import faiss
+
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(sink, self.CHUNK))
+
+
 def deserialize(data: bytes | memoryview) -> Any:
     import faiss
 
@@ -69,17 +93,11 @@ class FlatIndex(VectorIndex):
         return serialize(self._index)
 
     def snapshot_later(self) -> Callable[[], SnapshotParts]:
-        # Copying the arrays is ~10x cheaper than serialising the index (0.05 vs 0.45 s at 100k x 384);
-        # rebuilding from them on the snapshot thread gives the same bytes.
-        ids, vecs = self.export()
-        dim = self.dim
+        # One copy under the lock (faiss releases the GIL); the snapshot thread streams it into the file.
+        import faiss
 
-        def later() -> SnapshotParts:
-            copy = FlatIndex(dim)
-            copy.add(ids, vecs)
-            return (serialize_array(copy._index),)
-
-        return later
+        copy = faiss.clone_index(self._index)
+        return lambda: (FaissStream(copy),)
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, dim: int) -> FlatIndex:

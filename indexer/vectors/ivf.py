@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs, threads_for
-from kfresh.indexer.vectors.flat import FlatIndex, deserialize, serialize, serialize_array
+from kfresh.indexer.vectors.flat import FaissStream, FlatIndex, deserialize, serialize
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -125,7 +125,7 @@ class IvfIndex(VectorIndex):
         import faiss
 
         copy = faiss.clone_index(self._ivf)  # about half the cost of serialising it under the lock
-        return lambda: (_IVF, serialize_array(copy))
+        return lambda: (_IVF, FaissStream(copy))
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, dim: int, *, nlist: int, nprobe: int, train_min: int) -> IvfIndex:
