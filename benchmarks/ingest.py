@@ -71,10 +71,10 @@ async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) ->
         drain_from = time.perf_counter()
         # One WaitSearchable call, not a Stats poll: 50 polls/s cost the server ~8% of its embedding speed here.
         waited = await client.wait_searchable(900.0)
-        searchable_s = time.perf_counter() - start
+        searchable_at = time.perf_counter()
         assert waited.searchable, f"not searchable after {waited.waited_ms / 1000:.0f} s"
     assert acked == len(texts), f"{acked} of {len(texts)} acknowledged"
-    drain_s = start + searchable_s - drain_from
+    searchable_s, drain_s = searchable_at - start, searchable_at - drain_from
     return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s,
             "pending_at_last_ack": int(pending), "drain_docs_per_s": pending / drain_s if pending and drain_s > 0 else None}  # fmt: skip
 

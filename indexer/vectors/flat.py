@@ -10,14 +10,9 @@ from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_v
 
 
 def serialize(index: Any) -> bytes:
-    return serialize_array(index).tobytes()
-
-
-def serialize_array(index: Any) -> np.ndarray:
-    """The serialised index as a uint8 array; faiss releases the GIL while it writes, unlike a tobytes() copy."""
     import faiss
 
-    return faiss.serialize_index(index)
+    return faiss.serialize_index(index).tobytes()
 
 
 class FaissStream:
