@@ -68,9 +68,10 @@ class StoreConfig(_Section):
 class IndexConfig(_Section):
     """Vector index and its snapshots."""
 
-    kind: Literal["flat", "ivf", "gpu", "milvus"] = Field(
+    kind: Literal["flat", "ivf", "gpu", "torch", "milvus"] = Field(
         "flat",
         description="flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat; gpu: FAISS GPU flat with tombstones; "
+        "torch: exact search in a torch tensor on CUDA (a GPU index without faiss-gpu; see torch_device); "
         "milvus: a Milvus collection (milvus-lite file or server, see milvus_uri).",
     )
     snapshot_dir: Path = Field(DEFAULT_HOME / "index", description="Folder for atomic index snapshots.")
@@ -84,6 +85,10 @@ class IndexConfig(_Section):
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
     ivf_train_min: int = Field(20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that.")
     compact_ratio: float = Field(0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors.")
+    torch_device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="torch kind: where the vectors live and are searched; auto = CUDA when torch sees a GPU, else the CPU.",
+    )
     milvus_uri: str = Field(
         str(DEFAULT_HOME / "milvus.db"),
         description="milvus kind: a local path ending in .db (embedded milvus-lite, one process per file) or "
@@ -151,7 +156,10 @@ class EmbedderConfig(_Section):
     )
     queue_size: int = Field(4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED.")
     queue_wait_ms: float = Field(2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED.")
-    threads: int = Field(0, ge=0, description="Threads for the embedder (torch or onnxruntime); 0 = the runtime's default.")
+    threads: int = Field(
+        0, ge=0, description="Embedding threads: torch's intra-op threads, or onnx's parallel lanes (single-threaded runs, "
+        "each on its own part of a batch); 0 = torch's default, or one onnx lane per usable core.",
+    )
 
 
 class RetrievalConfig(_Section):

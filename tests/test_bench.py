@@ -60,6 +60,16 @@ def test_index_suites_quick(suite, tmp_path):
         assert all(0.0 <= s["systems"]["server"]["recall"] <= 1.0 for s in sizes)
 
 
+def test_ingest_compares_every_backend_with_plain_sentence_transformers():
+    from kfresh.benchmarks.ingest import _versus_sentence_transformers
+
+    levels = [{"backend": b, "streams": s, "docs_per_s": d, "encode_docs_per_s": e}
+              for b, s, d, e in [("torch", 1, 90.0, 100.0), ("torch", 4, 95.0, 100.0), ("onnx", 1, 150.0, 160.0),
+                                 ("onnx", 16, 150.0, 160.0)]]  # fmt: skip
+    _versus_sentence_transformers(levels)
+    assert [lv.get("st_ratio") for lv in levels] == [0.9, 0.95, 1.5, None]  # no torch level at 16 streams
+
+
 def test_backends_quick_runs_faiss_and_milvus_on_the_same_vectors(tmp_path):
     pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -r requirements.txt)")
     from kfresh.benchmarks.backends import BACKENDS
@@ -157,3 +167,12 @@ def test_a_suite_removes_the_server_home_it_prepared(tmp_path):
     with kfresh_server(NO_GENERATION, home=kept):
         pass
     assert (kept / "kfresh.db").exists()  # a home the caller owns stays by default
+
+
+def test_lanes_benchmark_measures_both_embedders(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from kfresh.benchmarks.lanes import measure
+
+    rows = measure(docs=8, rounds=2, competitors=(0, 1))
+    assert [(r["busy_processes"], r["round"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["single_docs_per_s"] > 0 and r["lanes_docs_per_s"] > 0 and r["lanes"] >= 1 for r in rows)

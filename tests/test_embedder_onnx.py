@@ -15,7 +15,7 @@ from kfresh import onnx_export  # noqa: E402
 from kfresh.config import KfreshConfig, ModelsConfig  # noqa: E402
 from kfresh.errors import Unavailable  # noqa: E402
 from kfresh.indexer.embedder import SentenceTransformerEmbedder, create_embedder, resolve_backend  # noqa: E402
-from kfresh.indexer.embedder_onnx import INT8_SUFFIX, OnnxEmbedder  # noqa: E402
+from kfresh.indexer.embedder_onnx import INT8_SUFFIX, OnnxEmbedder, split_parts  # noqa: E402
 
 TEXTS = [
     "What is the capital of Freedonia?",
@@ -115,3 +115,52 @@ def test_factory_picks_the_backend(models_config: ModelsConfig, embedder_path: s
     assert isinstance(create_embedder(cfg), OnnxEmbedder)
     with pytest.raises(Unavailable, match="backend=torch"):
         create_embedder(KfreshConfig(models=models_config, embedder={"backend": "onnx", "device": "cuda"}))
+
+
+def test_split_parts_fills_every_lane_within_the_batch_size() -> None:
+    order = np.arange(100)
+    assert [len(p) for p in split_parts(order[:32], 32, 2)] == [16, 16]  # one worker batch: both lanes busy
+    assert [len(p) for p in split_parts(order, 32, 2)] == [25, 25, 25, 25]  # never above the batch size
+    assert [len(p) for p in split_parts(order[:1], 32, 4)] == [1]  # a query: one part, no empty ones
+    assert [len(p) for p in split_parts(order[:3], 32, 4)] == [1, 1, 1]
+    assert np.array_equal(np.concatenate(split_parts(order, 7, 3)), order)  # contiguous, in the sorted order
+
+
+def test_lanes_give_the_same_vectors_as_one_lane(onnx_dir: Path) -> None:
+    texts = [f"{t} number {i}" for i in range(12) for t in TEXTS]  # 72 texts of mixed lengths: several parts
+    one = OnnxEmbedder(onnx_dir, name="m", threads=1, batch_size=8)
+    lanes = OnnxEmbedder(onnx_dir, name="m", threads=3, batch_size=8)
+    assert one.lanes == 1 and lanes.lanes == 3
+    np.testing.assert_allclose(lanes.encode(texts), one.encode(texts), atol=1e-5)
+
+
+def test_a_failing_lane_fails_the_encode_and_the_next_encode_works(onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx = OnnxEmbedder(onnx_dir, name="m", threads=2, batch_size=4)
+    expected = onnx.encode(TEXTS * 4)
+    real, calls = onnx._infer, []
+
+    def flaky(encodings: object, idx: np.ndarray) -> np.ndarray:
+        calls.append(len(idx))
+        if len(calls) == 2:
+            raise RuntimeError("lane broke")
+        return real(encodings, idx)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx, "_infer", flaky)
+    with pytest.raises(RuntimeError, match="lane broke"):
+        onnx.encode(TEXTS * 4)
+    assert len(calls) < 6  # the other lane stopped taking parts
+    monkeypatch.setattr(onnx, "_infer", real)
+    np.testing.assert_allclose(onnx.encode(TEXTS * 4), expected, atol=1e-5)
+
+
+def test_a_query_never_waits_for_busy_lanes(onnx_dir: Path) -> None:
+    onnx = OnnxEmbedder(onnx_dir, name="m", threads=2)
+    release = threading.Event()
+    blocker = onnx._lane_pool().submit(release.wait, 30)  # every helper lane busy (e.g. the worker's batch)
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (onnx.encode(["what changed today?"]), done.set()), daemon=True).start()
+        assert done.wait(10), "a one-text encode queued behind the lanes"
+    finally:
+        release.set()
+        blocker.result()

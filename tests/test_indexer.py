@@ -42,6 +42,7 @@ BACKENDS: dict[str, dict[str, dict]] = {
     "sqlite+faiss": {},
     "postgres+faiss": {"store": {"kind": "postgres"}},  # dsn: a fresh database from the pg_dsn fixture
     "sqlite+milvus": {"index": {"kind": "milvus"}},  # with_home puts the milvus-lite file under the test's home
+    "sqlite+torch": {"index": {"kind": "torch", "torch_device": "cpu"}},  # the GPU index's code, on the CPU here
 }
 _backend: dict[str, dict] = {}
 
@@ -51,7 +52,7 @@ def backend(request):
     sections = {section: dict(fields) for section, fields in BACKENDS[request.param].items()}
     if "store" in sections:
         sections["store"]["dsn"] = request.getfixturevalue("pg_dsn")
-    if "index" in sections:
+    if sections.get("index", {}).get("kind") == "milvus":
         pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -r requirements.txt)")
     _backend.update(sections)
     yield request.param

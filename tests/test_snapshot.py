@@ -136,15 +136,18 @@ def test_indexer_rebuilds_from_stored_embeddings_when_the_snapshot_is_damaged(tm
     assert load_snapshot(cfg.index.snapshot_dir, cfg.index, dim=embedder.dim, embedder=embedder.name) is not None
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat-phase", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat-phase", "ivf", "torch"])
 def test_snapshot_later_is_the_index_at_capture_time(kind: str) -> None:
     from kfresh.indexer.vectors.ivf import IvfIndex
+    from kfresh.indexer.vectors.torch_exact import TorchIndex
 
     rng = np.random.default_rng(3)
     vecs = rng.standard_normal((600, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     if kind == "flat":
         index = FlatIndex(DIM)
+    elif kind == "torch":
+        index = TorchIndex(DIM, device="cpu")
     else:
         index = IvfIndex(DIM, nlist=4, nprobe=4, train_min=100 if kind == "ivf" else 10_000)
     index.add(np.arange(500), vecs[:500])

@@ -11,6 +11,7 @@ from kfresh.indexer.vectors.flat import FlatIndex
 from kfresh.indexer.vectors.gpu import gpu_available
 from kfresh.indexer.vectors.ivf import IvfIndex
 from kfresh.indexer.vectors.tombstone import TombstoneIndex
+from kfresh.indexer.vectors.torch_exact import TorchIndex
 
 DIM, K = 32, 10
 
@@ -177,6 +178,60 @@ def test_tombstone_readd_replaces_vector():
 def test_factory_builds_each_cpu_kind():
     assert create_index(IndexConfig(kind="flat"), DIM).kind == "flat"
     assert create_index(IndexConfig(kind="ivf"), DIM).kind == "ivf"
+    assert create_index(IndexConfig(kind="torch", torch_device="cpu"), DIM).kind == "torch"
+
+
+def test_torch_matches_flat_through_churn_readds_and_snapshots(data):
+    ids, base, queries = data
+    rng = np.random.default_rng(11)
+    flat, torch_index = FlatIndex(DIM), TorchIndex(DIM, device="cpu")
+    vec_of = dict(zip(ids.tolist(), base))
+    live: set[int] = set()
+    pool = ids[:4_000]  # > MIN_CAPACITY: the tensor grows while ids churn
+    for step in range(25):
+        add = np.array(sorted(set(rng.choice(pool, 300).tolist())), dtype=np.int64)  # some are re-adds
+        vecs = np.stack([vec_of[i] for i in add.tolist()])
+        if step % 2:
+            vecs = vecs[:, ::-1].copy()  # a re-add with another vector must replace the old one
+        flat.remove(add)
+        flat.add(add, vecs)
+        torch_index.add(add, vecs)
+        live |= set(add.tolist())
+        drop = np.array(sorted(set(rng.choice(sorted(live), 150).tolist())), dtype=np.int64)
+        assert torch_index.remove(drop) == flat.remove(drop) == len(drop)
+        assert torch_index.remove(drop) == 0  # unknown ids are ignored
+        live -= set(drop.tolist())
+        assert torch_index.ntotal == flat.ntotal == len(live)
+        expect_scores, expect = flat.search(queries[:20], K)
+        got_scores, got = torch_index.search(queries[:20], K)
+        assert np.allclose(got_scores, expect_scores, atol=1e-5), f"step {step}"
+        same = (got == expect).mean()  # ids may swap only between near-equal scores
+        assert same > 0.99, f"step {step}: {same}"
+    restored = index_from_bytes(IndexConfig(kind="torch", torch_device="cpu"), DIM, torch_index.to_bytes())
+    assert restored.ntotal == torch_index.ntotal
+    assert np.array_equal(restored.search(queries[:20], K)[1], torch_index.search(queries[:20], K)[1])
+
+
+def test_torch_pads_missing_results_and_refuses_duplicate_ids():
+    index = TorchIndex(DIM, device="cpu")
+    scores, found = index.search(clustered(2, seed=3), 5)
+    assert found.shape == (2, 5) and (found == -1).all()
+    index.add(np.array([7, 8]), clustered(2, seed=4))
+    scores, found = index.search(clustered(1, seed=5), 5)
+    assert sorted(found[0, :2].tolist()) == [7, 8] and (found[0, 2:] == -1).all() and np.isinf(scores[0, 2:]).all()
+    with pytest.raises(ValueError, match="duplicate"):
+        index.add(np.array([9, 9]), clustered(2, seed=6))
+    assert index.ntotal == 2
+
+
+def test_torch_kind_on_cuda_without_cuda_is_an_actionable_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(Unavailable, match="torch_device"):
+        create_index(IndexConfig(kind="torch", torch_device="cuda"), DIM)
+    assert create_index(IndexConfig(kind="torch"), DIM).device.type == "cpu"  # auto: the CPU without CUDA
 
 
 def test_gpu_kind_without_faiss_gpu_is_an_actionable_error():
@@ -201,3 +256,19 @@ def test_gpu_flat_matches_cpu_flat(data):
     assert np.array_equal(gpu.search(queries, K)[1], flat.search(queries, K)[1])
     restored = index_from_bytes(IndexConfig(kind="gpu"), DIM, gpu.to_bytes())
     assert np.array_equal(restored.search(queries, K)[1], flat.search(queries, K)[1])
+
+
+@pytest.mark.gpu
+def test_torch_on_cuda_matches_cpu_flat(data):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    ids, base, queries = data
+    gpu, flat = TorchIndex(DIM, device="cuda"), FlatIndex(DIM)
+    for index in (gpu, flat):
+        index.add(ids, base)
+        index.remove(ids[::4])
+    assert gpu.ntotal == flat.ntotal
+    got_scores, got = gpu.search(queries, K)
+    expect_scores, expect = flat.search(queries, K)
+    assert np.allclose(got_scores, expect_scores, atol=1e-4) and (got == expect).mean() > 0.99

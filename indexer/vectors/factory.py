@@ -6,8 +6,8 @@ from kfresh.indexer.vectors.base import VectorIndex
 
 
 def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
-    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA, 'milvus'
-    without pymilvus. A milvus index is empty only if its collection is new: it connects to what exists."""
+    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA, 'torch'
+    with torch_device=cuda and no CUDA, 'milvus' without pymilvus. A milvus index is empty only if its collection is new: it connects to what exists."""
     if cfg.kind == "flat":
         from kfresh.indexer.vectors.flat import FlatIndex
 
@@ -20,6 +20,10 @@ def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
         from kfresh.indexer.vectors.gpu import create_gpu_index
 
         return create_gpu_index(dim, compact_ratio=cfg.compact_ratio)
+    if cfg.kind == "torch":
+        from kfresh.indexer.vectors.torch_exact import TorchIndex
+
+        return TorchIndex(dim, device=cfg.torch_device)
     if cfg.kind == "milvus":
         from kfresh.indexer.vectors.milvus import MilvusIndex
 
