@@ -1,4 +1,4 @@
-"""backends: the vector backends side by side on the same vectors: FAISS flat and IVF vs Milvus (milvus-lite) FLAT, IVF_FLAT, HNSW.
+"""backends: the vector backends side by side on the same vectors: FAISS flat and IVF, the torch index (exact) vs Milvus (milvus-lite) FLAT, IVF_FLAT, HNSW.
 
 Every backend is driven through kfresh's own VectorIndex seam (what the indexer calls), in one process,
 on the same N unit vectors (real all-MiniLM-L6-v2 embeddings of the benchmark corpus, or deterministic
@@ -24,8 +24,8 @@ from pydantic import Field
 from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
 from kfresh.benchmarks.report import Result, Table
 
-BACKENDS = ("faiss-flat", "faiss-ivf", "milvus-flat", "milvus-ivf", "milvus-hnsw")
-Backend = Literal["faiss-flat", "faiss-ivf", "milvus-flat", "milvus-ivf", "milvus-hnsw"]
+BACKENDS = ("faiss-flat", "faiss-ivf", "torch", "milvus-flat", "milvus-ivf", "milvus-hnsw")
+Backend = Literal["faiss-flat", "faiss-ivf", "torch", "milvus-flat", "milvus-ivf", "milvus-hnsw"]
 _MILVUS_TYPES = {"milvus-flat": "FLAT", "milvus-ivf": "IVF_FLAT", "milvus-hnsw": "HNSW"}
 _ADD_BATCH = 8_192  # store.iter_embedded's batch: what a rebuild hands to index.add()
 _VISIBLE_BASE_ID = 10**12
@@ -71,6 +71,8 @@ def index_config(name: str, n: int, opts: BackendsOptions, folder: str) -> Any:
 
     if name == "faiss-flat":
         return IndexConfig(kind="flat")
+    if name == "torch":  # index.kind=torch: exact, on CUDA where torch sees one (the CPU here)
+        return IndexConfig(kind="torch")
     if name == "faiss-ivf":  # trains once on everything after the bulk add, as a rebuild's maintain() does
         return IndexConfig(kind="ivf", ivf_nlist=opts.ivf_nlist, ivf_nprobe=opts.ivf_nprobe, ivf_train_min=n)
     return IndexConfig(kind="milvus", milvus_uri=os.path.join(folder, f"{name}.db"), milvus_index_type=_MILVUS_TYPES[name],
@@ -178,7 +180,7 @@ def measure_backend(name: str, base: np.ndarray, queries: np.ndarray, truth: np.
         built = ingest(index, base)
         times, found = search_latency(index, queries, opts.k)
         visible = add_to_visible(index, base, opts.visible_trials)
-        detail = getattr(index, "index_type", None) or ("IVFFlat" if name == "faiss-ivf" else "IndexFlatIP")
+        detail = getattr(index, "index_type", None) or _faiss_or_torch_detail(name, index)
         return {"backend": name, "index": detail, **built, "search_ms": times, "recall": recall_at(found, truth),
                 **visible}  # fmt: skip
     finally:
@@ -186,6 +188,12 @@ def measure_backend(name: str, base: np.ndarray, queries: np.ndarray, truth: np.
         del index
         gc.collect()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _faiss_or_torch_detail(name: str, index: Any) -> str:
+    if name == "torch":
+        return f"torch matmul + topk ({index.device})"
+    return "IVFFlat" if name == "faiss-ivf" else "IndexFlatIP"
 
 
 def measure_size(n: int, opts: BackendsOptions, encode: Any) -> dict[str, Any]:
@@ -213,7 +221,7 @@ def run(opts: BackendsOptions, *, addr: str | None = None, quick: bool = False, 
         encode = create_embedder(KfreshConfig()).encode
     env = environment(server="none: backends in-process through the VectorIndex seam", packages_milvus=_milvus_versions())
     measured = [measure_size(n, opts, encode) for n in opts.sizes]
-    result = Result(suite="backends", title="Vector backends side by side: FAISS vs Milvus (milvus-lite) on the same vectors",
+    result = Result(suite="backends", title="Vector backends side by side: FAISS vs torch vs Milvus (milvus-lite) on the same vectors",
                     command=command, quick=quick, settings=opts.model_dump(), env=env, raw={"sizes": measured})  # fmt: skip
     summarise(result, opts)
     return result

@@ -32,15 +32,15 @@ def _figures(b: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise(result: Result, opts: Any) -> None:
-    """Fill the result's summary (per size and backend, plus Milvus/FAISS p50 ratios), table and notes."""
+    """Fill the result's summary (per size and backend, plus Milvus/FAISS and torch/FAISS p50 ratios), table and notes."""
     rows, summary = [], {}
     for m in result.raw["sizes"]:
         per = {b["backend"]: _figures(b) for b in m["backends"]}
         for b in m["backends"]:
             rows.append(_row(m["size"], b))
-        for milvus, faiss in (("milvus-flat", "faiss-flat"), ("milvus-ivf", "faiss-ivf")):
-            if milvus in per and faiss in per:
-                per[f"{milvus}_vs_{faiss}_p50"] = round(per[milvus]["search_p50_ms"] / per[faiss]["search_p50_ms"], 2)
+        for other, faiss in (("milvus-flat", "faiss-flat"), ("milvus-ivf", "faiss-ivf"), ("torch", "faiss-flat")):
+            if other in per and faiss in per:
+                per[f"{other}_vs_{faiss}_p50"] = round(per[other]["search_p50_ms"] / per[faiss]["search_p50_ms"], 2)
         summary[str(m["size"])] = per
     result.summary = summary
     data = result.raw["sizes"][0]["data"] if result.raw["sizes"] else opts.data

@@ -70,7 +70,7 @@ def test_ingest_compares_every_backend_with_plain_sentence_transformers():
     assert [lv.get("st_ratio") for lv in levels] == [0.9, 0.95, 1.5, None]  # no torch level at 16 streams
 
 
-def test_backends_quick_runs_faiss_and_milvus_on_the_same_vectors(tmp_path):
+def test_backends_quick_runs_faiss_torch_and_milvus_on_the_same_vectors(tmp_path):
     pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -r requirements.txt)")
     from kfresh.benchmarks.backends import BACKENDS
 
@@ -79,8 +79,10 @@ def test_backends_quick_runs_faiss_and_milvus_on_the_same_vectors(tmp_path):
     measured = {b["backend"]: b for b in size["backends"]}
     assert list(measured) == list(BACKENDS)
     assert measured["faiss-flat"]["recall"] == measured["milvus-flat"]["recall"] == 1.0  # both exact
+    assert measured["torch"]["recall"] >= 0.99  # exact too (float sums may reorder a near-tie)
     assert all(max(b["searches"]) == 1 for b in measured.values())  # visible to the very next search
     assert data["summary"][str(size["size"])]["milvus-flat_vs_faiss-flat_p50"] > 0
+    assert data["summary"][str(size["size"])]["torch_vs_faiss-flat_p50"] > 0
 
 
 def test_replicas_quick_measures_both_replicas(tmp_path, pg_dsn):
@@ -176,3 +178,29 @@ def test_lanes_benchmark_measures_both_embedders(tmp_path):
     rows = measure(docs=8, rounds=2, competitors=(0, 1))
     assert [(r["busy_processes"], r["round"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(r["single_docs_per_s"] > 0 and r["lanes_docs_per_s"] > 0 and r["lanes"] >= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_without_kfresh_installed_and_reports(tmp_path):
+    """What the lent GPU machine runs: no kfresh, pydantic or faiss import; here CUDA is absent, so the CPU rows."""
+    pytest.importorskip("peft")
+    from kfresh.benchmarks import gpu
+
+    root = Path(__file__).resolve().parents[1]
+    assert gpu.pack(tmp_path / "pack") < gpu.CARRY_LIMIT
+    script = (
+        "import runpy, sys\n"
+        "sys.modules['kfresh'] = None\n"  # as there: not installed
+        f"sys.argv = ['gpu_device.py', '--pack', {str(tmp_path / 'pack')!r}, '--out', {str(tmp_path / 'out')!r},"
+        " '--vectors', '5000', '--queries', '40', '--docs', '64', '--cpu-lora-steps', '1', '--lora-tokens', '8']\n"
+        f"runpy.run_path({str(root / 'benchmarks' / 'gpu_device.py')!r}, run_name='__main__')\n"
+        "assert not {'pydantic', 'faiss', 'vllm'} & set(sys.modules), 'a dependency the GPU machine lacks'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    device = json.loads((tmp_path / "out" / "gpu-device.json").read_text())
+    assert [s["recall_at_10_vs_float64"] for s in device["search"]] == [1.0] * len(device["search"])
+    mine = gpu.here(tmp_path / "pack", 5000, 40, 32, lora_steps=1, lora_tokens=8)
+    written = gpu.report(device, mine, tmp_path / "results", "test")
+    text = written.markdown.read_text()
+    assert "FAISS flat" in text and "LoRA step" in text and "torch index" in text
