@@ -3,7 +3,7 @@
 `kfresh.onnx_export` turns the model folder into one graph (transformer + mean pooling + L2 norm), once.
 Here a fast tokenizer feeds it batches sorted by length (less padding). Each run is single-threaded and a
 large encode is split into parallel lanes, one run per core, pulling length-sorted parts. On this 2-core box
-lanes embed 1.11x the docs/s of one run on two intra-op threads, and 1.16x / 1.24x beside one / two busy
+lanes embed 1.08x the docs/s of one run on two intra-op threads, and 1.23x beside one or two busy
 processes (`python -m kfresh.benchmarks.lanes`): an intra-op thread that loses its core stalls its partner at
 every operator, a lane only its own part. A one-part encode (a query) runs in the calling thread, so it never
 queues behind the worker's lanes.
