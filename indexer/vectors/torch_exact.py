@@ -29,7 +29,9 @@ def torch_device(device: str) -> str:
     except ImportError as exc:
         raise Unavailable(f"index.kind='torch' needs torch ({exc}); it comes with sentence-transformers") from exc
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from kfresh.indexer.embedder import resolve_device  # the one rule for 'auto', shared with the embedder
+
+        return resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise Unavailable(f"index.torch_device={device!r} but torch sees no CUDA device; set it to 'auto' or 'cpu'")
     return device
@@ -118,12 +120,8 @@ class TorchIndex(VectorIndex):
         return out_scores, out_ids
 
     # -- snapshots ---------------------------------------------------------------------------------
-    def _live(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._ids[: self._n].copy(), self._vecs[: self._n].cpu().numpy()
-
     def to_bytes(self) -> bytes:
-        ids, vecs = self._live()
-        return _npz(ids, vecs)
+        return _npz(self._ids[: self._n], self._vecs[: self._n].cpu().numpy())
 
     def snapshot_later(self) -> Callable[[], SnapshotParts]:
         ids, vecs = self._ids[: self._n].copy(), self._vecs[: self._n].clone()  # a device copy: cheap on a GPU
