@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas")
+SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas", "reading")
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
-            "replicas": "ReplicasOptions"}  # fmt: skip
+            "replicas": "ReplicasOptions", "reading": "ReadingOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:
@@ -32,16 +32,21 @@ def _epilog() -> str:
         quick = options.quick()
         for field, info in options.model_fields.items():
             default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
-            parts.append(f"      --set {field}=...  {info.description} [full: {json.dumps(default)}; quick: {json.dumps(getattr(quick, field))}]")
+            parts.append(f"      --set {field}=...  {info.description} [full: {_show(default)}; quick: {_show(getattr(quick, field))}]")
     parts.append("  all: every suite above, one after the other (full sizes take about an hour on 2 cores)")
     return "\n".join(parts)
+
+
+def _show(value: Any) -> str:
+    """A default as JSON; nested option models (the reading suite's variants) by their name."""
+    return json.dumps(value, default=lambda o: getattr(o, "name", str(o)))
 
 
 def register(sub: Any) -> None:
     """Add the `bench` subcommand to kfresh's argparse subparsers."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, backends, replicas, all) against a baseline",
+        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, backends, replicas, reading, all) against a baseline",
         description="Run a benchmark suite against a server it starts itself (or --addr), side by side with a baseline "
         "in the same run; write the raw samples, environment and summary as JSON, a Markdown table and PNG plots.",
         epilog=_epilog(),

@@ -182,6 +182,25 @@ class AnswerConfig(_Section):
     min_score: float = Field(0.2, ge=-1, le=1, description="Passages scoring below this are not shown to the model.")
     score_margin: float = Field(0.25, ge=0, le=2, description="Passages scoring this far below the best one are not shown to the model.")
     max_concurrent: int = Field(32, ge=1, description="Concurrent generations; beyond it RESOURCE_EXHAUSTED.")
+    prompt_format: Literal["system", "sandwich", "user"] = Field(
+        "sandwich",
+        description="Where the passages go: sandwich (the user turn: question, passages, the question again), system "
+        "(passages in the system message) or user (passages, then the question); measured by `kfresh bench reading`.",
+    )
+    prompt_passages: int = Field(
+        1, ge=0, le=64,
+        description="How many of the retrieved passages (the best-scoring ones that survive conflict resolution) the model "
+        "reads; 0 = all k. A small model reads one good passage better than several.",
+    )  # fmt: skip
+    quote: bool = Field(
+        True,
+        description="After the model's answer, quote the sentence of the passages shown that best matches the question, "
+        "verbatim, as [n] \"...\" (picked by the embedder; skipped when the answer already holds it).",
+    )
+    refuse_without_passages: bool = Field(
+        True,
+        description="When no passage clears min_score, reply that the documents do not say, instead of letting the model guess.",
+    )
 
 
 class GenerationConfig(_Section):

@@ -16,7 +16,8 @@ from kfresh.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
-from kfresh.server.prompting import build_messages, closed_book_messages, resolve_conflicts
+from kfresh.server import reading
+from kfresh.server.prompting import NOT_FOUND_REPLY, build_messages, closed_book_messages, resolve_conflicts
 from kfresh.server.validation import AnswerQuery
 
 if TYPE_CHECKING:
@@ -126,6 +127,42 @@ class Answerer:
         async for chunk in self._backend.generate(replace(request, request_id=f"{request.request_id}-retry")):
             yield chunk
 
+    def _start_quote(self, question: str, passages: list[Hit]) -> asyncio.Task[tuple[int, str] | None] | None:
+        candidates = reading.quote_candidates(passages)
+        if not candidates:
+            return None
+
+        def pick() -> tuple[int, str] | None:
+            query_vec = self._indexer.query_embeddings.encode(question)  # cached by the search just made
+            vectors = self._indexer.embedder.encode([sentence for _, sentence in candidates])
+            return reading.pick_quote(query_vec, candidates, vectors)
+
+        return asyncio.create_task(asyncio.to_thread(pick))
+
+    async def _finish_quote(self, quoting: asyncio.Task[tuple[int, str] | None] | None, answer: str) -> str:
+        """The quote to append; a failure to pick one is logged and never fails the answer."""
+        if quoting is None:
+            return ""
+        try:
+            picked = await quoting
+        except Exception:  # noqa: BLE001 - the quote is a garnish on an answer already streamed
+            log.warning("quote_failed", exc_info=True)
+            return ""
+        return reading.format_quote(*picked, answer) if picked else ""
+
+    async def _not_found(
+        self, query: AnswerQuery, adapter: AdapterChoice, superseded: list[Hit], retrieval_ms: float
+    ) -> AsyncIterator[AnswerDelta | AnswerResult]:
+        """No passage cleared the bar: say so rather than let a small model invent an answer (no generation)."""
+        log.info("answer_not_found retrieval_ms=%.1f superseded=%d", retrieval_ms, len(superseded))
+        metrics.RETRIEVE_DURATION.observe(retrieval_ms / 1000)
+        yield AnswerDelta(NOT_FOUND_REPLY)
+        yield AnswerResult(
+            citations=[], superseded=superseded, primary=None, retrieval_ms=retrieval_ms, ttft_ms=retrieval_ms,
+            total_ms=retrieval_ms, finish_reason="not_found", output_tokens=0, model=self._backend.model,
+            adapter=adapter.version, request_id=f"answer-{uuid.uuid4().hex}",
+        )  # fmt: skip
+
     async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:
         start = time.perf_counter()
         passages: list[Hit] = []
@@ -141,9 +178,18 @@ class Answerer:
                 min_score=self._cfg.min_score,
                 score_margin=self._cfg.score_margin,
             )
-            passages, superseded, primary = resolved.kept, resolved.superseded, resolved.primary
+            passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages)
+            superseded, primary = resolved.superseded, resolved.primary
         retrieval_ms = (time.perf_counter() - start) * 1000
-        messages = build_messages(query.question, passages) if not query.closed_book else closed_book_messages(query.question)
+        if not query.closed_book and not passages and self._cfg.refuse_without_passages:
+            async for event in self._not_found(query, adapter, superseded, retrieval_ms):
+                yield event
+            return
+        messages = (
+            closed_book_messages(query.question)
+            if query.closed_book
+            else build_messages(query.question, passages, style=self._cfg.prompt_format)
+        )
         request = GenerationRequest(
             request_id=f"answer-{uuid.uuid4().hex}",
             messages=messages,
@@ -152,17 +198,28 @@ class Answerer:
             adapter=adapter.served_name,
         )
         self._record_citations(passages)
+        # The quote is picked while the model generates, so it costs the first token nothing.
+        quoting = self._start_quote(query.question, passages) if self._cfg.quote and not query.closed_book else None
         ttft_ms = 0.0
         finish_reason = ""
         tokens = 0
-        async for chunk in self._generate(request, adapter):
-            if chunk.text:
-                if not ttft_ms:
-                    ttft_ms = (time.perf_counter() - start) * 1000
-                yield AnswerDelta(chunk.text)
-            tokens = max(tokens, chunk.output_tokens)
-            if chunk.finished:
-                finish_reason = chunk.finish_reason or "stop"
+        said: list[str] = []
+        try:
+            async for chunk in self._generate(request, adapter):
+                if chunk.text:
+                    if not ttft_ms:
+                        ttft_ms = (time.perf_counter() - start) * 1000
+                    said.append(chunk.text)
+                    yield AnswerDelta(chunk.text)
+                tokens = max(tokens, chunk.output_tokens)
+                if chunk.finished:
+                    finish_reason = chunk.finish_reason or "stop"
+            quote = await self._finish_quote(quoting, "".join(said))
+            if quote:
+                yield AnswerDelta(quote)
+        finally:
+            if quoting is not None and not quoting.done():
+                quoting.cancel()
         total_ms = (time.perf_counter() - start) * 1000
         metrics.RETRIEVE_DURATION.observe(retrieval_ms / 1000)
         if ttft_ms:

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
+from kfresh.server.prompting import NOT_FOUND_REPLY
 from kfresh.v1 import kfresh_pb2 as pb
 from server_helper import ServerHandle, server_config
 from server_helper import answer_once as _answer
@@ -228,6 +229,24 @@ def test_answer_cites_the_newest_of_two_conflicting_documents(client: KfreshClie
     assert [c.doc_id for c in primary] == ["arch-new"]
     assert "arch-old" in [c.doc_id for c in done.superseded]
     assert "Dunmore" in text and "Roos" not in text
+
+
+def test_answer_quotes_the_sentence_that_answers_after_the_models_words(client: KfreshClient) -> None:
+    sentence = "The Ostrava ferry museum keeps 74 brass lamps in its east hall."
+    _ingest(client, document("ostr-q", f"The Ostrava ferry museum opened in 1911 beside the river. {sentence}", source="ostrava-guide"))
+    question = "How many brass lamps does the Ostrava ferry museum keep?"
+    _visible(client, question, "ostr-q", 1)
+    text, done = _answer(client, question)
+    assert [c.doc_id for c in done.citations] == ["ostr-q"]  # the one passage the model read
+    # The sentence is in the reply exactly once: the model said it, or it follows the answer with its passage number.
+    assert text.count(sentence) == 1
+    assert text.endswith(f'[1] "{sentence}"') or "[1]" not in text
+
+
+def test_no_passage_above_the_bar_answers_not_in_the_documents(client: KfreshClient) -> None:
+    text, done = _answer(client, "Who won the Kessarine chess open?", filter={"no-such-key": "x"})
+    assert text == NOT_FOUND_REPLY and done.finish_reason == "not_found"
+    assert not done.citations and done.output_tokens == 0
 
 
 def test_closed_book_answer_has_no_citations(client: KfreshClient) -> None:
