@@ -320,11 +320,14 @@ def build_result(raw: dict[str, Any], questions: Sequence[Question], opts: Readi
         ["false refusals (evidence present)", pct(head["false_refusal"]), "-"],
         ["evidence deleted: refused / false answer", f"{pct(head.get('deleted_refused'))} / {pct(head.get('deleted_false_answer'))}", "-"],
     ]))  # fmt: skip
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
     rows = []
     for name, f in figures.items():
-        rows.append([name, f"{f['e2e']:.3f}", f"{f['oracle']:.3f}", f"{f['shown']:.3f}", f"{f['right_given_shown']:.3f}",
-                     f"{f['hit']:.3f}", f"{f['false_refusal']:.3f}", f"{f.get('deleted_refused', 0):.3f}",
-                     f"{f.get('deleted_false_answer', 0):.3f}", round(f["ttft_probe_p50_ms"] or 0, 1)])  # fmt: skip
+        rows.append([name, share(f["e2e"]), share(f["oracle"]), share(f["shown"]), share(f["right_given_shown"]), share(f["hit"]),
+                     share(f["false_refusal"]), share(f.get("deleted_refused")), share(f.get("deleted_false_answer")),
+                     "-" if not f["ttft_probe_p50_ms"] else round(f["ttft_probe_p50_ms"], 1)])  # fmt: skip
     result.tables.append(Table("Ablation: one lever per row (answers right as a share of the questions)",
                                ["variant", "end to end", "oracle", "evidence shown", "right given shown", f"hit@{opts.hit_k}",
                                 "false refusal", "deleted: refused", "deleted: false answer", "TTFT p50 ms (unloaded)"], rows))  # fmt: skip
@@ -357,4 +360,4 @@ def plot(result: Result, fig: Any) -> None:
         ax.axhline(result.summary["peer_e2e"], color="gray", linestyle="--", label="LangChain chain, end to end")
     ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("share right")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")

@@ -136,6 +136,22 @@ def test_knowledge_quick(tmp_path):
     assert data["summary"]["a"]["corrected_n"] > 0, "the quick run must ask about corrected facts"
 
 
+@pytest.mark.slow
+def test_reading_quick_scores_every_stage_and_the_peer(tmp_path):
+    """The reading suite end to end on a fixture in RealTimeQA's format (fictional news written for this test; the
+    real file is read by path and never shipped): one `vllm serve`, kfresh over it, the LangChain chain beside it."""
+    fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
+    data = assert_well_formed(run_suite("reading", quick=True, out=tmp_path, overrides={"dataset": str(fixture)}), "reading")
+    summary = data["summary"]
+    assert len(data["raw"]["questions"]) == 6 and summary["n"] == 6
+    assert summary["hit"] == 1.0  # six distinct fictional stories: the evidence is always retrieved
+    assert summary["oracle"] >= 0.5 and summary["e2e"] >= 0.5  # the answer sentence is quoted when the model drops it
+    assert summary["peer_e2e"] is not None and summary["closed_book"] is not None
+    assert set(summary["variants"]) == {"default", "k=1", "before"}
+    assert 0.0 <= summary["deleted_refused"] <= 1.0 and summary["false_refusal"] == 0.0
+    assert set(summary["retrieval_levers"]) == {"dense (kfresh Retrieve)", "BM25 (bm25s)", "hybrid: RRF k=60"}
+
+
 def test_results_folder_has_only_complete_runs():
     """Every committed full run has its JSON, Markdown and PNG, and the Markdown names the command."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -342,14 +342,14 @@ def test_failing_generation_backend_is_unavailable_fast_and_answers_resume(engin
             assert _answer_status(client)[0] == "UNAVAILABLE"
             remote.up = True  # the model server comes up after the kfresh server
             time.sleep(1.1)
-            assert _answer_status(client)[0] == "Pier 7."
+            assert _answer_status(client)[0].startswith("Pier 7.")  # then the quoted source sentence
             remote.up = False  # and goes down again
             down = [_answer_status(client) for _ in range(5)]
             assert {s for s, _ in down} == {"UNAVAILABLE"} and max(t for _, t in down) < 2.0, down
             _wait(lambda: _found(client, "ferry", "The ferry leaves from Pier 7."), 10)  # retrieval keeps working
             remote.up = True
             time.sleep(1.1)
-            assert _answer_status(client)[0] == "Pier 7."
+            assert _answer_status(client)[0].startswith("Pier 7.")
     finally:
         handle.stop()
 
