@@ -151,7 +151,7 @@ class Answerer:
         return reading.format_quote(*picked, answer) if picked else ""
 
     async def _not_found(
-        self, query: AnswerQuery, adapter: AdapterChoice, superseded: list[Hit], retrieval_ms: float
+        self, adapter: AdapterChoice, superseded: list[Hit], retrieval_ms: float
     ) -> AsyncIterator[AnswerDelta | AnswerResult]:
         """No passage cleared the bar: say so rather than let a small model invent an answer (no generation)."""
         log.info("answer_not_found retrieval_ms=%.1f superseded=%d", retrieval_ms, len(superseded))
@@ -182,7 +182,7 @@ class Answerer:
             superseded, primary = resolved.superseded, resolved.primary
         retrieval_ms = (time.perf_counter() - start) * 1000
         if not query.closed_book and not passages and self._cfg.refuse_without_passages:
-            async for event in self._not_found(query, adapter, superseded, retrieval_ms):
+            async for event in self._not_found(adapter, superseded, retrieval_ms):
                 yield event
             return
         messages = (

@@ -76,4 +76,5 @@ def format_quote(number: int, sentence: str, answer: str) -> str:
     """The text appended after the model's answer, or "" when the answer already holds the sentence."""
     if " ".join(sentence.split()).lower() in " ".join(answer.split()).lower():
         return ""
-    return f'\n\n[{number}] "{sentence}"'
+    lead = "\n\n" if answer.strip() else ""
+    return f'{lead}[{number}] "{sentence}"'

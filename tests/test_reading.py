@@ -46,6 +46,7 @@ def test_the_quote_is_the_sentence_closest_to_the_question() -> None:
 def test_a_quote_the_answer_already_holds_is_not_repeated() -> None:
     assert format_quote(1, "It keeps 40 lamps.", "The museum: it keeps  40 lamps.") == ""
     assert format_quote(2, "It keeps 40 lamps.", "Forty.") == '\n\n[2] "It keeps 40 lamps."'
+    assert format_quote(1, "It keeps 40 lamps.", "  ") == '[1] "It keeps 40 lamps."'  # the model said nothing
 
 
 def test_prompt_formats_put_question_and_passages_where_they_say() -> None:
