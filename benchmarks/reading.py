@@ -18,7 +18,6 @@ Right = the right choice appears in the answer and no other choice does (benchma
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 import time
 from collections.abc import Sequence
@@ -87,17 +86,15 @@ def questions_for(opts: ReadingOptions) -> tuple[list[Question], list[Question]]
     return corpus, realtimeqa.sample(realtimeqa.period(corpus, opts.period), opts.sample)
 
 
-def _timestamp(date: str) -> float:
-    return dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp()
-
-
 def ingest(addr: str, corpus: Sequence[Question]) -> float:
     """Stream every evidence passage as a document; returns seconds until all of it was searchable."""
     from kfresh.benchmarks.servers import client
     from kfresh.client import document
+    from kfresh.sources import parse_time
 
     start = time.perf_counter()
-    docs = [document(q.id, q.evidence, source=q.source, metadata={"qid": q.id}, valid_from=_timestamp(q.date)) for q in corpus]
+    docs = [document(q.id, q.evidence, source=q.source, metadata={"qid": q.id}, valid_from=parse_time(q.date, q.id))
+            for q in corpus]  # fmt: skip
     with client(addr) as c:
         for _ in c.ingest(docs, timeout=600):
             pass
@@ -162,10 +159,9 @@ def measure_group(url: str, settings: dict[str, Any], variants: list[Variant], c
     with kfresh_server({**remote, **settings}, model=True) as target:
         out["ingest_s"] = ingest(target.addr, corpus)
         out["hits"] = asyncio.run(hits_at(target.addr, questions, opts.hit_k))
-        if closed_book:  # once per run: retrieval does not depend on the answer settings
+        if closed_book:  # once per run, like retrieval's levers: neither depends on the answer settings
             deep = asyncio.run(hits_at(target.addr, questions, 50))
             out["retrieval_levers"] = retrieval_levers(corpus, questions, deep, depth=50)
-        if closed_book:
             out["closed_book"] = asyncio.run(ask_all(target.addr, questions, opts, closed_book=True))
         for v in variants:
             rec: dict[str, Any] = {"k": v.k}
@@ -276,9 +272,10 @@ def variant_figures(rec: dict[str, Any], hits: dict[str, list[str]], by_id: dict
     }
     if "deleted" in rec:
         d = rec["deleted"]
+        d_right = score(d, by_id)
         figs["deleted_refused"] = sum(refused(a) for a in d) / n
-        figs["deleted_right"] = sum(score(d, by_id)) / n
-        figs["deleted_false_answer"] = sum(not refused(a) and not r for a, r in zip(d, score(d, by_id))) / n
+        figs["deleted_right"] = sum(d_right) / n
+        figs["deleted_false_answer"] = sum(not refused(a) and not r for a, r in zip(d, d_right)) / n
     return figs
 
 
