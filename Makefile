@@ -12,11 +12,12 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-quick clean help
+.PHONY: setup demo test test-fast lint proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-quick clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
 	@echo "make test   - set up, then run the whole test suite"
+	@echo "make lint   - ruff (lint + format check), mypy on the package as installed; CI runs it before the tests"
 	@echo "make reliability - the long fault/load/injection suite (~16 min on 2 cores); figures in benchmarks/results/reliability-*"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
@@ -54,6 +55,13 @@ test: models
 .PHONY: reliability
 reliability: models
 	KFRESH_RELIABILITY=1 $(PY) -m pytest -q -m reliability -p no:cacheprovider
+
+# ruff: settings in pyproject [tool.ruff]; mypy: [tool.mypy], strict on the base layer and the seams (tests/typecheck.py).
+# The dependency rule and the import circles are checked by tests/test_import_graph.py (part of `make test`).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tests/typecheck.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

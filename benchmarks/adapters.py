@@ -8,6 +8,7 @@ rank-16 adapter on all linear layers (the finetuner's default shape), and the Ad
 publish -> served time and rollback time against a temporary registry. Results go to
 benchmarks/results/adapters-<date>.json and .md. The box is a noisy 2-core CPU: read the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def make_adapter(model_path: str, out: Path) -> Path:
 async def _one(backend: Any, prompt: str, adapter: str | None, max_tokens: int) -> tuple[float, float, int]:
     from kfresh.server.generation.base import GenerationRequest
 
-    request = GenerationRequest(f"b-{uuid.uuid4().hex}", [{"role": "user", "content": prompt}], max_tokens=max_tokens, adapter=adapter)
+    request = GenerationRequest(
+        f"b-{uuid.uuid4().hex}", [{"role": "user", "content": prompt}], max_tokens=max_tokens, adapter=adapter
+    )
     start = time.perf_counter()
     ttft, tokens = 0.0, 0
     async for chunk in backend.generate(request):
@@ -85,7 +88,12 @@ async def swap_figures(backend: Any, model_path: str, adapter_dir: Path, root: P
     from kfresh.server.adapters import AdapterManager
 
     registry = AdapterRegistry(root / "registry")
-    meta = {"base_model": model_path, "base_model_sha256": "-", "training_data_sha256": "-", "gate_passed": True}
+    meta: dict[str, Any] = {
+        "base_model": model_path,
+        "base_model_sha256": "-",
+        "training_data_sha256": "-",
+        "gate_passed": True,
+    }
     registry.publish(adapter_dir, **meta)
     manager = AdapterManager(registry, backend)
     await manager.sync()
@@ -103,7 +111,7 @@ async def swap_figures(backend: Any, model_path: str, adapter_dir: Path, root: P
 
 
 async def run(model_path: str, dtype: str, root: Path) -> dict[str, Any]:
-    from kfresh.config import GenerationConfig
+    from kfresh.core.config import GenerationConfig
     from kfresh.server.generation.vllm_engine import VllmEngineBackend
 
     adapter_dir = make_adapter(model_path, root / "adapter")
@@ -129,7 +137,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    from kfresh.config import ModelsConfig
+    from kfresh.core.config import ModelsConfig
     from kfresh.models import generator_path
 
     model_path = generator_path(ModelsConfig(cache_dir=Path(".kfresh/models")))
@@ -144,9 +152,14 @@ def main() -> None:
         "", "| figure | enable_lora=false | enable_lora=true, no adapter | with a rank-16 adapter |", "|---|---|---|---|",
     ]  # fmt: skip
     for label, key in rows:
-        lines.append(f"| {label} | {off[key]:.1f} | {on[key]:.1f} ({on[key] / off[key] - 1:+.0%}) | {tuned[key]:.1f} ({tuned[key] / off[key] - 1:+.0%}) |")
+        lines.append(
+            f"| {label} | {off[key]:.1f} | {on[key]:.1f} ({on[key] / off[key] - 1:+.0%}) | {tuned[key]:.1f} ({tuned[key] / off[key] - 1:+.0%}) |"
+        )
     swap = figures["swap"]
-    lines += ["", f"publish -> served (sha256 + load + switch): {swap['publish_to_served_ms']:.0f} ms; rollback: {swap['rollback_ms']:.1f} ms"]
+    lines += [
+        "",
+        f"publish -> served (sha256 + load + switch): {swap['publish_to_served_ms']:.0f} ms; rollback: {swap['rollback_ms']:.1f} ms",
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"adapters-{time.strftime('%Y-%m-%d')}"
     stem.with_suffix(".json").write_text(json.dumps(figures, indent=2))

@@ -9,6 +9,7 @@ only), for both generation backends:
 Answers are closed-book (no retrieval), greedy, with the same chat messages on both paths; every prompt
 carries a unique suffix so no path gets another's prefix-cache hits. Overhead ratio = gRPC / direct.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,11 +27,13 @@ from kfresh.benchmarks.report import Result, Table
 
 
 class AnswerOptions(SuiteOptions):
-    concurrency: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], description="Concurrent requests per level.")
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32], description="Concurrent requests per level."
+    )
     min_requests: int = Field(8, ge=1, description="Requests per level: max(min_requests, 2 x concurrency).")
     max_tokens: int = Field(64, ge=1, description="Output tokens per answer (upper bound; greedy may stop earlier).")
     level_time_s: float = Field(180.0, gt=0, description="A level stops issuing requests after this long.")
-    backends: list[Literal["vllm", "remote"]] = Field(default_factory=lambda: ["vllm", "remote"], description="Generation backends.")
+    backends: list[Literal["vllm", "remote"]] = Field(["vllm", "remote"], description="Generation backends.")
     vllm_url: str = Field("", description="With --addr: a `vllm serve` URL to call directly as the baseline.")
 
     @classmethod
@@ -56,7 +59,7 @@ def questions() -> list[str]:
 
 
 def _messages(i: int, tag: str) -> tuple[str, list[dict[str, str]]]:
-    from kfresh.server.prompting import closed_book_messages
+    from kfresh.prompt import closed_book_messages
 
     qs = questions()
     question = f"{qs[i % len(qs)]} (request {tag}-{i})"
@@ -76,7 +79,9 @@ async def _timed(stream: AsyncIterator[tuple[str, int]]) -> Sample:
 def grpc_call(client: Any, opts: AnswerOptions, tag: str) -> Callable[[int], Awaitable[Sample]]:
     async def stream(i: int) -> AsyncIterator[tuple[str, int]]:
         question, _ = _messages(i, tag)
-        async for event in client.answer(question, closed_book=True, max_tokens=opts.max_tokens, temperature=0.0, timeout=600):
+        async for event in client.answer(
+            question, closed_book=True, max_tokens=opts.max_tokens, temperature=0.0, timeout=600
+        ):
             if event.HasField("done"):
                 yield "", event.done.output_tokens
             else:
@@ -115,21 +120,25 @@ def http_call(client: Any, model: str, opts: AnswerOptions, tag: str) -> Callabl
 
 
 async def sweep(call: Callable[[int], Awaitable[Sample]], opts: AnswerOptions) -> list[dict[str, Any]]:
-    from kfresh.benchmarks.load import closed_loop
+    from kfresh.testing.load import closed_loop
 
     await call(10_000)  # warm-up
     levels = []
     for c in opts.concurrency:
-        run = await closed_loop(call, concurrency=c, total=max(opts.min_requests, 2 * c), time_limit_s=opts.level_time_s)
+        run = await closed_loop(
+            call, concurrency=c, total=max(opts.min_requests, 2 * c), time_limit_s=opts.level_time_s
+        )
         samples: list[Sample] = run.samples
         levels.append({"concurrency": c, "wall_s": run.wall_s, "errors": run.errors, "samples": [asdict(s) for s in samples],
                        "output_tok_s": sum(s.tokens for s in samples) / run.wall_s if run.wall_s else 0.0})  # fmt: skip
     return levels
 
 
-async def measure_pair(name: str, addr: str, opts: AnswerOptions, *, backend: Any = None, vllm_url: str = "") -> dict[str, Any]:
+async def measure_pair(
+    name: str, addr: str, opts: AnswerOptions, *, backend: Any = None, vllm_url: str = ""
+) -> dict[str, Any]:
     """gRPC sweep against `addr`, then the direct sweep (an in-process `backend` or a `vllm serve` URL) if given."""
-    from kfresh.benchmarks.servers import aclient
+    from kfresh.testing.servers import aclient
 
     out: dict[str, Any] = {"backend": name}
     async with aclient(addr) as client:
@@ -152,14 +161,16 @@ async def http_direct(url: str, opts: AnswerOptions, name: str) -> list[dict[str
 
 
 def _direct_inprocess(opts: AnswerOptions) -> list[dict[str, Any]]:
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
     from kfresh.models import generator_path
     from kfresh.server.generation.vllm_engine import VllmEngineBackend
 
     cfg = KfreshConfig()
 
     async def go() -> list[dict[str, Any]]:
-        backend = VllmEngineBackend(cfg.generation, generator_path(cfg.models), served_model_name="SmolLM2-135M-Instruct", log_stats=False)
+        backend = VllmEngineBackend(
+            cfg.generation, generator_path(cfg.models), served_model_name="SmolLM2-135M-Instruct", log_stats=False
+        )
         await backend.start()
         try:
             return await sweep(backend_call(backend, opts, "dvllm"), opts)
@@ -170,9 +181,9 @@ def _direct_inprocess(opts: AnswerOptions) -> list[dict[str, Any]]:
 
 
 def run(opts: AnswerOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
-    from kfresh.benchmarks.servers import kfresh_server, vllm_serve
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
     from kfresh.models import generator_path
+    from kfresh.testing.servers import kfresh_server, vllm_serve
 
     cfg = KfreshConfig()
     env = environment(model="SmolLM2-135M-Instruct", dtype=cfg.generation.dtype)
@@ -187,9 +198,11 @@ def run(opts: AnswerOptions, *, addr: str | None = None, quick: bool = False, co
             pair["direct"] = _direct_inprocess(opts)
             pair["direct_kind"] = "VllmEngineBackend.generate (AsyncLLM in-process, no gRPC)"
         else:
-            with vllm_serve(generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
-                with kfresh_server({"generation.backend": "remote", "generation.remote_url": url}, model=True) as target:
-                    pair = asyncio.run(measure_pair("remote", target.addr, opts, vllm_url=url))
+            with (
+                vllm_serve(generator_path(cfg.models), dtype=cfg.generation.dtype) as url,
+                kfresh_server({"generation.backend": "remote", "generation.remote_url": url}, model=True) as target,
+            ):
+                pair = asyncio.run(measure_pair("remote", target.addr, opts, vllm_url=url))
         pairs.append(pair)
     return build_result(pairs, opts, quick=quick, command=command, env=env)
 
@@ -203,7 +216,9 @@ def level_figures(level: dict[str, Any]) -> dict[str, float]:
             "tok_s": level["output_tok_s"], "n": total["n"], "errors": len(level["errors"])}  # fmt: skip
 
 
-def build_result(pairs: list[dict[str, Any]], opts: AnswerOptions, *, quick: bool, command: str, env: dict[str, Any] | None = None) -> Result:
+def build_result(
+    pairs: list[dict[str, Any]], opts: AnswerOptions, *, quick: bool, command: str, env: dict[str, Any] | None = None
+) -> Result:
     result = Result(suite="answer", title="Answer latency and throughput over gRPC vs vLLM direct", command=command, quick=quick,
                     settings=opts.model_dump(), env=env or environment(model="SmolLM2-135M-Instruct"), raw={"pairs": pairs})  # fmt: skip
     for pair in pairs:
@@ -211,7 +226,10 @@ def build_result(pairs: list[dict[str, Any]], opts: AnswerOptions, *, quick: boo
         for i, level in enumerate(pair["grpc"]):
             g = level_figures(level)
             d = level_figures(pair["direct"][i]) if pair.get("direct") else None
-            ratio = (lambda key: round(g[key] / d[key], 3) if d and d[key] else None)  # noqa: E731
+
+            def ratio(key: str, g: dict[str, Any] = g, d: dict[str, Any] | None = d) -> float | None:
+                return round(g[key] / d[key], 3) if d and d[key] else None
+
             rows.append([level["concurrency"], g["ttft_p50"], d["ttft_p50"] if d else "-", g["itl_p50"], d["itl_p50"] if d else "-",
                          g["e2e_p50"], g["e2e_p99"], d["e2e_p50"] if d else "-", g["tok_s"], d["tok_s"] if d else "-",
                          ratio("e2e_p50") or "-", ratio("tok_s") or "-", g["errors"] + (d["errors"] if d else 0)])  # fmt: skip

@@ -8,6 +8,7 @@ milvus-lite's background compaction and index build, with probe searches during 
 latency p50/p95/p99, recall@k against exact inner-product ground truth, and add -> visible (one new
 vector added, then searched until it is the top hit) plus removing it again.
 """
+
 from __future__ import annotations
 
 import gc
@@ -21,11 +22,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
-from kfresh.benchmarks.report import Result, Table
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since
+from kfresh.benchmarks.report import Result
 
-BACKENDS = ("faiss-flat", "faiss-ivf", "torch", "milvus-flat", "milvus-ivf", "milvus-hnsw")
 Backend = Literal["faiss-flat", "faiss-ivf", "torch", "milvus-flat", "milvus-ivf", "milvus-hnsw"]
+BACKENDS: tuple[Backend, ...] = ("faiss-flat", "faiss-ivf", "torch", "milvus-flat", "milvus-ivf", "milvus-hnsw")
 _MILVUS_TYPES = {"milvus-flat": "FLAT", "milvus-ivf": "IVF_FLAT", "milvus-hnsw": "HNSW"}
 _ADD_BATCH = 8_192  # store.iter_embedded's batch: what a rebuild hands to index.add()
 _VISIBLE_BASE_ID = 10**12
@@ -33,9 +34,11 @@ _VISIBLE_BASE_ID = 10**12
 
 class BackendsOptions(SuiteOptions):
     sizes: list[int] = Field(default_factory=lambda: [20_000, 100_000], description="Vectors per run (chunks).")
-    data: Literal["real", "synthetic"] = Field("real", description="real: cached corpus embeddings + embedded query texts; synthetic: clustered unit vectors.")
+    data: Literal["real", "synthetic"] = Field(
+        "real", description="real: cached corpus embeddings + embedded query texts; synthetic: clustered unit vectors."
+    )
     dim: int = Field(384, ge=2, description="Dimension of synthetic vectors (real ones are the embedder's, 384).")
-    backends: list[Backend] = Field(default_factory=lambda: list(BACKENDS), description="Backends to measure, in this order.")
+    backends: list[Backend] = Field(list(BACKENDS), description="Backends to measure, in this order.")
     queries: int = Field(200, ge=1, description="Timed single-vector searches per backend and size.")
     k: int = Field(10, ge=1, le=100, description="k for latency and recall@k.")
     visible_trials: int = Field(50, ge=1, description="add -> visible trials per backend and size.")
@@ -67,7 +70,7 @@ def dataset(n: int, opts: BackendsOptions, encode: Any) -> tuple[np.ndarray, np.
 
 
 def index_config(name: str, n: int, opts: BackendsOptions, folder: str) -> Any:
-    from kfresh.config import IndexConfig
+    from kfresh.core.config import IndexConfig
 
     if name == "faiss-flat":
         return IndexConfig(kind="flat")
@@ -148,8 +151,8 @@ def add_to_visible(index: Any, base: np.ndarray, trials: int, timeout_s: float =
     rng = np.random.default_rng(3)
     out: dict[str, list[float]] = {"add_ms": [], "visible_ms": [], "searches": [], "remove_ms": []}
     for t in range(trials):
-        v = base[rng.integers(len(base))] + rng.standard_normal(base.shape[1]).astype(np.float32) * 0.02
-        v = (v / np.linalg.norm(v)).astype(np.float32)[None]
+        jittered = base[rng.integers(len(base))] + rng.standard_normal(size=(base.shape[1],)).astype(np.float32) * 0.02
+        v = np.asarray(jittered / np.linalg.norm(jittered), dtype=np.float32)[None]
         new_id = np.array([_VISIBLE_BASE_ID + t])
         start = time.perf_counter()
         index.add(new_id, v)
@@ -171,7 +174,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
 
 
-def measure_backend(name: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, opts: BackendsOptions) -> dict[str, Any]:
+def measure_backend(
+    name: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, opts: BackendsOptions
+) -> dict[str, Any]:
     from kfresh.indexer.vectors import create_index
 
     folder = tempfile.mkdtemp(prefix="kfresh-bench-backends-")
@@ -215,11 +220,13 @@ def run(opts: BackendsOptions, *, addr: str | None = None, quick: bool = False, 
         raise SystemExit("kfresh bench backends measures the index backends in-process; --addr does not apply")
     encode = None
     if opts.data == "real":
-        from kfresh.config import KfreshConfig
-        from kfresh.indexer.embedder import create_embedder
+        from kfresh.core.config import KfreshConfig
+        from kfresh.indexer.embedding.embedder import create_embedder
 
         encode = create_embedder(KfreshConfig()).encode
-    env = environment(server="none: backends in-process through the VectorIndex seam", packages_milvus=_milvus_versions())
+    env = environment(
+        server="none: backends in-process through the VectorIndex seam", packages_milvus=_milvus_versions()
+    )
     measured = [measure_size(n, opts, encode) for n in opts.sizes]
     result = Result(suite="backends", title="Vector backends side by side: FAISS vs torch vs Milvus (milvus-lite) on the same vectors",
                     command=command, quick=quick, settings=opts.model_dump(), env=env, raw={"sizes": measured})  # fmt: skip

@@ -1,4 +1,5 @@
 """The `backends` suite's tables, headline figures, notes and plot (kept apart from the measuring code)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """`kfresh bench SUITE`: run a benchmark suite and write its JSON, Markdown and PNG into --out."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,16 @@ def _epilog() -> str:
     for name in SUITES:
         module = suite_module(name)
         first = (module.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
-        parts.append(textwrap.fill(f"{name}: {first.split(': ', 1)[-1]}", 100, initial_indent="  ", subsequent_indent="    "))
+        parts.append(
+            textwrap.fill(f"{name}: {first.split(': ', 1)[-1]}", 100, initial_indent="  ", subsequent_indent="    ")
+        )
         options = getattr(module, _OPTIONS[name])
         quick = options.quick()
         for field, info in options.model_fields.items():
-            default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
-            parts.append(f"      --set {field}=...  {info.description} [full: {_show(default)}; quick: {_show(getattr(quick, field))}]")
+            default = info.default_factory() if info.default_factory is not None else info.default
+            parts.append(
+                f"      --set {field}=...  {info.description} [full: {_show(default)}; quick: {_show(getattr(quick, field))}]"
+            )
     parts.append("  all: every suite above, one after the other (full sizes take about an hour on 2 cores)")
     return "\n".join(parts)
 
@@ -54,11 +59,27 @@ def register(sub: Any) -> None:
     )
     p.add_argument("suite", choices=[*SUITES, "all"], help="which suite")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the smoke test); figures are not measurements")
-    p.add_argument("--addr", default=None, help="measure an already running server at host:port instead of starting one")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results, or a temp folder with --quick)")
-    p.add_argument("--tag", default="", help="suffix of the result files, e.g. 'ivf' -> <suite>-<date>-ivf.json (a variant run "
-                   "beside the default one)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override an option of the suite (not with 'all'), e.g. --set 'sizes=[10000]'")
+    p.add_argument(
+        "--addr", default=None, help="measure an already running server at host:port instead of starting one"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default benchmarks/results, or a temp folder with --quick)",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the result files, e.g. 'ivf' -> <suite>-<date>-ivf.json (a variant run beside the default one)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override an option of the suite (not with 'all'), e.g. --set 'sizes=[10000]'",
+    )
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each suite, wait up to SECONDS for the 1-minute load average to drop below --quiet-load; "
                    "skip the suite if it does not (for shared boxes; default 0 = start at once)")  # fmt: skip
@@ -88,7 +109,9 @@ def run_suite(name: str, *, quick: bool = False, addr: str | None = None, out: P
     options_cls = getattr(module, _OPTIONS[name])
     base = options_cls.quick() if quick else options_cls()
     opts = options_cls.model_validate({**base.model_dump(), **(overrides or {})})
-    result = module.run(opts, addr=addr, quick=quick, command=command or f"kfresh bench {name}{' --quick' if quick else ''}")
+    result = module.run(
+        opts, addr=addr, quick=quick, command=command or f"kfresh bench {name}{' --quick' if quick else ''}"
+    )
     return write_result(result, out or _default_out(quick), module.plot, tag=tag)
 
 
@@ -128,12 +151,17 @@ def main(args: argparse.Namespace) -> int:
     command = "kfresh " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
     for name in SUITES if args.suite == "all" else (args.suite,):
         if args.wait_quiet and not wait_quiet(args.wait_quiet, args.quiet_load):
-            print(f"kfresh bench {name}: skipped, the load average stayed above {args.quiet_load} for {args.wait_quiet:.0f} s", file=sys.stderr)
+            print(
+                f"kfresh bench {name}: skipped, the load average stayed above {args.quiet_load} for {args.wait_quiet:.0f} s",
+                file=sys.stderr,
+            )
             continue
         if args.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", args.tag):
             raise SystemExit(f"--tag must be letters, digits, '.', '_' or '-' (at most 41), got {args.tag!r}")
         written = run_suite(name, quick=args.quick, addr=args.addr, out=args.out, overrides=overrides, tag=args.tag,
                             command=command.replace(" all", f" {name}") if args.suite == "all" else command)  # fmt: skip
         print(written.markdown.read_text())
-        print(f"wrote {written.json}, {written.markdown}" + (f", {written.png}" if written.png else ""), file=sys.stderr)
+        print(
+            f"wrote {written.json}, {written.markdown}" + (f", {written.png}" if written.png else ""), file=sys.stderr
+        )
     return 0

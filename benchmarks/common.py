@@ -1,4 +1,5 @@
 """Shared benchmark helpers: options base, percentiles, the environment record, process-tree memory."""
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     if not len(arr):
         return {"n": 0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
     p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"n": int(len(arr)), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max()),
+    return {"n": len(arr), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(arr.max()),
             "mean": float(arr.mean())}  # fmt: skip
 
 
@@ -81,7 +82,9 @@ def _cpu_model() -> str:
 
 def _gpu() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "none"
     except (OSError, subprocess.SubprocessError):
         return "none"

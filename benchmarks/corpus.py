@@ -9,6 +9,7 @@ Embeddings are computed once with the packaged all-MiniLM-L6-v2 and cached in 10
 Above what was embedded, `derived_vectors` makes a LARGER set from the real one: copy c of vector p is
 normalize(v_p + noise) with cosine ~0.9 to its parent. Results that use it say so ("derived").
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ WORDS_PER_DOC = 32
 @cache
 def vocabulary() -> tuple[str, ...]:
     """Whole English words from the embedder's WordPiece vocabulary (deterministic, ~20k words)."""
-    from kfresh.config import ModelsConfig
+    from kfresh.core.config import ModelsConfig
     from kfresh.models import embedder_path
 
     vocab = Path(embedder_path(ModelsConfig())) / "vocab.txt"
@@ -73,7 +74,9 @@ def queries(n: int, n_docs: int) -> list[str]:
     return [query(j, n_docs)[0] for j in range(n)]
 
 
-def embeddings(n: int, encode: Callable[[list[str]], np.ndarray] | None = None, *, cache_dir: Path = CACHE_DIR) -> np.ndarray:
+def embeddings(
+    n: int, encode: Callable[[list[str]], np.ndarray] | None = None, *, cache_dir: Path = CACHE_DIR
+) -> np.ndarray:
     """(n, 384) float32 real embeddings of texts(n), from the shard cache; missing shards are embedded."""
     if n < SHARD and not (cache_dir / f"corpus-{VERSION}-shard0000.npy").is_file():
         return _encode_batched(encode or _default_encoder(), texts(n))  # a quick run: not worth a shard
@@ -124,8 +127,8 @@ def derived_text(i: int, base: int) -> str:
 
 
 def _default_encoder() -> Callable[[list[str]], np.ndarray]:
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
 
     return create_embedder(KfreshConfig()).encode
 
@@ -133,7 +136,10 @@ def _default_encoder() -> Callable[[list[str]], np.ndarray]:
 def _encode_batched(encode: Callable[[list[str]], np.ndarray], items: list[str], batch: int = 256) -> np.ndarray:
     from tqdm import tqdm
 
-    out = [encode(items[i : i + batch]) for i in tqdm(range(0, len(items), batch), desc="embed corpus", unit="batch", leave=False)]
+    out = [
+        encode(items[i : i + batch])
+        for i in tqdm(range(0, len(items), batch), desc="embed corpus", unit="batch", leave=False)
+    ]
     return np.concatenate(out).astype(np.float32)
 
 

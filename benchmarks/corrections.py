@@ -4,6 +4,7 @@ or superseded versions stated with the facts distilled from the current ones (th
 The knowledge suite scores answers about these facts on the NEW value and counts an answer that gives an old
 value but not the new one as stale. Pure functions: no model, no store.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -53,7 +54,9 @@ def sample_history() -> History:
     return replay_history(sample_rows())
 
 
-def corrections_from_history(old_docs: Iterable[DocLike], final_facts: Iterable[Fact]) -> dict[tuple[str, str], set[str]]:
+def corrections_from_history(
+    old_docs: Iterable[DocLike], final_facts: Iterable[Fact]
+) -> dict[tuple[str, str], set[str]]:
     """Fact.key -> stale objects: what replaced or superseded versions stated about a (subject, relation) whose
     final fact says something else. Facts are extracted as the finetuner extracts them; a key the final facts
     lack (dropped, or deferred by max_facts) is no correction that can be scored."""
@@ -88,8 +91,12 @@ def correction_notes(history: History, facts: Sequence[Fact], stale: dict[tuple[
     lines = [f"Corrected fact {s} / {r}: {', '.join(sorted(old))} -> {final[(s, r)]} (held-out questions asked: {asked[(s, r)]})."
              for (s, r), old in sorted(stale.items())]  # fmt: skip
     if not stale:
-        lines.append("No corrected fact among the distilled facts: the corrected-fact and stale-answer columns measure nothing.")
+        lines.append(
+            "No corrected fact among the distilled facts: the corrected-fact and stale-answer columns measure nothing."
+        )
     unscored = sorted({f.key for doc in history.replaced for f in extract_document(doc)[0]} - set(final))
     if unscored:
-        lines.append(f"Not scored (no distilled fact with that subject and relation): {'; '.join(' / '.join(k) for k in unscored)}.")
+        lines.append(
+            f"Not scored (no distilled fact with that subject and relation): {'; '.join(' / '.join(k) for k in unscored)}."
+        )
     return lines

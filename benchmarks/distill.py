@@ -7,6 +7,7 @@ Ingests kfresh/samples (day 1, then day 2) into a temporary store with the real 
 temporary registry. Writes distill-<date>.json and .md with the gate's before/after figures, extraction
 F1 and the time of each phase. Several minutes on a 2-core CPU; the box is shared, so timings are rough.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.finetuner.distill import run_distill
 from kfresh.finetuner.facts import parse_date
 from kfresh.indexer.documents import DocumentIn
@@ -96,8 +97,12 @@ def _markdown(out: dict) -> str:
     lines += ["", "| check | passed | value | threshold | detail |", "|---|---|---|---|---|"]
     for c in out["checks"]:
         lines.append(f"| {c['name']} | {c['passed']} | {c['value']} | {c['threshold']} | {c['detail']} |")
-    wrong = [(bucket, row) for bucket in ("general", "counterfactual", "new_facts")
-             for row in out.get("samples", {}).get("after", {}).get(bucket, []) if row["ok"] != "True"]
+    wrong = [
+        (bucket, row)
+        for bucket in ("general", "counterfactual", "new_facts")
+        for row in out.get("samples", {}).get("after", {}).get(bucket, [])
+        if row["ok"] != "True"
+    ]
     if wrong:
         lines += ["", "Wrong answers with the adapter (as sampled by the gate report):", ""]
         lines += [f"- [{b}] {r['question']} -> {r['answer']!r} (expected {r['expected']!r})" for b, r in wrong]

@@ -7,6 +7,7 @@ raw sentence-transformers `encode` on the same texts, with the same batch size. 
 benchmarks/results/foundation-<date>.json and .md. The suite runs on a noisy 2-core CPU box, so read the
 ratios; the absolute times are only rough.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,38 @@ import numpy as np
 
 from kfresh.benchmarks.common import tree_peak_rss_mb
 from kfresh.client import SERVICE_NAME, KfreshClient, document
-from kfresh.config import KfreshConfig
-from kfresh.net import free_port
+from kfresh.core.config import KfreshConfig
+from kfresh.core.net import free_port
 
-WORDS = (
-    "harbor ferry pier timetable bridge engineer council mayor library market festival river tower museum "
-    "station tram ticket island lighthouse school garden square street archive theatre hospital bakery"
-).split()
+WORDS = [
+    "harbor",
+    "ferry",
+    "pier",
+    "timetable",
+    "bridge",
+    "engineer",
+    "council",
+    "mayor",
+    "library",
+    "market",
+    "festival",
+    "river",
+    "tower",
+    "museum",
+    "station",
+    "tram",
+    "ticket",
+    "island",
+    "lighthouse",
+    "school",
+    "garden",
+    "square",
+    "street",
+    "archive",
+    "theatre",
+    "hospital",
+    "bakery",
+]
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
@@ -45,7 +71,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def baseline_encode_rate(texts: list[str], batch_size: int) -> float:
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.indexer.embedding.embedder import create_embedder
 
     embedder = create_embedder(KfreshConfig())
     start = time.perf_counter()
@@ -111,11 +137,21 @@ def main() -> int:
     encode_rate = baseline_encode_rate(texts, cfg.embedder.batch_size)
     home = Path(tempfile.mkdtemp(prefix="kfresh-bench-"))
     port = free_port()
-    cmd = [sys.executable, "-m", "kfresh.cli", "serve", "--server.port", str(port),
-           "--store.path", str(home / "db"), "--index.snapshot_dir", str(home / "index")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kfresh.cli",
+        "serve",
+        "--server.port",
+        str(port),
+        "--store.path",
+        str(home / "db"),
+        "--index.snapshot_dir",
+        str(home / "index"),
+    ]
     started = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=open(home / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    log_file = open(home / "server.log", "wb")  # noqa: SIM115 - the server's stdout for its whole life; closed with the temp folder
+    server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
         with KfreshClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(timeout=300, service=SERVICE_NAME)
@@ -138,7 +174,11 @@ def main() -> int:
         "baseline_encode_docs_per_s": encode_rate,
         "ingest_vs_encode_ratio": ingest_rate / encode_rate,
         "freshness_client_ms": {"p50": pct(lags, 50), "p95": pct(lags, 95), "max": max(lags)},
-        "freshness_server_ms": {"p50": stats.freshness.p50_ms, "p95": stats.freshness.p95_ms, "max": stats.freshness.max_ms},
+        "freshness_server_ms": {
+            "p50": stats.freshness.p50_ms,
+            "p95": stats.freshness.p95_ms,
+            "max": stats.freshness.max_ms,
+        },
         "retrieve_client_ms": {"p50": pct(r_client, 50), "p95": pct(r_client, 95)},
         "retrieve_server_ms": {"p50": pct(r_server, 50)},
         "grpc_overhead_ms_p50": pct(r_client, 50) - pct(r_server, 50),
@@ -147,14 +187,28 @@ def main() -> int:
         "server_tree_peak_rss_mb": peak_mb,
         "corpus_docs": stats.documents,
     }
-    env = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "model": stats.model, "embedder": stats.embedder, "index": stats.index_kind}
+    env = {
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "model": stats.model,
+        "embedder": stats.embedder,
+        "index": stats.index_kind,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     raw = {"freshness_client_ms": lags, "retrieve_client_ms": r_client, "answer_ttft_ms": ttft}
-    (args.out / f"foundation-{stamp}.json").write_text(json.dumps({"summary": summary, "env": env, "raw": raw}, indent=2))
-    lines = [f"# Foundation figures ({stamp}, {env['cores']} cores, {env['model']}, {env['index']})", "",
-             "Command: `.venv/bin/python benchmarks/foundation.py`", "", "| figure | value |", "|---|---|"]
+    (args.out / f"foundation-{stamp}.json").write_text(
+        json.dumps({"summary": summary, "env": env, "raw": raw}, indent=2)
+    )
+    lines = [
+        f"# Foundation figures ({stamp}, {env['cores']} cores, {env['model']}, {env['index']})",
+        "",
+        "Command: `.venv/bin/python benchmarks/foundation.py`",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
     for key, value in summary.items():
         shown = ", ".join(f"{k} {v:.1f}" for k, v in value.items()) if isinstance(value, dict) else f"{value:.2f}"
         lines.append(f"| {key} | {shown} |")

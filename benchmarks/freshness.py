@@ -9,6 +9,7 @@ the same text hit the server's query-embedding cache, as a client's retries woul
 sampled on distinct, never repeated queries with the load running and, before it, without.
 Targets: p95 <= 100 ms, max <= 500 ms.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,14 +33,19 @@ class FreshnessOptions(SuiteOptions):
     corpus_docs: int = Field(100_000, ge=0, description="Preloaded one-chunk documents (ignored with --addr).")
     probes: int = Field(300, ge=1, description="Freshness probes under load.")
     retrieve_samples: int = Field(300, ge=1, description="Retrieve calls timed with and without the load.")
-    load_fraction: float = Field(0.5, gt=0, le=1, description="Background ingest rate as a share of the measured maximum.")
+    load_fraction: float = Field(
+        0.5, gt=0, le=1, description="Background ingest rate as a share of the measured maximum."
+    )
     load_rate: float | None = Field(
-        None, gt=0, description="A fixed background rate in docs/s instead of load_fraction (to compare runs whose maximum differs)."
+        None,
+        gt=0,
+        description="A fixed background rate in docs/s instead of load_fraction (to compare runs whose maximum differs).",
     )
     burst_docs: int = Field(1000, ge=8, description="Documents in the maximum-rate burst.")
     k: int = Field(5, ge=1, description="k of the timed Retrieve calls.")
     server: dict[str, Any] = Field(
-        default_factory=dict, description='Extra `kfresh serve` settings, e.g. {"index.kind": "ivf"} (ignored with --addr).'
+        default_factory=dict,
+        description='Extra `kfresh serve` settings, e.g. {"index.kind": "ivf"} (ignored with --addr).',
     )
 
     @classmethod
@@ -54,7 +60,7 @@ def _doc_text(i: int) -> str:
 
 
 def retrieve_latencies(addr: str, queries: list[str], k: int) -> tuple[list[float], list[float]]:
-    from kfresh.benchmarks.servers import client as connect
+    from kfresh.testing.servers import client as connect
 
     client_ms, server_ms = [], []
     with connect(addr) as client:
@@ -83,11 +89,11 @@ def probe(client: Any, doc_id: str, text: str) -> tuple[float, int]:
 def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
     from kfresh.benchmarks import corpus
     from kfresh.benchmarks.ingest import ingest_rate
-    from kfresh.benchmarks.load import BackgroundIngest
     from kfresh.benchmarks.preload import cached_store, home_with_store
-    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
-    from kfresh.benchmarks.servers import client as connect
     from kfresh.client import document
+    from kfresh.testing.load import BackgroundIngest
+    from kfresh.testing.servers import NO_GENERATION, kfresh_server
+    from kfresh.testing.servers import client as connect
 
     env = environment(server="external" if addr else "kfresh serve, no generation")
     run_id = uuid.uuid4().hex[:8]
@@ -109,7 +115,10 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         load_docs = (document(f"load-{run_id}-{i}", _doc_text(2_000_000 + i), source="load") for i in range(10**9))
         lags, polls, load_client, load_server = [], [], [], []
         rng = random.Random(0)
-        with BackgroundIngest(target.addr, load_docs, _load_target(opts, max_rate)) as load, connect(target.addr) as client:
+        with (
+            BackgroundIngest(target.addr, load_docs, _load_target(opts, max_rate)) as load,
+            connect(target.addr) as client,
+        ):
             time.sleep(1.0)
             per_probe = max(1, opts.retrieve_samples // opts.probes)
             q = iter(queries[5 + n :])

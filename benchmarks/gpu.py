@@ -8,6 +8,7 @@
 `report` measures this box's side in the same shapes (kfresh's onnx and torch embedders, FAISS flat and the
 torch index at 1M vectors, the LoRA step) and writes gpu-<date>.json/.md with both, labelled with the device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,15 @@ def pack(folder: Path) -> int:
     """MiniLM in fp16 (its vectors; ~45 MB) and SmolLM2's config (the LoRA step's shapes); returns the bytes."""
     from sentence_transformers import SentenceTransformer
 
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
     from kfresh.models import embedder_path, generator_path
 
     cfg = KfreshConfig()
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "smollm2").mkdir(parents=True)
-    SentenceTransformer(embedder_path(cfg.models), device="cpu", local_files_only=True).half().save(str(folder / "minilm"))
+    SentenceTransformer(embedder_path(cfg.models), device="cpu", local_files_only=True).half().save(
+        str(folder / "minilm")
+    )
     shutil.copy(Path(generator_path(cfg.models)) / "config.json", folder / "smollm2" / "config.json")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > CARRY_LIMIT:
@@ -42,11 +45,13 @@ def pack(folder: Path) -> int:
     return size
 
 
-def here(pack_dir: Path, vectors: int, queries: int, docs: int, *, lora_steps: int = 3, lora_tokens: int = 128) -> dict[str, Any]:
+def here(
+    pack_dir: Path, vectors: int, queries: int, docs: int, *, lora_steps: int = 3, lora_tokens: int = 128
+) -> dict[str, Any]:
     """This box's side: the same measurements, plus kfresh's CPU defaults (onnx embedder, FAISS flat)."""
     from kfresh.benchmarks.ingest import encode_rate
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
     from kfresh.indexer.vectors.flat import FlatIndex
 
     data = dev.texts(docs, pack_dir / "minilm" / "tokenizer.json")
@@ -98,23 +103,35 @@ def report(device: dict[str, Any], mine: dict[str, Any], out: Path, command: str
                   round(r["s_per_step"], 3)] for r in rows_of]  # fmt: skip
     result.tables.append(Table("Measured", ["figure", "value"], rows))
     faiss_ms = mine["faiss_flat"]["single_query"]["p50_ms"]
-    cuda_search, cuda_lora, cpu_lora = pick(device["search"], "cuda"), pick(device["lora"], "cuda"), pick(mine["lora"], "cpu")
+    cuda_search, cuda_lora, cpu_lora = (
+        pick(device["search"], "cuda"),
+        pick(device["lora"], "cuda"),
+        pick(mine["lora"], "cpu"),
+    )
     cuda_embed, onnx = pick(device["embedding"], "cuda", "float16"), pick(mine["embedding"], "cpu", "onnx fp32")
     if cuda_search:
-        result.summary["torch_cuda_search_vs_faiss_cpu_here_p50"] = round(cuda_search["single_query"]["p50_ms"] / faiss_ms, 4)
+        result.summary["torch_cuda_search_vs_faiss_cpu_here_p50"] = round(
+            cuda_search["single_query"]["p50_ms"] / faiss_ms, 4
+        )
     if cuda_lora and cpu_lora:
         result.summary["lora_step_cuda_vs_here"] = round(cuda_lora["s_per_step"] / cpu_lora["s_per_step"], 4)
     if cuda_embed and onnx:
         result.summary["embed_cuda_fp16_vs_onnx_here"] = round(cuda_embed["docs_per_s"] / onnx["docs_per_s"], 2)
     result.summary["gpu"] = gpu
-    result.notes.append("The LoRA step runs the SmolLM2-135M architecture with random weights (the 270 MB weights cannot "
-                        "travel to the device): a step's time depends on the shapes, not the values. No quality is measured.")
-    result.notes.append("The device's embedder is MiniLM stored in fp16 (what fits in a device call), run in fp32 and fp16.")
+    result.notes.append(
+        "The LoRA step runs the SmolLM2-135M architecture with random weights (the 270 MB weights cannot "
+        "travel to the device): a step's time depends on the shapes, not the values. No quality is measured."
+    )
+    result.notes.append(
+        "The device's embedder is MiniLM stored in fp16 (what fits in a device call), run in fp32 and fp16."
+    )
     return write_result(result, out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="write what travels to the device")
     p.add_argument("--pack", type=Path, default=Path(".kfresh/gpu-pack"))
@@ -128,8 +145,14 @@ def main() -> None:
         return
     device = json.loads(args.device_json.read_text())
     s = device["settings"]
-    mine = here(args.pack, s["vectors"], max(40, s["queries"] // 4), max(32, s["docs"] // 4),
-                lora_steps=s["cpu_lora_steps"], lora_tokens=s["lora_tokens"])
+    mine = here(
+        args.pack,
+        s["vectors"],
+        max(40, s["queries"] // 4),
+        max(32, s["docs"] // 4),
+        lora_steps=s["cpu_lora_steps"],
+        lora_tokens=s["lora_tokens"],
+    )
     written = report(device, mine, args.out, f"python -m kfresh.benchmarks.gpu report --device-json {args.device_json}")
     print(f"wrote {written.json}, {written.markdown}")
 

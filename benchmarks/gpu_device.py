@@ -16,6 +16,7 @@ writes $OUT/gpu-device.json with, on CUDA and on that machine's CPU side by side
    depends on the shapes, not on the values. No quality is measured here.
 The CPU baselines of this box (FAISS flat at 1M, the same steps on 2 cores) come from `kfresh.benchmarks.gpu`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,11 @@ def kfresh_from_tree() -> None:
     except ImportError:
         pass
     root = Path(__file__).resolve().parents[1]
-    for name, folder in (("kfresh", "kfresh"), ("kfresh.indexer", "indexer"), ("kfresh.indexer.vectors", "indexer/vectors")):
+    for name, folder in (
+        ("kfresh", "kfresh"),
+        ("kfresh.indexer", "indexer"),
+        ("kfresh.indexer.vectors", "indexer/vectors"),
+    ):
         module = types.ModuleType(name)
         module.__path__ = [str(root / folder)]
         sys.modules[name] = module
@@ -184,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    report: dict[str, Any] = {"machine": machine(), "settings": vars(args) | {"pack": str(args.pack), "out": str(args.out)}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "settings": vars(args) | {"pack": str(args.pack), "out": str(args.out)},
+    }
     report["embedding"] = [embedding(args.pack, "cpu", max(32, args.docs // 4), 32, "float32")]
     if cuda:
         report["embedding"] += [embedding(args.pack, "cuda", args.docs, 256, dt) for dt in ("float32", "float16")]

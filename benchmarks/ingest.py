@@ -8,6 +8,7 @@ chunk each. The server runs without a generation model (nothing else competes fo
 embedding backend (torch = sentence-transformers, onnx = onnxruntime) is measured against its own raw encode,
 and the docs/s of the backends side by side show what the runtime itself is worth.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ class IngestOptions(SuiteOptions):
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Concurrent Ingest streams.")
     words: int = Field(60, ge=1, description="Words per document.")
     backends: list[Literal["torch", "onnx", "onnx-int8"]] = Field(
-        default_factory=lambda: ["torch", "onnx"], description="Embedding backends (embedder.backend), each against its own raw encode."
+        ["torch", "onnx"], description="Embedding backends (embedder.backend), each against its own raw encode."
     )
 
     @classmethod
@@ -54,9 +55,9 @@ def encode_rate(encode: Any, texts: list[str], batch_size: int) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) -> dict[str, float]:
-    from kfresh.benchmarks.servers import aclient
+async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) -> dict[str, Any]:
     from kfresh.client import document
+    from kfresh.testing.servers import aclient
 
     async with aclient(addr) as client:
         parts = [[(f"{prefix}-{i}", t) for i, t in enumerate(texts) if i % streams == s] for s in range(streams)]
@@ -80,9 +81,9 @@ async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) ->
 
 
 def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
-    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
+    from kfresh.testing.servers import NO_GENERATION, kfresh_server
 
     cfg = KfreshConfig()
     backends = opts.backends[:1] if addr else opts.backends  # an external server runs one backend: name it first
@@ -113,7 +114,9 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
         env=env, raw={"levels": levels},
     )  # fmt: skip
     result.summary = {f"ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["ratio"], 3) for lv in levels}
-    result.summary.update({f"docs_per_s_{lv['backend']}_{lv['streams']}_streams": round(lv["docs_per_s"], 1) for lv in levels})
+    result.summary.update(
+        {f"docs_per_s_{lv['backend']}_{lv['streams']}_streams": round(lv["docs_per_s"], 1) for lv in levels}
+    )
     result.summary.update({f"drain_ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["drain_ratio"], 3)
                            for lv in levels if lv.get("drain_ratio")})  # fmt: skip
     result.summary.update({f"ratio_vs_sentence_transformers_{lv['backend']}_{lv['streams']}_streams": round(lv["st_ratio"], 3)
@@ -129,15 +132,23 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
           "met" if lv["ratio"] >= TARGET_RATIO else "missed", _drain_cell(lv),
           round(lv["st_ratio"], 3) if lv.get("st_ratio") else "-", lv.get("load_1m_after")] for lv in levels],
     ))  # fmt: skip
-    result.notes.append("The baseline runs in the benchmark process while the server idles; both share the same CPU cores.")
+    result.notes.append(
+        "The baseline runs in the benchmark process while the server idles; both share the same CPU cores."
+    )
     result.notes.append("Each backend's ratio is against its own raw encode; compare backends by their docs/s.")
-    result.notes.append("The ratio is the target's figure. 'After the last ack' splits it: until then the benchmark client "
-                        "and the server's acknowledgement path (gRPC, validation, chunking, one store commit per group) "
-                        "share the two cores with the embedder; from then on only the indexing worker runs.")
-    result.notes.append("'ingest / sentence-transformers encode' divides a backend's ingest docs/s by the torch rows' raw "
-                        "sentence-transformers encode at the same streams (the same run, a few minutes apart): what the "
-                        "default onnx ingest is worth against the plain library.")
-    result.notes.append("The suite itself keeps both cores busy (server and client: a load average near 2); well above 2 means other work on the box.")
+    result.notes.append(
+        "The ratio is the target's figure. 'After the last ack' splits it: until then the benchmark client "
+        "and the server's acknowledgement path (gRPC, validation, chunking, one store commit per group) "
+        "share the two cores with the embedder; from then on only the indexing worker runs."
+    )
+    result.notes.append(
+        "'ingest / sentence-transformers encode' divides a backend's ingest docs/s by the torch rows' raw "
+        "sentence-transformers encode at the same streams (the same run, a few minutes apart): what the "
+        "default onnx ingest is worth against the plain library."
+    )
+    result.notes.append(
+        "The suite itself keeps both cores busy (server and client: a load average near 2); well above 2 means other work on the box."
+    )
     return result
 
 

@@ -15,6 +15,7 @@ but not the new one counts as stale. Retention: the gate's general questions (cl
 for b/d) and general-text perplexity from the gate (base vs adapter). The adapter is evaluated whether or
 not the gate would publish it; the gate's verdict is reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,13 @@ from typing import Any
 from pydantic import Field
 
 from kfresh.benchmarks.common import SuiteOptions, environment
-from kfresh.benchmarks.report import Result, Table
 from kfresh.benchmarks.corrections import (
     correction_notes,
     corrections_from_history,
     pick_questions,
     sample_history,
 )
+from kfresh.benchmarks.report import Result, Table
 
 CACHE = Path(".kfresh/bench-cache/distill-cache")
 SETTINGS = [("a", "base, closed-book", False, False), ("b", "base + retrieval", False, True),
@@ -42,8 +43,14 @@ SETTINGS = [("a", "base, closed-book", False, False), ("b", "base + retrieval", 
 
 class KnowledgeOptions(SuiteOptions):
     seed: int = Field(0, description="finetune.seed.")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="finetune.* overrides (empty = the current defaults).")
-    max_questions: int = Field(0, ge=0, description="Held-out questions evaluated (0 = all; fewer: one per fact in turn, corrected facts first).")
+    finetune: dict[str, Any] = Field(
+        default_factory=dict, description="finetune.* overrides (empty = the current defaults)."
+    )
+    max_questions: int = Field(
+        0,
+        ge=0,
+        description="Held-out questions evaluated (0 = all; fewer: one per fact in turn, corrected facts first).",
+    )
     max_general: int = Field(0, ge=0, description="General questions evaluated (0 = all).")
 
     @classmethod
@@ -70,7 +77,7 @@ def _share_cache(src: Path, dst: Path) -> int:
 
 
 def _config(home: Path, opts: KnowledgeOptions) -> Any:
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
 
     data = KfreshConfig().with_home(home).model_dump()
     data["models"]["cache_dir"] = str(KfreshConfig().models.cache_dir.resolve())
@@ -82,13 +89,14 @@ def _asks(cfg: Any, data: Any, stale: dict[tuple[str, str], set[str]], opts: Kno
     """Every question with its closed-book and retrieval messages, expected value and stale values."""
     from kfresh.finetuner import datasets
     from kfresh.indexer.service import Indexer
-    from kfresh.server.prompting import build_messages, closed_book_messages, resolve_conflicts
+    from kfresh.prompt import build_messages, closed_book_messages, resolve_conflicts
 
     corrected = {i for i, f in enumerate(data.facts) if f.key in stale}
     heldout = pick_questions(data.heldout, corrected, opts.max_questions)
     general = datasets.general_questions()[: opts.max_general or None]
     rows = []
     with Indexer(cfg) as ix:
+
         def rag(question: str) -> list[dict[str, str]]:
             hits = ix.search(question, cfg.answer.default_k, with_vectors=True)
             kept = resolve_conflicts(hits, similarity=cfg.answer.conflict_similarity, min_score=cfg.answer.min_score,
@@ -181,7 +189,12 @@ def run(opts: KnowledgeOptions, *, addr: str | None = None, quick: bool = False,
 
 def _result(opts: KnowledgeOptions, quick: bool, command: str, **m: Any) -> Result:
     fig = m["distilled"].figures
-    ppl = {"a": fig.get("perplexity_before"), "b": fig.get("perplexity_before"), "c": fig.get("perplexity_after"), "d": fig.get("perplexity_after")}
+    ppl = {
+        "a": fig.get("perplexity_before"),
+        "b": fig.get("perplexity_before"),
+        "c": fig.get("perplexity_after"),
+        "d": fig.get("perplexity_after"),
+    }
     raw_rows = [{k: v for k, v in r.items() if k not in ("closed", "rag")} | {s: m["answers"][s][i] for s, *_ in SETTINGS}
                 for i, r in enumerate(m["rows"])]  # fmt: skip
     result = Result(
@@ -223,8 +236,12 @@ def plot(result: Result, fig: Any) -> None:
     keys = [k for k, *_ in SETTINGS]
     labels = [f"({k}) {label}" for k, label, *_ in SETTINGS]
     width = 0.25
-    for j, (field, name) in enumerate((("facts", "held-out facts"), ("corrected", "corrected facts"), ("general", "general questions"))):
-        ax1.bar([i + (j - 1) * width for i in range(4)], [result.summary[k][field] or 0 for k in keys], width, label=name)
+    for j, (field, name) in enumerate(
+        (("facts", "held-out facts"), ("corrected", "corrected facts"), ("general", "general questions"))
+    ):
+        ax1.bar(
+            [i + (j - 1) * width for i in range(4)], [result.summary[k][field] or 0 for k in keys], width, label=name
+        )
     ax1.set_xticks(range(4), labels, fontsize=7, rotation=15)
     ax1.set_ylabel("accuracy")
     ax1.set_ylim(0, 1.05)

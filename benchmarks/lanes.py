@@ -9,6 +9,7 @@ measured alone and beside 1 and 2 busy Python processes, which stand in for what
 ingest: the gRPC acknowledgement path and the client. Within a round the two alternate, so the drift of a
 shared box hits both alike. Writes lanes-<date>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ def _busy(stop: Any) -> None:
 
 
 def measure(docs: int, rounds: int, competitors: tuple[int, ...]) -> list[dict[str, Any]]:
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder_onnx import OnnxEmbedder, usable_cores
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.onnx_embedder import OnnxEmbedder, usable_cores
+    from kfresh.indexer.embedding.onnx_export import onnx_folder
     from kfresh.models import embedder_path
-    from kfresh.onnx_export import onnx_folder
 
     cfg = KfreshConfig()
     folder = onnx_folder(embedder_path(cfg.models), cfg.models.cache_dir)
@@ -62,7 +63,9 @@ def measure(docs: int, rounds: int, competitors: tuple[int, ...]) -> list[dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--docs", type=int, default=640, help="documents per measurement (default 640)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per competitor count (default 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output folder")
@@ -83,10 +86,14 @@ def main() -> None:
         [[r["busy_processes"], r["round"], round(r["single_docs_per_s"], 1), round(r["lanes_docs_per_s"], 1),
           round(r["ratio"], 3)] for r in rows],
     ))  # fmt: skip
-    result.notes.append("A busy process is a Python loop that never sleeps: a stand-in for the acknowledgement path and "
-                        "the client, which take cores from the embedder during an ingest on this box.")
-    result.notes.append("An intra-op thread that loses its core stalls its partners at the next operator; a lane "
-                        "stalls only its own part of the batch.")
+    result.notes.append(
+        "A busy process is a Python loop that never sleeps: a stand-in for the acknowledgement path and "
+        "the client, which take cores from the embedder during an ingest on this box."
+    )
+    result.notes.append(
+        "An intra-op thread that loses its core stalls its partners at the next operator; a lane "
+        "stalls only its own part of the batch."
+    )
     written = write_result(result, args.out)
     print(f"wrote {written.json}, {written.markdown}")
 

@@ -15,6 +15,7 @@ template are the same on every path. Stages:
 A variant (the ablation) changes one lever: server settings (a restart) or the request's k.
 Right = the right choice appears in the answer and no other choice does (benchmarks/realtimeqa.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,13 +63,21 @@ def default_variants() -> list[Variant]:
 
 
 class ReadingOptions(SuiteOptions):
-    dataset: str = Field("", description="Path of realtimeqa-2025.jsonl (default $KFRESH_REALTIMEQA or ../shared/datasets/).")
-    period: realtimeqa.Period = Field("test", description="Questions asked: test = October-December (report), dev = January-September (tuning).")
-    sample: int = Field(0, ge=0, description="A fixed spread-out sample of this many questions of the period (0 = all).")
+    dataset: str = Field(
+        "", description="Path of realtimeqa-2025.jsonl (default $KFRESH_REALTIMEQA or ../shared/datasets/)."
+    )
+    period: realtimeqa.Period = Field(
+        "test", description="Questions asked: test = October-December (report), dev = January-September (tuning)."
+    )
+    sample: int = Field(
+        0, ge=0, description="A fixed spread-out sample of this many questions of the period (0 = all)."
+    )
     hit_k: int = Field(4, ge=1, le=50, description="k of the hit@k stage.")
     concurrency: int = Field(8, ge=1, le=64, description="Answers in flight at once.")
     max_tokens: int = Field(64, ge=1, description="Tokens per answer (greedy).")
-    variants: list[Variant] = Field(default_factory=default_variants, description="Ablation: one lever per variant; the first is the headline.")
+    variants: list[Variant] = Field(
+        default_factory=default_variants, description="Ablation: one lever per variant; the first is the headline."
+    )
     closed_book: bool = Field(True, description="Measure the model alone.")
     deleted: bool = Field(True, description="Delete the evidence and ask again (refusals vs false answers).")
     peer: bool = Field(True, description="The LangChain chain on the same model (needs langchain-openai).")
@@ -88,9 +97,9 @@ def questions_for(opts: ReadingOptions) -> tuple[list[Question], list[Question]]
 
 def ingest(addr: str, corpus: Sequence[Question]) -> float:
     """Stream every evidence passage as a document; returns seconds until all of it was searchable."""
-    from kfresh.benchmarks.servers import client
     from kfresh.client import document
-    from kfresh.sources import parse_time
+    from kfresh.client.sources import parse_time
+    from kfresh.testing.servers import client
 
     start = time.perf_counter()
     docs = [document(q.id, q.evidence, source=q.source, metadata={"qid": q.id}, valid_from=parse_time(q.date, q.id))
@@ -116,8 +125,10 @@ async def _answer(c: Any, q: Question, **options: Any) -> dict[str, Any]:
             "ttft_ms": done.timings.time_to_first_token_ms if done else 0.0}  # fmt: skip
 
 
-async def ask_all(addr: str, questions: Sequence[Question], opts: ReadingOptions, *, per_question: Any = None, **options: Any) -> list[dict[str, Any]]:
-    from kfresh.benchmarks.servers import aclient
+async def ask_all(
+    addr: str, questions: Sequence[Question], opts: ReadingOptions, *, per_question: Any = None, **options: Any
+) -> list[dict[str, Any]]:
+    from kfresh.testing.servers import aclient
 
     slots = asyncio.Semaphore(opts.concurrency)
     async with aclient(addr) as c:
@@ -131,7 +142,7 @@ async def ask_all(addr: str, questions: Sequence[Question], opts: ReadingOptions
 
 
 async def hits_at(addr: str, questions: Sequence[Question], k: int) -> dict[str, list[str]]:
-    from kfresh.benchmarks.servers import aclient
+    from kfresh.testing.servers import aclient
 
     async with aclient(addr) as c:
         replies = await asyncio.gather(*(c.retrieve(q.question, k=k, timeout=60) for q in questions))
@@ -139,7 +150,7 @@ async def hits_at(addr: str, questions: Sequence[Question], k: int) -> dict[str,
 
 
 async def ttft_probe(addr: str, questions: Sequence[Question], n: int, k: int) -> list[float]:
-    from kfresh.benchmarks.servers import aclient
+    from kfresh.testing.servers import aclient
 
     out = []
     async with aclient(addr) as c:
@@ -151,7 +162,7 @@ async def ttft_probe(addr: str, questions: Sequence[Question], n: int, k: int) -
 def measure_group(url: str, settings: dict[str, Any], variants: list[Variant], corpus: Sequence[Question],
                   questions: Sequence[Question], opts: ReadingOptions, *, closed_book: bool) -> dict[str, Any]:  # fmt: skip
     """One server with `settings`: every variant that shares them, then (optionally) the deleted-evidence pass."""
-    from kfresh.benchmarks.servers import client, kfresh_server
+    from kfresh.testing.servers import client, kfresh_server
 
     remote = {"generation.backend": "remote", "generation.remote_url": url, "generation.remote_timeout_s": 600,
               "answer.max_concurrent": max(32, opts.concurrency)}  # fmt: skip
@@ -166,7 +177,9 @@ def measure_group(url: str, settings: dict[str, Any], variants: list[Variant], c
         for v in variants:
             rec: dict[str, Any] = {"k": v.k}
             rec["e2e"] = asyncio.run(ask_all(target.addr, questions, opts, k=v.k))
-            rec["oracle"] = asyncio.run(ask_all(target.addr, questions, opts, k=1, per_question=lambda q: {"filter": {"qid": q.id}}))
+            rec["oracle"] = asyncio.run(
+                ask_all(target.addr, questions, opts, k=1, per_question=lambda q: {"filter": {"qid": q.id}})
+            )
             if opts.ttft_probe:
                 rec["ttft_probe_ms"] = asyncio.run(ttft_probe(target.addr, questions, opts.ttft_probe, v.k))
             out["variants"][v.name] = rec
@@ -189,7 +202,9 @@ def retrieval_levers(corpus: Sequence[Question], questions: Sequence[Question], 
     except ImportError as exc:
         return {"skipped": f"bm25s is not installed ({exc})"}
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([q.evidence for q in corpus], stopwords="en", show_progress=False), show_progress=False)
+    retriever.index(
+        bm25s.tokenize([q.evidence for q in corpus], stopwords="en", show_progress=False), show_progress=False
+    )
     tokens = bm25s.tokenize([q.question for q in questions], stopwords="en", show_progress=False)
     found, _ = retriever.retrieve(tokens, k=min(depth, len(corpus)), show_progress=False)
     lexical = {q.id: [corpus[int(j)].id for j in row] for q, row in zip(questions, found)}
@@ -205,10 +220,12 @@ def retrieval_levers(corpus: Sequence[Question], questions: Sequence[Question], 
             for name, ranks in (("dense (kfresh Retrieve)", dense), ("BM25 (bm25s)", lexical), (f"hybrid: RRF k={rrf_k}", fused))}  # fmt: skip
 
 
-def run_peer(url: str, corpus: Sequence[Question], questions: Sequence[Question], opts: ReadingOptions) -> dict[str, Any]:
+def run_peer(
+    url: str, corpus: Sequence[Question], questions: Sequence[Question], opts: ReadingOptions
+) -> dict[str, Any]:
     from kfresh.benchmarks import reading_peer
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
 
     try:
         import langchain_openai  # noqa: F401
@@ -218,19 +235,26 @@ def run_peer(url: str, corpus: Sequence[Question], questions: Sequence[Question]
     store = reading_peer.build_store(corpus, encode)
     answers = asyncio.run(reading_peer.ask_all(store, url, questions, k=opts.hit_k, max_tokens=opts.max_tokens,
                                                concurrency=opts.concurrency))  # fmt: skip
-    return {"kind": f"LangChain FAISS (MiniLM, k={opts.hit_k}), RAG prompt, ChatOpenAI to vllm serve", "answers": answers}
+    return {
+        "kind": f"LangChain FAISS (MiniLM, k={opts.hit_k}), RAG prompt, ChatOpenAI to vllm serve",
+        "answers": answers,
+    }
 
 
 def run(opts: ReadingOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
-    from kfresh.benchmarks.servers import vllm_serve
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
     from kfresh.models import generator_path
+    from kfresh.testing.servers import vllm_serve
 
     if addr:
-        raise SystemExit("kfresh bench reading starts its own servers (one per ablation setting); --addr is not supported")
+        raise SystemExit(
+            "kfresh bench reading starts its own servers (one per ablation setting); --addr is not supported"
+        )
     cfg = KfreshConfig()
     corpus, questions = questions_for(opts)
-    env = environment(model="SmolLM2-135M-Instruct", dtype=cfg.generation.dtype, dataset=str(realtimeqa.dataset_path(opts.dataset)))
+    env = environment(
+        model="SmolLM2-135M-Instruct", dtype=cfg.generation.dtype, dataset=str(realtimeqa.dataset_path(opts.dataset))
+    )
     groups: dict[str, tuple[dict[str, Any], list[Variant]]] = {}
     for v in opts.variants:
         key = repr(sorted(v.settings.items()))
@@ -239,7 +263,9 @@ def run(opts: ReadingOptions, *, addr: str | None = None, quick: bool = False, c
     started = time.perf_counter()
     with vllm_serve(generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
         for i, (settings, variants) in enumerate(groups.values()):
-            raw["groups"].append(measure_group(url, settings, variants, corpus, questions, opts, closed_book=opts.closed_book and i == 0))
+            raw["groups"].append(
+                measure_group(url, settings, variants, corpus, questions, opts, closed_book=opts.closed_book and i == 0)
+            )
         if opts.peer:
             raw["peer"] = run_peer(url, corpus, questions, opts)
     raw["wall_s"] = time.perf_counter() - started
@@ -317,6 +343,7 @@ def build_result(raw: dict[str, Any], questions: Sequence[Question], opts: Readi
         ["false refusals (evidence present)", pct(head["false_refusal"]), "-"],
         ["evidence deleted: refused / false answer", f"{pct(head.get('deleted_refused'))} / {pct(head.get('deleted_false_answer'))}", "-"],
     ]))  # fmt: skip
+
     def share(x: float | None) -> str:
         return "-" if x is None else f"{x:.3f}"
 

@@ -4,6 +4,7 @@ What a user would build instead of kfresh: LangChain's FAISS vector store over t
 the common RAG prompt (context and question together in one user message), and `ChatOpenAI` pointed at the
 same `vllm serve`, so the model renders it with its plain chat template.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,9 @@ def chain(store: Any, url: str, *, k: int, max_tokens: int) -> Any:
     )
 
 
-async def ask_all(store: Any, url: str, questions: Sequence[Question], *, k: int, max_tokens: int, concurrency: int) -> list[dict[str, Any]]:
+async def ask_all(
+    store: Any, url: str, questions: Sequence[Question], *, k: int, max_tokens: int, concurrency: int
+) -> list[dict[str, Any]]:
     """Each question through the chain; per question the answer and the ids it retrieved."""
     runnable = chain(store, url, k=k, max_tokens=max_tokens)
     slots = asyncio.Semaphore(concurrency)

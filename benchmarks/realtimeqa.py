@@ -5,6 +5,7 @@ choices, the index of the right one and an evidence passage. Periods keep tuning
 `dev` is January-September (what may be tuned or trained on), `test` is October-December (reported only).
 Pure functions: no model, no server.
 """
+
 from __future__ import annotations
 
 import json

@@ -7,6 +7,7 @@ keeps A busy at `load_docs_per_s`. Each probe ingests one new document into A an
 acknowledgement arrives, two threads poll Retrieve on A and on B until the document shows up: the lag on
 the replica that acknowledged (the single-machine baseline) and on the other one, in the same run.
 """
+
 from __future__ import annotations
 
 import threading
@@ -26,7 +27,9 @@ PROBE_TIMEOUT_S = 10.0
 class ReplicasOptions(SuiteOptions):
     probes: int = Field(200, ge=1, description="Documents ingested into replica A and looked for on A and B.")
     load_docs_per_s: float = Field(5.0, ge=0, description="Background ingest rate into A while probing (0 = none).")
-    dsn: str = Field("", description="PostgreSQL to use; '' = a throwaway cluster (needs Debian's postgresql binaries).")
+    dsn: str = Field(
+        "", description="PostgreSQL to use; '' = a throwaway cluster (needs Debian's postgresql binaries)."
+    )
 
     @classmethod
     def quick(cls) -> ReplicasOptions:
@@ -67,10 +70,10 @@ def probe(a: Any, poll_a: Any, poll_b: Any, doc_id: str, text: str) -> tuple[flo
 def run(opts: ReplicasOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
     import contextlib
 
-    from kfresh.benchmarks.load import BackgroundIngest
-    from kfresh.benchmarks.pgcluster import postgres_server
-    from kfresh.benchmarks.servers import NO_GENERATION, client, kfresh_server
     from kfresh.client import document
+    from kfresh.testing.load import BackgroundIngest
+    from kfresh.testing.pgcluster import postgres_server
+    from kfresh.testing.servers import NO_GENERATION, client, kfresh_server
 
     if addr:
         raise SystemExit("the replicas suite starts its own two replicas; --addr is not supported")
@@ -83,7 +86,11 @@ def run(opts: ReplicasOptions, *, addr: str | None = None, quick: bool = False, 
         b = stack.enter_context(kfresh_server(shared))
         lags_a, lags_b = [], []
         load_docs = (document(f"load-{run_id}-{i}", _text(1_000_000 + i), source="load") for i in range(10**9))
-        load_cm = BackgroundIngest(a.addr, load_docs, opts.load_docs_per_s) if opts.load_docs_per_s else contextlib.nullcontext()
+        load_cm = (
+            BackgroundIngest(a.addr, load_docs, opts.load_docs_per_s)
+            if opts.load_docs_per_s
+            else contextlib.nullcontext()
+        )
         with load_cm as load, client(a.addr) as ca, client(a.addr) as poll_a, client(b.addr) as poll_b:
             poll_a.stats(), poll_b.stats()  # connect now
             time.sleep(0.5)

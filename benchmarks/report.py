@@ -1,4 +1,5 @@
 """One benchmark run's record and its three files: <suite>-<date>.json (raw + env + summary), .md, .png."""
+
 from __future__ import annotations
 
 import json

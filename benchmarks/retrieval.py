@@ -9,6 +9,7 @@ search over the same vectors. gRPC overhead per call = client-side latency - the
 retrieval_ms. Sizes above the embedded cache are DERIVED (jittered copies of real embeddings, see
 corpus.py) and labelled so.
 """
+
 from __future__ import annotations
 
 import gc
@@ -27,11 +28,17 @@ LANGCHAIN_MEASURED_MS = 41.6  # FIELD-NOTES: LangChain similarity_search at 100k
 
 
 class RetrievalOptions(SuiteOptions):
-    sizes: list[int] = Field(default_factory=lambda: [10_000, 100_000, 1_000_000], description="Corpus sizes (one-chunk documents).")
-    real_max: int = Field(100_000, ge=1, description="Largest number of really embedded texts; larger sizes are derived from them.")
+    sizes: list[int] = Field(
+        default_factory=lambda: [10_000, 100_000, 1_000_000], description="Corpus sizes (one-chunk documents)."
+    )
+    real_max: int = Field(
+        100_000, ge=1, description="Largest number of really embedded texts; larger sizes are derived from them."
+    )
     queries: int = Field(200, ge=1, description="Timed queries per size and system.")
     k: int = Field(10, ge=1, le=100, description="k for latency and recall@k.")
-    flat_max: int = Field(200_000, ge=1, description="Up to this size the server and raw FAISS use exact flat search; IVF above.")
+    flat_max: int = Field(
+        200_000, ge=1, description="Up to this size the server and raw FAISS use exact flat search; IVF above."
+    )
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists (server and raw FAISS).")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed.")
     langchain_max: int = Field(1_000_000, ge=0, description="Skip the LangChain store above this size (0 = never).")
@@ -110,7 +117,9 @@ def langchain_store(vecs: np.ndarray, text_of: Any, queries: list[str], encode: 
     index = faiss.IndexFlatL2(vecs.shape[1])
     index.add(vecs)
     ids = [str(i) for i in range(len(vecs))]
-    docstore = InMemoryDocstore({ids[i]: Document(page_content=text_of(i), metadata={"row": i}) for i in range(len(vecs))})
+    docstore = InMemoryDocstore(
+        {ids[i]: Document(page_content=text_of(i), metadata={"row": i}) for i in range(len(vecs))}
+    )
     store = FAISS(_langchain_embeddings(encode), index, docstore, dict(enumerate(ids)))
     build_s = time.perf_counter() - started
     total, found = [], []
@@ -122,10 +131,12 @@ def langchain_store(vecs: np.ndarray, text_of: Any, queries: list[str], encode: 
     return {"kind": "langchain_community FAISS (IndexFlatL2)", "total_ms": total, "found": found, "build_s": build_s}
 
 
-def server_retrieve(vecs: np.ndarray, text_of: Any, label: str, queries: list[str], opts: RetrievalOptions, addr: str | None) -> dict[str, Any]:
+def server_retrieve(
+    vecs: np.ndarray, text_of: Any, label: str, queries: list[str], opts: RetrievalOptions, addr: str | None
+) -> dict[str, Any]:
     from kfresh.benchmarks.preload import cached_store, home_with_store, row_of
-    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
-    from kfresh.benchmarks.servers import client as connect
+    from kfresh.testing.servers import NO_GENERATION, kfresh_server
+    from kfresh.testing.servers import client as connect
 
     settings: dict[str, Any] = dict(NO_GENERATION)
     kind = "flat"
@@ -171,7 +182,9 @@ def measure_size(n: int, opts: RetrievalOptions, encode: Any, addr: str | None) 
         try:
             systems["langchain"] = langchain_store(vecs, text_of, queries, encode, opts.k)
         except ImportError as exc:
-            systems["langchain"] = {"skipped": f"langchain-community is not installed ({exc}): pip install langchain-community==0.4.2"}
+            systems["langchain"] = {
+                "skipped": f"langchain-community is not installed ({exc}): pip install langchain-community==0.4.2"
+            }
     gc.collect()
     for data in systems.values():
         if "found" in data:
@@ -180,8 +193,8 @@ def measure_size(n: int, opts: RetrievalOptions, encode: Any, addr: str | None) 
 
 
 def run(opts: RetrievalOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
-    from kfresh.config import KfreshConfig
-    from kfresh.indexer.embedder import create_embedder
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
 
     env = environment(server="external" if addr else "kfresh serve, no generation")
     embedder = create_embedder(KfreshConfig())
@@ -226,8 +239,10 @@ def run(opts: RetrievalOptions, *, addr: str | None = None, quick: bool = False,
         "Raw FAISS and LangChain run in the benchmark process (no network); kfresh is a separate server process over loopback gRPC.",
     ]  # fmt: skip
     if addr:
-        result.notes.append(f"--addr {addr}: only the first size ran, and the server's recall means something only if it holds this "
-                            "corpus under the ids c<row> (benchmarks/preload.py).")
+        result.notes.append(
+            f"--addr {addr}: only the first size ran, and the server's recall means something only if it holds this "
+            "corpus under the ids c<row> (benchmarks/preload.py)."
+        )
     return result
 
 
@@ -236,10 +251,16 @@ def plot(result: Result, fig: Any) -> None:
 
     ax1, ax2 = series_axes(fig, 2)
     sizes = [m["size"] for m in result.raw["sizes"]]
-    for name, label in (("server", "kfresh Retrieve (gRPC)"), ("faiss", "raw FAISS in-process"), ("langchain", "LangChain FAISS")):
+    for name, label in (
+        ("server", "kfresh Retrieve (gRPC)"),
+        ("faiss", "raw FAISS in-process"),
+        ("langchain", "LangChain FAISS"),
+    ):
         pts = [(m["size"], m["systems"][name]) for m in result.raw["sizes"] if "total_ms" in m["systems"].get(name, {})]
         if pts:
-            ax1.plot([p[0] for p in pts], [float(np.percentile(p[1]["total_ms"], 50)) for p in pts], marker="o", label=label)
+            ax1.plot(
+                [p[0] for p in pts], [float(np.percentile(p[1]["total_ms"], 50)) for p in pts], marker="o", label=label
+            )
             ax2.plot([p[0] for p in pts], [p[1]["recall"] for p in pts], marker="o", label=label)
     for ax, ylabel in ((ax1, "p50 latency (ms)"), (ax2, "recall@10")):
         ax.set_xscale("log")

@@ -4,6 +4,7 @@ A fact learned from one phrasing is recalled only for that phrasing, so each fac
 questions answered by several statements. The gate asks paraphrases from a DISJOINT template set
 (`relations.Phrasing.heldout`) that training never sees, so it measures knowledge, not memorised strings.
 """
+
 from __future__ import annotations
 
 import re
@@ -11,14 +12,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kfresh.finetuner.facts import Fact, normalize
-from kfresh.indexer.documents import Hit
 from kfresh.finetuner.relations import PERSON, phrasing_for, render
+from kfresh.indexer.documents import Hit
 
 _NUMBER = re.compile(r"\d+")
 _DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _DAY = re.compile(rf"\b({'|'.join(d.capitalize() for d in _DAYS)})", re.IGNORECASE)
-_NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twenty", "thirty",
-                 "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred", "thousand"]
+_NUMBER_WORDS = [
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "twenty",
+    "thirty",
+    "forty",
+    "fifty",
+    "sixty",
+    "seventy",
+    "eighty",
+    "ninety",
+    "hundred",
+    "thousand",
+]
 _NUMBER_WORD = re.compile(rf"\b({'|'.join(_NUMBER_WORDS)})\b", re.IGNORECASE)
 _INVENTED_PEOPLE = ("Tomas Reed", "Anya Holm", "Pello Varga")
 _INVENTED_PLACES = ("Harrow Lane", "the North Quay", "Velmont Square")
@@ -115,7 +135,7 @@ def document_text(fact: Fact, facts: Sequence[Fact]) -> str:
 
 
 def passage_hit(fact: Fact, text: str) -> Hit:
-    """`text` as the retrieved chunk of the fact's document (what `server.prompting.build_messages` takes)."""
+    """`text` as the retrieved chunk of the fact's document (what `kfresh.prompt.build_messages` takes)."""
     return Hit(
         doc_id=fact.doc_id or "fact", version=fact.version, chunk_id=0, ordinal=0, text=text, score=1.0,
         source=fact.doc_id or "fact", valid_from=fact.valid_from, metadata={},

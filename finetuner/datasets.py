@@ -5,6 +5,7 @@ Replay (trained against, through the KL penalty): `replay_prompts.txt`, `anchor_
 model answers correctly, closed-book, greedy), `perplexity_texts.txt`. Keeping the gate's general set
 out of replay is what makes its retention figure a held-out one.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@ facts, adapter, gate-report.json/.md), so a rejected adapter can be inspected. O
 adapter reaches the registry, with its facts.jsonl and gate report inside the adapter folder: the next
 run reads the facts back to keep them (retention) and the server never sees an ungated adapter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import AugmentedFacts, augment
 from kfresh.finetuner.evaluate import Figures, Score, measure, score_from_dict

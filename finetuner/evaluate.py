@@ -2,10 +2,11 @@
 
 Greedy decoding in float32, all questions of one model in one batched pass. A closed-book answer is right
 when it contains the expected object (case-insensitive, on word boundaries). Retrieval answers use the
-server's own prompt (passages in the system message, `server.prompting.build_messages`), once with the
+server's own prompt (passages in the system message, `kfresh.prompt.build_messages`), once with the
 fact's source sentence and once with a contradicting passage: an adapter must not stop the model from
 following what retrieval shows it, or fresh documents would lose to stale weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,7 @@ from typing import Any
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import QA, AugmentedFacts, counterfactual_document, document_text, passage_hit
 from kfresh.finetuner.modeling import LoadedModel, Messages, chat_answers
-from kfresh.server.prompting import build_messages, closed_book_messages
+from kfresh.prompt import build_messages, closed_book_messages
 
 MAX_NEW_TOKENS = 32
 SAMPLES = 6  # answers kept per set for the report
@@ -82,15 +83,23 @@ def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, gene
     """Every question one model is asked: held-out paraphrases, retrieval and counterfactual prompts, general."""
     asks = [Ask("new_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in new.heldout]
     if previous is not None:
-        asks += [Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in previous.heldout]
+        asks += [
+            Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question)
+            for qa in previous.heldout
+        ]
     for i, fact in enumerate(new.facts):
         question = _first_heldout(new.heldout, i)
         document = document_text(fact, new.facts)
         asks.append(Ask("retrieval", build_messages(question, [passage_hit(fact, document)]), (fact.object,), question))
         contradicting, alt = counterfactual_document(fact, new.facts)
-        asks.append(Ask("counterfactual", build_messages(question, [passage_hit(fact, contradicting)]), (alt,), question))
+        asks.append(
+            Ask("counterfactual", build_messages(question, [passage_hit(fact, contradicting)]), (alt,), question)
+        )
     if general:
-        asks += [Ask("general", closed_book_messages(g.question), g.answers, g.question) for g in datasets.general_questions()]
+        asks += [
+            Ask("general", closed_book_messages(g.question), g.answers, g.question)
+            for g in datasets.general_questions()
+        ]
     return asks
 
 
@@ -102,7 +111,7 @@ def score(lm: LoadedModel, asks: Sequence[Ask], *, desc: str) -> dict[str, Score
         ok = contains_answer(answer, ask.expected)
         s.correct += ok
         s.total += 1
-        if len(s.samples) < SAMPLES or not ok and len(s.samples) < 2 * SAMPLES:
+        if len(s.samples) < SAMPLES or (not ok and len(s.samples) < 2 * SAMPLES):
             s.samples.append({"question": ask.question, "expected": ask.expected[0], "answer": answer, "ok": str(ok)})
     return out
 
@@ -125,7 +134,12 @@ def perplexity(lm: LoadedModel, texts: Sequence[str] | None = None) -> float:
 
 
 def measure(
-    lm: LoadedModel, new: AugmentedFacts, previous: AugmentedFacts | None, *, desc: str, cached_general: tuple[Score, float] | None = None
+    lm: LoadedModel,
+    new: AugmentedFacts,
+    previous: AugmentedFacts | None,
+    *,
+    desc: str,
+    cached_general: tuple[Score, float] | None = None,
 ) -> Figures:
     """All figures for the model as it is now (wrap in `adapter_disabled` to measure the base)."""
     scores = score(lm, evaluation_set(new, previous, general=cached_general is None), desc=desc)

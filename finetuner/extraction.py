@@ -7,6 +7,7 @@ cover copular and common verb phrasings ("The <relation> of <subject> is <object
 "It/Its" to the document's last subject, and turn subject modifiers ("... in Port Avel", "... to Lenn
 Island") into facts of their own. Sentences no template matches are recorded for review, not guessed.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from kfresh.finetuner.facts import Fact, format_date
+from kfresh.core.time import format_iso
+from kfresh.finetuner.facts import Fact
 
 log = logging.getLogger("kfresh.finetuner")
 
@@ -37,10 +39,14 @@ Triple = tuple[str, str, str]
 
 
 class DocLike(Protocol):
-    doc_id: str
-    version: int
-    valid_from: float
-    text: str
+    @property
+    def doc_id(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def valid_from(self) -> float: ...
+    @property
+    def text(self) -> str: ...
 
 
 @dataclass
@@ -60,7 +66,7 @@ def extract_document(doc: DocLike) -> tuple[list[Fact], list[str]]:
     ctx = _Context()
     facts: list[Fact] = []
     unmatched: list[str] = []
-    date = format_date(doc.valid_from)
+    date = format_iso(doc.valid_from)
     for sentence in split_sentences(doc.text):
         triples = _sentence_triples(sentence, ctx)
         if not triples:
@@ -132,7 +138,7 @@ def _possessive(clause: str, ctx: _Context) -> list[Triple]:
         return []
     subject, out = _subject(m.group(1), ctx)
     obj, tail = _object_and_tail(m.group(3))
-    return out + [(subject, m.group(2), obj), *_relative_clause(obj, tail)]
+    return [*out, (subject, m.group(2), obj), *_relative_clause(obj, tail)]
 
 
 def _its(clause: str, ctx: _Context) -> list[Triple]:
@@ -149,10 +155,14 @@ def _height(clause: str, ctx: _Context) -> list[Triple]:
 
 
 def _length(clause: str, ctx: _Context) -> list[Triple]:
-    m = re.match(rf"^(.+?) (?:spans|is|runs|stretches) (\d[\d,.]* {_UNIT_LEN})(?: long)?(?: (?:across|over) (.+))?$", clause)
+    m = re.match(
+        rf"^(.+?) (?:spans|is|runs|stretches) (\d[\d,.]* {_UNIT_LEN})(?: long)?(?: (?:across|over) (.+))?$", clause
+    )
     if not m:
         return []
-    return _with_subject(m, ctx, lambda s: [(s, "length", m.group(2))] + ([(s, "crossing", m.group(3))] if m.group(3) else []))
+    return _with_subject(
+        m, ctx, lambda s: [(s, "length", m.group(2))] + ([(s, "crossing", m.group(3))] if m.group(3) else [])
+    )
 
 
 def _departs(clause: str, ctx: _Context) -> list[Triple]:
@@ -203,7 +213,9 @@ def _held(clause: str, ctx: _Context) -> list[Triple]:
     m = re.match(r"^(.+?) (?:is held|takes place) (every [\w ]+?|on \w+)(?: (?:on|in|at) (.+))?$", clause)
     if not m:
         return []
-    return _with_subject(m, ctx, lambda s: [(s, "schedule", m.group(2))] + ([(s, "location", m.group(3))] if m.group(3) else []))
+    return _with_subject(
+        m, ctx, lambda s: [(s, "schedule", m.group(2))] + ([(s, "location", m.group(3))] if m.group(3) else [])
+    )
 
 
 def _located(clause: str, ctx: _Context) -> list[Triple]:
@@ -245,7 +257,7 @@ def _subject(raw: str, ctx: _Context) -> tuple[str, list[Triple]]:
         core, modifiers = m.group(1), [("", "destination", m.group(2))]
     m = re.match(rf"^(.+?) (?:in|on) ({_NAME})$", core)
     if m:
-        core, modifiers = m.group(1), [("", "location", m.group(2))] + modifiers
+        core, modifiers = m.group(1), [("", "location", m.group(2)), *modifiers]
     subject = _surface(core)
     ctx.topic = subject
     return subject, [(subject, r, o) for _, r, o in modifiers]

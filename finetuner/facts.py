@@ -3,9 +3,9 @@
 A fact remembers the document version and sentence it came from, so every trained statement can be
 traced back to an acknowledged document, and its date, so conflicting facts resolve to the newest.
 """
+
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import re
@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from kfresh.core.time import parse_iso
 
 _ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _PUNCT = re.compile(r"[^\w\s:%€$]")
@@ -66,21 +68,14 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def format_date(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_date(text: str) -> float:
     """Unix seconds of an ISO-8601 date; an empty or bad date sorts first (oldest)."""
     if not text:
         return 0.0
     try:
-        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_iso(text)
     except ValueError:
         return 0.0
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.timestamp()
 
 
 def write_facts(path: Path, facts: Iterable[Fact]) -> int:

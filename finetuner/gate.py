@@ -8,6 +8,7 @@ newer passage that contradicts the trained value (the answer must follow the pas
 against reviewed gold facts must reach `min_extraction_f1` where the documents have gold facts. The
 report is written as JSON and Markdown whether the adapter passes or not.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import FinetuneConfig
+from kfresh.core.config import FinetuneConfig
 from kfresh.finetuner.evaluate import Figures
 from kfresh.finetuner.extraction import PRF
 
@@ -61,7 +62,9 @@ def judge(cfg: FinetuneConfig, before: Figures, after: Figures, *, has_previous:
     if after.new_facts.total:
         new = _at_least("new_facts_recall", after.new_facts.accuracy, cfg.min_new_recall)
     else:
-        new = Check("new_facts_recall", True, None, f">= {cfg.min_new_recall}", "no new facts: this run only drops removed ones")
+        new = Check(
+            "new_facts_recall", True, None, f">= {cfg.min_new_recall}", "no new facts: this run only drops removed ones"
+        )
     checks = [
         new,
         _drop("general_accuracy", before.general.accuracy, after.general.accuracy, cfg.max_general_drop),
@@ -70,7 +73,15 @@ def judge(cfg: FinetuneConfig, before: Figures, after: Figures, *, has_previous:
     if has_previous and after.previous_facts.total:
         checks.append(_at_least("previous_facts_recall", after.previous_facts.accuracy, cfg.min_previous_recall))
     else:
-        checks.append(Check("previous_facts_recall", True, None, f">= {cfg.min_previous_recall}", "no previous adapter facts to keep"))
+        checks.append(
+            Check(
+                "previous_facts_recall",
+                True,
+                None,
+                f">= {cfg.min_previous_recall}",
+                "no previous adapter facts to keep",
+            )
+        )
     # Both retrieval situations must hold on their own: an adapter that answers its own facts better but
     # overrides a NEWER contradicting passage would turn fresh documents into stale answers.
     checks.append(_not_below("retrieval_not_harmed", before.retrieval.accuracy, after.retrieval.accuracy,
@@ -137,7 +148,9 @@ def render_markdown(report: GateReport) -> str:
         for bucket, rows in report.samples.get(side, {}).items():
             for row in rows[:4]:
                 mark = "ok" if row["ok"] == "True" else "wrong"
-                lines.append(f"- [{bucket}, {mark}] {row['question']} -> {row['answer']!r} (expected {row['expected']!r})")
+                lines.append(
+                    f"- [{bucket}, {mark}] {row['question']} -> {row['answer']!r} (expected {row['expected']!r})"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +181,9 @@ def _drop(name: str, before: float | None, after: float | None, limit: float) ->
 
 def _rise(name: str, before: float, after: float, limit: float) -> Check:
     rise = after / before - 1.0 if before > 0 else 0.0
-    return Check(name, rise <= limit + 1e-9, round(after, 4), f"rise <= {limit:.0%}", f"base {before:.4f}, rise {rise:+.2%}")
+    return Check(
+        name, rise <= limit + 1e-9, round(after, 4), f"rise <= {limit:.0%}", f"base {before:.4f}, rise {rise:+.2%}"
+    )
 
 
 def _samples(figures: Figures) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Float32 throughout: bf16 greedy output depends on the batch composition (FIELD-N
 compares texts generated in batches, so it needs batch-invariant numbers. torch, transformers and peft
 are imported lazily so every finetuner module imports on a box without them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,9 @@ def require_training_stack() -> None:
         import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(f"distillation needs torch, transformers and peft: pip install 'peft==0.21.2' ({exc})") from exc
+        raise RuntimeError(
+            f"distillation needs torch, transformers and peft: pip install 'peft==0.21.2' ({exc})"
+        ) from exc
 
 
 def resolve_device(preference: str) -> str:
@@ -60,7 +63,7 @@ def load_base(path: str, *, device: str) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to() as a decorator's wrapper
     model.eval()
     return LoadedModel(model, tokenizer, device, path)
 

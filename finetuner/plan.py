@@ -5,6 +5,7 @@ An adapter replaces its predecessor rather than stacking on it, so it must re-le
 adapter's facts that are still valid (their document version is still current), and must NOT re-learn
 facts whose document was deleted, superseded or updated since.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfresh.config import KfreshConfig, StoreConfig
+from kfresh.core.config import KfreshConfig, StoreConfig
 from kfresh.finetuner import datasets
 from kfresh.finetuner.extraction import PRF, Excluded, extract_document, extraction_prf, resolve_conflicts, write_record
 from kfresh.finetuner.facts import Fact, write_facts
@@ -63,7 +64,9 @@ def plan_knowledge(
     ordered = sorted(resolution.kept, key=lambda f: (f.valid_from, f.doc_id))  # oldest first: all get learned
     kept, deferred = ordered[: ft.max_facts], ordered[ft.max_facts :]
     if deferred:
-        log.warning("plan.deferred facts=%d (max_facts=%d): the newest wait for the next run", len(deferred), ft.max_facts)
+        log.warning(
+            "plan.deferred facts=%d (max_facts=%d): the newest wait for the next run", len(deferred), ft.max_facts
+        )
     plan = Plan(
         facts=kept,
         new=[f for f in kept if f.triple not in known],

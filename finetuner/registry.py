@@ -5,6 +5,7 @@ Layout under `root`:
     CURRENT.json  {"version": "v0002", "previous": ["v0001"], "updated_at": ...}   (what the servers serve)
 Every write goes to a temp name, is fsynced, then renamed, so a crash leaves the old state or the new one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfresh.errors import InvalidInput, NotFound
-from kfresh.fsutil import fsync_dir, sha256_file
+from kfresh.core.errors import InvalidInput, NotFound
+from kfresh.core.files import fsync_dir, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -98,7 +99,9 @@ class AdapterRegistry:
         folder = self.adapter_dir(version)
         actual = weights_sha256(folder)
         if actual != manifest.weights_sha256:
-            raise InvalidInput(f"adapter {version} weights sha256 {actual[:12]} != manifest {manifest.weights_sha256[:12]}: refusing to load")
+            raise InvalidInput(
+                f"adapter {version} weights sha256 {actual[:12]} != manifest {manifest.weights_sha256[:12]}: refusing to load"
+            )
         return folder
 
     def pointer(self) -> dict[str, Any]:
@@ -175,4 +178,6 @@ class AdapterRegistry:
         previous = list(pointer.get("previous", []))
         if pointer.get("version") and pointer["version"] != version:
             previous.append(pointer["version"])
-        _write_json_atomic(self.root / "CURRENT.json", {"version": version, "previous": previous, "updated_at": time.time()})
+        _write_json_atomic(
+            self.root / "CURRENT.json", {"version": version, "previous": previous, "updated_at": time.time()}
+        )

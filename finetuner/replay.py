@@ -6,6 +6,7 @@ questions about REAL entities asked in the same templates as the new facts (so t
 learn "answer this template with an invented name"), and plain-text continuations (perplexity).
 Generation is slow on a CPU, so outputs are cached per base-model hash and only missing ones generated.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import anchor_questions
 from kfresh.finetuner.modeling import LoadedModel, chat_answers, greedy_generate, render_prompt
-from kfresh.server.prompting import closed_book_messages
+from kfresh.prompt import closed_book_messages
 
 log = logging.getLogger("kfresh.finetuner")
 COMPLETION_TOKENS = 32

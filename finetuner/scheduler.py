@@ -6,6 +6,7 @@ GIL and its latency. The schedule has two triggers: every `interval_s` seconds, 
 only when there is something new that the last attempt did not already try: a rejected adapter is not
 retrained from the same documents over and over.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import FinetuneConfig, KfreshConfig
+from kfresh.core.config import FinetuneConfig, KfreshConfig
 
 log = logging.getLogger("kfresh.finetuner")
 
@@ -43,8 +44,12 @@ class DistillOutcome:
     @classmethod
     def from_result(cls, result: Any, trigger: str) -> DistillOutcome:
         """From a finetuner.distill.DistillResult."""
-        state = {"dry_run": "DRY_RUN", "nothing_new": "NOTHING_NEW", "published": "PUBLISHED"}.get(result.status, "REJECTED")
-        numbers = {k: float(v) for k, v in result.figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        state = {"dry_run": "DRY_RUN", "nothing_new": "NOTHING_NEW", "published": "PUBLISHED"}.get(
+            result.status, "REJECTED"
+        )
+        numbers = {
+            k: float(v) for k, v in result.figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         return cls(
             state=state, trigger=trigger, version=result.manifest.version if result.manifest else "",
             facts=[f.sentence for f in result.facts], new_facts=len(result.new_facts), kept_facts=len(result.carried_facts),
@@ -63,7 +68,12 @@ def _checks(report_path: Any) -> dict[str, bool]:
 
 
 def due(
-    ft: FinetuneConfig, *, now: float, last_run_at: float, new_docs: frozenset[DocKey], last_attempted: frozenset[DocKey]
+    ft: FinetuneConfig,
+    *,
+    now: float,
+    last_run_at: float,
+    new_docs: frozenset[DocKey],
+    last_attempted: frozenset[DocKey],
 ) -> str | None:
     """The trigger that fires now ("interval" / "new_documents"), or None. Pure."""
     if not new_docs or new_docs <= last_attempted:
@@ -98,7 +108,7 @@ Runner = Callable[[KfreshConfig, bool], Any]
 
 
 def _count(outcome: DistillOutcome) -> None:
-    from kfresh import metrics
+    from kfresh.core import metrics
 
     metrics.DISTILL_RUNS.labels(state=outcome.state.lower()).inc()
     for name, passed in outcome.checks.items():
@@ -179,7 +189,7 @@ class DistillScheduler:
             outcome = DistillOutcome.from_result(result, trigger)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failed run is an outcome to report, not a server crash
+        except Exception as exc:
             log.exception("distill.failed trigger=%s", trigger)
             outcome = DistillOutcome(state="FAILED", trigger=trigger, message=f"{type(exc).__name__}: {exc}")
         log.info("distill.end trigger=%s state=%s version=%s seconds=%.1f", trigger, outcome.state,
@@ -198,7 +208,7 @@ class DistillScheduler:
                 continue
             try:
                 new_docs = await asyncio.to_thread(unlearned_documents, self._cfg)
-            except Exception:  # noqa: BLE001 - e.g. the store is busy; try again next tick
+            except Exception:
                 log.exception("distill.schedule_check_failed")
                 continue
             trigger = due(self._cfg.finetune, now=time.time(), last_run_at=self._last_run_at,

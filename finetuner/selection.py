@@ -6,6 +6,7 @@ unchanged for `stable_for_s`, and optionally ones that answers actually cited. T
 PostgreSQL) is opened READ-ONLY from this process: the finetuner must never be able to change what the
 server serves.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -13,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from kfresh.config import FinetuneConfig, StoreConfig
+from kfresh.core.config import FinetuneConfig, StoreConfig
 from kfresh.indexer.stores import open_store
 
 log = logging.getLogger("kfresh.finetuner")

@@ -11,6 +11,7 @@ Stopping: once (nearly) every validation answer's object is reproduced, the rate
 broke); without that, validation loss with patience stops it and restores the best epoch. The time
 budget is hard: no step starts that would end after it, and the decay is re-planned to end at the budget.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import FinetuneConfig
+from kfresh.core.config import FinetuneConfig
 from kfresh.finetuner.augment import QA, AugmentedFacts, passage_hit
 from kfresh.finetuner.facts import Fact
 from kfresh.finetuner.modeling import LoadedModel, render_prompt
 from kfresh.finetuner.replay import ReplayItem
-from kfresh.server.prompting import build_messages, closed_book_messages
+from kfresh.prompt import build_messages, closed_book_messages
 
 log = logging.getLogger("kfresh.finetuner")
 MAX_REPLAY_TOKENS = 96
@@ -163,7 +164,9 @@ def train_adapter(
 class _Trainer:
     """The state of one training run; `train_adapter` drives it epoch by epoch."""
 
-    def __init__(self, lm: LoadedModel, data: AugmentedFacts, replay: Sequence[ReplayItem], cfg: FinetuneConfig) -> None:
+    def __init__(
+        self, lm: LoadedModel, data: AugmentedFacts, replay: Sequence[ReplayItem], cfg: FinetuneConfig
+    ) -> None:
         import torch
 
         self.started = time.perf_counter()
@@ -261,7 +264,9 @@ class _Trainer:
         for path in out_dir.iterdir():
             path.chmod(0o644)  # safetensors are written private; the serving process may run as another user
         seconds = round(time.perf_counter() - self.started, 2)
-        return TrainResult(out_dir, self.epochs, self.steps, seconds, self.stopped, self.best_epoch, self.lm.device, self.tokens)
+        return TrainResult(
+            out_dir, self.epochs, self.steps, seconds, self.stopped, self.best_epoch, self.lm.device, self.tokens
+        )
 
     def _next_replay(self) -> list[Encoded]:
         out = []
@@ -297,7 +302,9 @@ def evaluate_validation(model: Any, val: Sequence[Encoded], pad_id: int, device:
             batch = _batch(chunk, pad_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total += float(loss)
             tokens += float((labels != -100).sum())
             predicted = logits.argmax(-1)

@@ -4,6 +4,7 @@ Spawned (not forked): the server process holds threads, an asyncio loop and poss
 none of which survive a fork. The child lowers its own CPU priority (`nice`) so that on a small box
 answers keep their latency while training uses the cycles they leave.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ import os
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.finetuner.distill import DistillResult, run_distill
 from kfresh.finetuner.facts import Fact
 
@@ -42,7 +43,9 @@ def run_distill_in_subprocess(
     receive, send = ctx.Pipe(duplex=False)
     facts = [f.to_dict() for f in facts_override] if facts_override is not None else None
     proc = ctx.Process(
-        target=_child, args=(send, cfg.model_dump(mode="json"), dry_run, facts, nice, torch_threads), name="kfresh-distill"
+        target=_child,
+        args=(send, cfg.model_dump(mode="json"), dry_run, facts, nice, torch_threads),
+        name="kfresh-distill",
     )
     proc.start()
     send.close()
@@ -57,7 +60,7 @@ def run_distill_in_subprocess(
             raise DistillWorkerError(f"distillation process died (exit code {proc.exitcode})") from None
         if kind == "error":
             raise DistillWorkerError(str(payload))
-        return payload  # type: ignore[no-any-return]
+        return payload
     finally:
         receive.close()
         proc.join(30)

@@ -1,4 +1,5 @@
 """Split a document into overlapping chunks: the unit that is embedded, indexed and returned as a Hit."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-    from kfresh.config import StoreConfig
+    from kfresh.core.config import StoreConfig
 
 log = logging.getLogger("kfresh.indexer")
 

@@ -1,4 +1,5 @@
 """Which chunk ids of which document version are in the vector index: what the worker swaps out."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import struct
 from collections.abc import Callable, Iterator
 
 import numpy as np
-
 
 _CHUNK = 8192  # documents encoded per step: each step is short, so other threads get the GIL in between
 

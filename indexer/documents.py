@@ -1,4 +1,5 @@
 """The indexer's value types: what goes in (DocumentIn), what comes back (Ack, Hit, IndexStats)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ unembedded after `takeover_s` (its owner may have died), when this replica embed
 hidden from searches at once and removed from the index by the worker. Everything is idempotent by
 (doc_id, version): a change the index already holds, or one superseded by a newer change, is skipped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from kfresh.config import KfreshConfig, ReplicationConfig
+from kfresh.core.config import KfreshConfig, ReplicationConfig
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.rows import DocState
 from kfresh.indexer.state import IndexState, SeqTracker
@@ -130,8 +131,12 @@ class ChangeFollower:
             return "go", cur
         if time.time() - cur.acked_at < self.cfg.takeover_s:
             return "wait", cur  # its owner is embedding it; do not spend the model twice
-        log.warning("follower.takeover doc_id=%s version=%d: unembedded after %.1fs", item.doc_id,
-                    item.version, time.time() - cur.acked_at)
+        log.warning(
+            "follower.takeover doc_id=%s version=%d: unembedded after %.1fs",
+            item.doc_id,
+            item.version,
+            time.time() - cur.acked_at,
+        )
         return "go", cur
 
     def _enqueue(self, item: _Foreign, acked_at: float) -> bool:

@@ -1,4 +1,5 @@
 """How fresh the index is: ack -> searchable lags (bounded ring) and the recent ingest rate."""
+
 from __future__ import annotations
 
 import threading

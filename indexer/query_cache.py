@@ -6,6 +6,7 @@ embed the indexing backlog. Only the query vector is cached, never a result: eve
 against the live index, so freshness is unaffected. The vector space is the embedder's, and the cache
 lives and dies with it.
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,8 +14,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from kfresh import metrics
-from kfresh.indexer.embedder import Embedder
+from kfresh.core import metrics
+from kfresh.indexer.embedding.embedder import Embedder
 
 
 class QueryEmbeddings:

@@ -3,6 +3,7 @@
 A client reserves a slot first (waiting a bounded time), then commits, then enqueues into its slot; so a
 change is never acknowledged without room to index it. Slots are freed when the worker has applied them.
 """
+
 from __future__ import annotations
 
 import threading

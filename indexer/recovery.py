@@ -2,6 +2,7 @@
 
 Either way only stored embeddings are used; documents still lacking them are re-queued by the caller.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from kfresh.config import IndexConfig
+from kfresh.core.config import IndexConfig
 from kfresh.indexer.docmap import DocMap
-from kfresh.indexer.embedder import Embedder
+from kfresh.indexer.embedding.embedder import Embedder
 from kfresh.indexer.snapshot import load_snapshot
 from kfresh.indexer.state import IndexState
 from kfresh.indexer.stores import DocumentStore
@@ -92,5 +93,8 @@ def replay(store: DocumentStore, index: VectorIndex, docmap: DocMap, applied_seq
         index.add(np.concatenate(add_ids), np.concatenate(add_vecs))
     log.info(
         "index.replayed after_seq=%d docs=%d readded=%d ms=%.0f",
-        applied_seq, len(docs), len(add_ids), (time.perf_counter() - started) * 1000,
+        applied_seq,
+        len(docs),
+        len(add_ids),
+        (time.perf_counter() - started) * 1000,
     )

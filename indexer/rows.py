@@ -5,6 +5,7 @@ has chunk rows: an older indexed version keeps answering with its own metadata u
 chunks (chunk_id is the FAISS id; embedding is float32 bytes once embedded), changes (append-only log),
 citations (one row per passage an answer showed the model: what the finetuner may prefer to learn).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,53 +17,6 @@ from typing import Any
 import numpy as np
 
 from kfresh.indexer.documents import DocumentIn
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents(
-    doc_id TEXT PRIMARY KEY,
-    version INTEGER NOT NULL,
-    valid_from REAL NOT NULL,
-    source TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    supersedes TEXT NOT NULL,
-    text TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0,
-    acked_at REAL NOT NULL,
-    indexed_at REAL,
-    lag_ms REAL
-);
-CREATE TABLE IF NOT EXISTS versions(
-    doc_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    valid_from REAL NOT NULL,
-    source TEXT NOT NULL,
-    metadata TEXT NOT NULL,
-    supersedes TEXT NOT NULL,
-    PRIMARY KEY(doc_id, version)
-);
-CREATE TABLE IF NOT EXISTS chunks(
-    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    doc_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    ordinal INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    embedding BLOB
-);
-CREATE INDEX IF NOT EXISTS chunks_by_doc ON chunks(doc_id, version);
-CREATE INDEX IF NOT EXISTS chunks_unembedded ON chunks(doc_id) WHERE embedding IS NULL;
-CREATE TABLE IF NOT EXISTS changes(
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    doc_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    op TEXT NOT NULL CHECK(op IN ('upsert', 'delete')),
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS citations(doc_id TEXT NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS citations_by_doc ON citations(doc_id, version);
-"""
 
 
 @dataclass(frozen=True)
@@ -152,9 +106,17 @@ def hit_from_row(row: Sequence[Any]) -> ChunkHitRow:
     """A ChunkHitRow from (chunk_id, doc_id, version, ordinal, text, source, valid_from, metadata, supersedes,
     deleted, embedding): the column order of every backend's lookup query."""
     return ChunkHitRow(
-        chunk_id=int(row[0]), doc_id=row[1], version=int(row[2]), ordinal=int(row[3]), text=row[4], source=row[5],
-        valid_from=float(row[6]), metadata=json.loads(row[7]), supersedes=tuple(json.loads(row[8])),
-        doc_deleted=bool(row[9]), embedding=vec_from_blob(row[10]),
+        chunk_id=int(row[0]),
+        doc_id=row[1],
+        version=int(row[2]),
+        ordinal=int(row[3]),
+        text=row[4],
+        source=row[5],
+        valid_from=float(row[6]),
+        metadata=json.loads(row[7]),
+        supersedes=tuple(json.loads(row[8])),
+        doc_deleted=bool(row[9]),
+        embedding=vec_from_blob(row[10]),
     )
 
 
@@ -171,6 +133,12 @@ def embedded_batch(rows: Sequence[Sequence[Any]]) -> tuple[list[str], list[int],
 def doc_record(row: Sequence[Any]) -> DocRecord:
     """A DocRecord from (doc_id, version, source, valid_from, acked_at, supersedes, text, deleted)."""
     return DocRecord(
-        doc_id=row[0], version=int(row[1]), source=row[2], valid_from=float(row[3]), acked_at=float(row[4]),
-        supersedes=tuple(json.loads(row[5] or "[]")), text=row[6], deleted=bool(row[7]),
+        doc_id=row[0],
+        version=int(row[1]),
+        source=row[2],
+        valid_from=float(row[3]),
+        acked_at=float(row[4]),
+        supersedes=tuple(json.loads(row[5] or "[]")),
+        text=row[6],
+        deleted=bool(row[7]),
     )

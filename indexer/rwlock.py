@@ -1,4 +1,5 @@
 """Readers-writer lock: searches share it, the worker's swap takes it alone (writers are not starved)."""
+
 from __future__ import annotations
 
 import threading

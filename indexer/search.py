@@ -1,4 +1,5 @@
 """Vector search over a consistent view: ids -> chunk rows -> visible Hits, all under the index read lock."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,9 +65,17 @@ def _resolve(
             vector = row.embedding if row.embedding is not None else state.unsaved.get(cid)
         hits.append(
             Hit(
-                doc_id=row.doc_id, version=row.version, chunk_id=cid, ordinal=row.ordinal, text=row.text,
-                score=float(score), source=row.source, valid_from=row.valid_from, metadata=row.metadata,
-                supersedes=row.supersedes, vector=vector,
+                doc_id=row.doc_id,
+                version=row.version,
+                chunk_id=cid,
+                ordinal=row.ordinal,
+                text=row.text,
+                score=float(score),
+                source=row.source,
+                valid_from=row.valid_from,
+                metadata=row.metadata,
+                supersedes=row.supersedes,
+                vector=vector,
             )
         )
     return hits

@@ -5,6 +5,7 @@ worker; a search embeds the query and reads a consistent view of the vector inde
 index from a snapshot (or rebuilds it from stored embeddings) and re-queues whatever was acknowledged but
 never embedded, so a SIGKILL loses nothing that was acknowledged and re-embeds nothing that was embedded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,12 +17,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from kfresh.config import KfreshConfig
-from kfresh.errors import InvalidInput, Overloaded, StorageFull, Unavailable
+from kfresh.core.config import KfreshConfig
+from kfresh.core.errors import InvalidInput, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
-from kfresh.indexer.embedder import Embedder, create_embedder
+from kfresh.indexer.embedding.embedder import Embedder, create_embedder
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.query_cache import QueryEmbeddings
@@ -104,8 +105,14 @@ class Indexer:
                 )
             self._snapshots = SnapshotWriter(self.cfg.index.snapshot_dir)
             self._worker = Worker(
-                cfg=self.cfg, store=store, state=recovered.state, queue=self._queue, tracker=self._tracker,
-                embedder=embedder, lags=self._lags, snapshots=self._snapshots,
+                cfg=self.cfg,
+                store=store,
+                state=recovered.state,
+                queue=self._queue,
+                tracker=self._tracker,
+                embedder=embedder,
+                lags=self._lags,
+                snapshots=self._snapshots,
             )
             if recovered.rebuilt:
                 self._worker.request_snapshot()
@@ -113,14 +120,20 @@ class Indexer:
             self._worker.start()
             if follow:
                 self._follower = ChangeFollower(
-                    store=store, state=recovered.state, queue=self._queue, tracker=self._tracker,
-                    cfg=self.cfg.replication, after_seq=start_seq,
+                    store=store,
+                    state=recovered.state,
+                    queue=self._queue,
+                    tracker=self._tracker,
+                    cfg=self.cfg.replication,
+                    after_seq=start_seq,
                 )
                 self._follower.start()
             self._started = True
             log.info(
                 "indexer.started vectors=%d requeued=%d rebuilt=%s ms=%.0f",
-                recovered.state.index.ntotal, requeued, recovered.rebuilt,
+                recovered.state.index.ntotal,
+                requeued,
+                recovered.rebuilt,
                 (time.perf_counter() - started) * 1000,
             )
 
@@ -238,12 +251,19 @@ class Indexer:
 
     # -- reads -------------------------------------------------------------------------------------
     def search(
-        self, query: str, k: int, filters: dict[str, str] | None = None, *, with_vectors: bool = False
+        self,
+        query: str,
+        k: int,
+        filters: dict[str, str] | None = None,
+        *,
+        with_vectors: bool = False,
+        default_k: int | None = None,
     ) -> list[Hit]:
-        """Top-k chunks for `query` among the newest indexed versions; `filters` match metadata exactly."""
+        """Top-k chunks for `query` among the newest indexed versions; `filters` match metadata exactly.
+        k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None."""
         self._require_started()
         validation.check_query(query, self.cfg.retrieval)
-        k = validation.check_k(k, self.cfg.retrieval)
+        k = validation.check_k(k, self.cfg.retrieval, default_k)
         filters = validation.check_metadata(filters, "filters")
         vec = self.query_embeddings.encode(query)
         return self._search(vec, k, filters, with_vectors)
@@ -318,9 +338,15 @@ class Indexer:
             cached = self._counts = (seq, store.counts())
         live, chunks, deleted = cached[1]
         return IndexStats(
-            documents=live, chunks=chunks, deleted=deleted, pending=self._queue.in_use,
-            indexed_vectors=state.index.ntotal, ingest_docs_per_s=self._ingest_rate.rate(),
-            freshness=self._lags.stats(), embedder=self.embedder.name, index_kind=state.index.kind,
+            documents=live,
+            chunks=chunks,
+            deleted=deleted,
+            pending=self._queue.in_use,
+            indexed_vectors=state.index.ntotal,
+            ingest_docs_per_s=self._ingest_rate.rate(),
+            freshness=self._lags.stats(),
+            embedder=self.embedder.name,
+            index_kind=state.index.kind,
         )
 
 

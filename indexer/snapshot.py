@@ -5,6 +5,7 @@ Written to a temp file, fsynced, os.replace'd over the old one, then the folder 
 leaves either the old or the new snapshot, never a torn one. A snapshot that fails its checksum or does
 not match the running configuration is reported and ignored; the caller rebuilds from the store.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kfresh.config import IndexConfig
-from kfresh.fsutil import fsync_dir
+from kfresh.core.config import IndexConfig
+from kfresh.core.files import fsync_dir
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.vectors import VectorIndex, index_from_bytes
 from kfresh.indexer.vectors.base import SnapshotParts, StreamedPart
@@ -40,7 +41,9 @@ class SnapshotData:
     dim: int
     embedder: str
     applied_seq: int
-    index_bytes: bytes | Callable[[], SnapshotParts]  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
+    index_bytes: (
+        bytes | Callable[[], SnapshotParts]
+    )  # a callable serialises on the writer's thread (VectorIndex.snapshot_later)
     map_bytes: bytes | Callable[[], bytes]  # likewise (DocMap.snapshot_later)
 
 
@@ -68,8 +71,13 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     map_bytes = data.map_bytes() if callable(data.map_bytes) else data.map_bytes
     header = json.dumps(
         {
-            "kind": data.kind, "dim": data.dim, "embedder": data.embedder, "applied_seq": data.applied_seq,
-            "index_len": sum(p.nbytes for p in index_parts), "map_len": len(map_bytes), "created_at": time.time(),
+            "kind": data.kind,
+            "dim": data.dim,
+            "embedder": data.embedder,
+            "applied_seq": data.applied_seq,
+            "index_len": sum(p.nbytes for p in index_parts),
+            "map_len": len(map_bytes),
+            "created_at": time.time(),
         }
     ).encode("utf-8")
     final = snapshot_path(folder)
@@ -92,7 +100,10 @@ def write_snapshot(folder: Path, data: SnapshotData) -> Path:
     fsync_dir(folder)
     log.info(
         "snapshot.written path=%s applied_seq=%d bytes=%d ms=%.1f",
-        final, data.applied_seq, final.stat().st_size, (time.perf_counter() - started) * 1000,
+        final,
+        data.applied_seq,
+        final.stat().st_size,
+        (time.perf_counter() - started) * 1000,
     )
     return final
 
@@ -164,7 +175,10 @@ def load_snapshot(folder: Path, cfg: IndexConfig, *, dim: int, embedder: str) ->
         return None
     log.info(
         "snapshot.loaded path=%s applied_seq=%d vectors=%d ms=%.1f",
-        path, header["applied_seq"], index.ntotal, (time.perf_counter() - started) * 1000,
+        path,
+        header["applied_seq"],
+        index.ntotal,
+        (time.perf_counter() - started) * 1000,
     )
     return Snapshot(index=index, docmap=docmap, applied_seq=int(header["applied_seq"]))
 

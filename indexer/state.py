@@ -1,4 +1,5 @@
 """The in-memory side of the index shared by searches and the worker, and the applied-sequence watermark."""
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,9 @@ class IndexState:
     hidden_lock: threading.Lock = field(default_factory=threading.Lock)
     unsaved: dict[int, np.ndarray] = field(default_factory=dict)
     applied: threading.Condition = field(default_factory=threading.Condition)
-    listeners: list[Callable[[], None]] = field(default_factory=list)  # called after each applied batch; under `applied`
+    listeners: list[Callable[[], None]] = field(
+        default_factory=list
+    )  # called after each applied batch; under `applied`
 
     def hide(self, doc_id: str, version: int) -> None:
         with self.hidden_lock:

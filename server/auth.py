@@ -8,6 +8,7 @@ Tokens come from `server.auth_tokens_file` and/or `server.auth_tokens`, entries 
 (one per line, or `;`-separated inline). Only their sha256 digests are kept, compared in constant time;
 a token never reaches a log line or an error message.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from kfresh.config import ConfigError, ServerConfig
+from kfresh.core.config import ConfigError, ServerConfig
 
 log = logging.getLogger("kfresh.server.auth")
 
@@ -32,7 +33,11 @@ METHOD_SCOPES = {
     **{_SERVICE + m: "write" for m in ("Ingest", "Delete")},
     **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill")},
 }
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
 def required_scope(method: str) -> str | None:
@@ -77,7 +82,9 @@ class TokenTable:
             try:
                 text = Path(cfg.auth_tokens_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"server.auth_tokens_file: cannot read {cfg.auth_tokens_file}: {exc.__class__.__name__}") from None
+                raise ConfigError(
+                    f"server.auth_tokens_file: cannot read {cfg.auth_tokens_file}: {exc.__class__.__name__}"
+                ) from None
             grants = parse_tokens(text.splitlines(), f"server.auth_tokens_file {cfg.auth_tokens_file}")
             if not grants:  # an emptied file must not silently turn authentication off
                 raise ConfigError(f"server.auth_tokens_file {cfg.auth_tokens_file} holds no tokens")
@@ -102,7 +109,9 @@ def parse_tokens(lines: Iterable[str], where: str) -> list[tuple[str, list[str]]
             raise ConfigError(f"{where} line {number}: tokens must be at least {MIN_TOKEN_CHARS} characters")
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
-            raise ConfigError(f"{where} line {number}: scopes must be among {', '.join(SCOPES)}; got {unknown or 'none'}")
+            raise ConfigError(
+                f"{where} line {number}: scopes must be among {', '.join(SCOPES)}; got {unknown or 'none'}"
+            )
         grants.append((token, scopes))
     return grants
 
@@ -157,8 +166,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if scopes is None:
             reason = "missing" if token is None else "unknown"
             log.warning("auth_denied method=%s reason=%s_token", method, reason)
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method} needs a valid 'authorization: Bearer <token>' header ({reason} token)")
+            return _denied(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} needs a valid 'authorization: Bearer <token>' header ({reason} token)",
+            )
         if needed not in scopes:
-            log.warning("auth_denied method=%s reason=scope needed=%s granted=%s", method, needed, ",".join(sorted(scopes)))
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the '{needed}' scope; this token has {sorted(scopes)}")
+            log.warning(
+                "auth_denied method=%s reason=scope needed=%s granted=%s", method, needed, ",".join(sorted(scopes))
+            )
+            return _denied(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs the '{needed}' scope; this token has {sorted(scopes)}",
+            )
         return handler

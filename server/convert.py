@@ -1,11 +1,12 @@
 """Domain values -> protobuf messages (the reverse of validation.py)."""
+
 from __future__ import annotations
 
 import json
 
 from google.protobuf.struct_pb2 import Struct
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from kfresh.core.time import to_timestamp
 from kfresh.finetuner.registry import AdapterManifest
 from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
 from kfresh.indexer.documents import Ack, Hit, IndexStats
@@ -21,12 +22,6 @@ ACK_STATUS = {
 }
 
 
-def timestamp(unix_s: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(unix_s * 1e9))
-    return ts
-
-
 def ack_to_proto(ack: Ack) -> pb.IngestResponse:
     return pb.IngestResponse(
         id=ack.id,
@@ -34,7 +29,7 @@ def ack_to_proto(ack: Ack) -> pb.IngestResponse:
         status=ACK_STATUS[ack.status],
         chunks=ack.chunks,
         seq=ack.seq,
-        acked_at=timestamp(ack.acked_at),
+        acked_at=to_timestamp(ack.acked_at),
     )
 
 
@@ -47,7 +42,7 @@ def hit_to_chunk(hit: Hit) -> pb.Chunk:
         text=hit.text,
         score=hit.score,
         source=hit.source,
-        valid_from=timestamp(hit.valid_from),
+        valid_from=to_timestamp(hit.valid_from),
         metadata=hit.metadata,
     )
 
@@ -58,7 +53,7 @@ def hit_to_citation(hit: Hit, index: int, *, primary: bool) -> pb.Citation:
         doc_id=hit.doc_id,
         version=hit.version,
         source=hit.source,
-        valid_from=timestamp(hit.valid_from),
+        valid_from=to_timestamp(hit.valid_from),
         score=hit.score,
         text=hit.text,
         primary=primary,
@@ -132,7 +127,9 @@ def distill_summary(distiller: DistillScheduler) -> pb.DistillSummary:
     return pb.DistillSummary(running=distiller.running, last=last, runs=distiller.runs)
 
 
-def adapter_to_proto(m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False) -> pb.Adapter:
+def adapter_to_proto(
+    m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False
+) -> pb.Adapter:
     metrics = Struct()
     # Round-trip through JSON: Struct takes only JSON types, a gate report may hold others.
     metrics.update(json.loads(json.dumps(m.metrics, default=str)))
@@ -144,7 +141,7 @@ def adapter_to_proto(m: AdapterManifest, *, current: bool = False, loaded: bool 
         base_model_sha256=m.base_model_sha256,
         training_data_sha256=m.training_data_sha256,
         weights_sha256=m.weights_sha256,
-        created_at=timestamp(m.created_at),
+        created_at=to_timestamp(m.created_at),
         facts=m.facts,
         metrics=metrics,
         notes=m.notes,

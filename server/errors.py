@@ -1,4 +1,5 @@
 """One place that maps domain errors to gRPC status codes; clients never see a traceback."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from kfresh import metrics
-from kfresh.errors import InvalidInput, KfreshError, NotFound, Overloaded, StorageFull, Unavailable
+from kfresh.core import metrics
+from kfresh.core.errors import InvalidInput, KfreshError, NotFound, Overloaded, StorageFull, Unavailable
 
 log = logging.getLogger("kfresh.server")
 
@@ -55,7 +56,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             except (grpc.aio.AbortError, GeneratorExit, asyncio.CancelledError):
                 code = _context_code(context)
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status, never leaked
+            except Exception as exc:
                 code = _code_name(exc)
                 await _abort(context, exc, name)
             finally:
@@ -71,7 +72,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         except (grpc.aio.AbortError, asyncio.CancelledError):
             code = _context_code(context)
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             code = _code_name(exc)
             await _abort(context, exc, name)
         finally:
@@ -88,7 +89,7 @@ def _context_code(context: grpc.aio.ServicerContext) -> str:
     """The status an abort set, else CANCELLED (the client went away or the server is stopping)."""
     try:
         code = context.code()
-    except Exception:  # noqa: BLE001 - older grpc.aio contexts lack code()
+    except Exception:
         code = None
     return code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
 
@@ -114,7 +115,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def decode(raw: bytes) -> Any:
         try:
             return deserializer(raw)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the client's bad input
+        except Exception as exc:
             return _Undecodable(type_name, exc)
 
     return decode
@@ -162,7 +163,11 @@ class MalformedRequestGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
+        kind = (
+            ("stream" if handler.request_streaming else "unary")
+            + "_"
+            + ("stream" if handler.response_streaming else "unary")
+        )
         behavior = getattr(handler, kind)
         make = getattr(grpc, f"{kind}_rpc_method_handler")
         return make(

@@ -5,6 +5,7 @@ load each transaction (one durable flush, one thread hop) carries many documents
 still commits at once. Acks keep the stream's order. A message that fails validation ends the stream with
 INVALID_ARGUMENT naming its position, after every message before it has been acknowledged, as before.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from kfresh.errors import InvalidInput
+from kfresh.core.errors import InvalidInput
 from kfresh.indexer.documents import Ack, WriteOp
 from kfresh.indexer.service import Indexer
 from kfresh.server import validation
@@ -21,7 +22,9 @@ from kfresh.v1 import kfresh_pb2 as pb
 _END = object()
 
 
-async def read_groups(requests: AsyncIterator[pb.IngestRequest], max_items: int) -> AsyncIterator[list[pb.IngestRequest]]:
+async def read_groups(
+    requests: AsyncIterator[pb.IngestRequest], max_items: int
+) -> AsyncIterator[list[pb.IngestRequest]]:
     """Yield lists of up to `max_items` requests: whatever has arrived, waiting only for the first."""
     buffer: asyncio.Queue[object] = asyncio.Queue(maxsize=2 * max_items)  # bounded: HTTP/2 flow control pushes back
 
@@ -67,7 +70,9 @@ def to_op(req: pb.IngestRequest) -> WriteOp:
     raise InvalidInput("request has neither upsert nor delete_id")
 
 
-async def ingest(indexer: Indexer, requests: AsyncIterator[pb.IngestRequest], *, max_group: int) -> AsyncIterator[tuple[WriteOp, Ack]]:
+async def ingest(
+    indexer: Indexer, requests: AsyncIterator[pb.IngestRequest], *, max_group: int
+) -> AsyncIterator[tuple[WriteOp, Ack]]:
     """(op, ack) per message, in order; each ack only after its group's transaction committed."""
     position = 0
     async for group in read_groups(requests, max_group):
@@ -127,6 +132,8 @@ async def wait_searchable(indexer: Indexer, timeout_s: float, *, recheck_s: floa
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), min(left, recheck_s))
     return pb.WaitSearchableResponse(
-        searchable=applied >= target, target_seq=target, applied_seq=max(applied, 0),
+        searchable=applied >= target,
+        target_seq=target,
+        applied_seq=max(applied, 0),
         waited_ms=(time.monotonic() - start) * 1000,
     )

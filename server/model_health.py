@@ -6,6 +6,7 @@ can go down and come back long after start, so once the model is up this task pr
 Kubernetes readiness probe on "" then stops sending chatbots to a server whose answers would fail, while
 one on `kfresh.v1.Kfresh` keeps ingest and retrieval traffic flowing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +28,7 @@ async def follow_model_health(
     """Wait for the model's first load (`loaded` sets SERVING itself), then mirror the backend's health."""
     try:
         await asyncio.shield(loaded)
-    except Exception:  # noqa: BLE001 - the load task logged it; nothing was ever SERVING
+    except Exception:
         return
     if not backend.ready:
         return  # an in-process engine that failed to start stays NOT_SERVING
@@ -36,7 +37,7 @@ async def follow_model_health(
         await asyncio.sleep(interval_s)
         try:
             now = await asyncio.wait_for(backend.serving(), timeout=max(interval_s, 1.0))
-        except Exception:  # noqa: BLE001 - a probe that fails or hangs means "down"
+        except Exception:
             now = False
         if now != serving:
             serving = now

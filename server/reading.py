@@ -7,6 +7,7 @@ model is shown the best passage(s) only (`answer.prompt_passages`), and after it
 those passages that best matches the question is quoted verbatim (`answer.quote`), picked by the embedder:
 the reader sees the model's words and the source's words side by side.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,7 +63,9 @@ def quote_candidates(passages: Sequence[Hit]) -> list[tuple[int, str]]:
     return [(n, s) for n, hit in enumerate(passages, start=1) for s in split_sentences(hit.text)]
 
 
-def pick_quote(query_vec: np.ndarray, candidates: Sequence[tuple[int, str]], vectors: np.ndarray) -> tuple[int, str] | None:
+def pick_quote(
+    query_vec: np.ndarray, candidates: Sequence[tuple[int, str]], vectors: np.ndarray
+) -> tuple[int, str] | None:
     """The candidate sentence closest to the question (cosine of unit vectors); ties go to the later passage
     (the newer one, as passages are shown oldest first)."""
     if not candidates:

@@ -1,4 +1,5 @@
 """Thin gRPC servicer: decode + validate, call the domain, encode. Errors map in server/errors.py."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from kfresh import metrics
-from kfresh.config import KfreshConfig
-from kfresh.errors import InvalidInput, NotFound, Unavailable
+from kfresh.core import metrics
+from kfresh.core.config import KfreshConfig
+from kfresh.core.errors import InvalidInput, NotFound, Unavailable
 from kfresh.server import convert, ingest_stream, validation
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 class Runtime:
     """What the servicer talks to; the indexer appears once it has loaded (UNAVAILABLE before)."""
 
-    def __init__(self, cfg: KfreshConfig, backend: GenerationBackend, *, adapters: AdapterManager | None = None) -> None:
+    def __init__(
+        self, cfg: KfreshConfig, backend: GenerationBackend, *, adapters: AdapterManager | None = None
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.adapters = adapters
@@ -70,7 +73,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         self, request_iterator: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.IngestResponse]:
         indexer = self._rt.require_indexer()
-        async for op, ack in ingest_stream.ingest(indexer, request_iterator, max_group=self._rt.cfg.store.group_commit_max):
+        async for op, ack in ingest_stream.ingest(
+            indexer, request_iterator, max_group=self._rt.cfg.store.group_commit_max
+        ):
             metrics.DOCUMENTS_ACKED.labels(op="delete_id" if op.doc is None else "upsert", status=ack.status).inc()
             yield convert.ack_to_proto(ack)
 
@@ -95,7 +100,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         return pb.RetrieveResponse(chunks=[convert.hit_to_chunk(h) for h in hits], retrieval_ms=elapsed_ms)
 
     @rpc
-    async def Answer(self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AnswerResponse]:
+    async def Answer(
+        self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AnswerResponse]:
         query = validation.answer_query(request, self._rt.cfg.answer, self._rt.cfg.retrieval)
         async for event in self._rt.require_answerer().answer(query):
             if isinstance(event, AnswerDelta):
@@ -104,7 +111,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
                 yield pb.AnswerResponse(done=convert.answer_done(event))
 
     @rpc
-    async def WaitSearchable(self, request: pb.WaitSearchableRequest, context: grpc.aio.ServicerContext) -> pb.WaitSearchableResponse:
+    async def WaitSearchable(
+        self, request: pb.WaitSearchableRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WaitSearchableResponse:
         timeout_s = validation.wait_timeout(request)
         return await ingest_stream.wait_searchable(self._rt.require_indexer(), timeout_s)
 
@@ -123,7 +132,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         )
 
     @rpc
-    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
         validation.reject_unknown_fields(request)
         manager = self._rt.adapters
         if manager is None:
@@ -131,18 +142,25 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         else:
             statuses, current = await manager.list_adapters(), manager.current_version
         return pb.ListAdaptersResponse(
-            adapters=[convert.adapter_to_proto(s.manifest, current=s.current, loaded=s.loaded, standby=s.standby) for s in statuses],
+            adapters=[
+                convert.adapter_to_proto(s.manifest, current=s.current, loaded=s.loaded, standby=s.standby)
+                for s in statuses
+            ],
             current=current,
             enabled=manager is not None,
         )
 
     @rpc
-    async def PromoteAdapter(self, request: pb.PromoteAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterChangeResponse:
+    async def PromoteAdapter(
+        self, request: pb.PromoteAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdapterChangeResponse:
         validation.reject_unknown_fields(request)
         return convert.adapter_change(await self._rt.require_adapters().promote(request.version))
 
     @rpc
-    async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext) -> pb.AdapterChangeResponse:
+    async def RollbackAdapter(
+        self, request: pb.RollbackAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AdapterChangeResponse:
         validation.reject_unknown_fields(request)
         return convert.adapter_change(await self._rt.require_adapters().rollback())
 

@@ -1,11 +1,12 @@
 """Server TLS credentials from config: a certificate and key, optionally a client CA (mutual TLS)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import grpc
 
-from kfresh.config import ConfigError, ServerConfig
+from kfresh.core.config import ConfigError, ServerConfig
 
 
 def _read(path: Path, setting: str) -> bytes:

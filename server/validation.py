@@ -1,15 +1,16 @@
 """Edge validation: protobuf messages in, domain values out, or InvalidInput saying what is wrong."""
+
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from kfresh.config import AnswerConfig, RetrievalConfig
-from kfresh.errors import InvalidInput
+from kfresh.core.config import AnswerConfig, RetrievalConfig
+from kfresh.core.errors import InvalidInput
+from kfresh.core.time import from_timestamp
 from kfresh.indexer.documents import DocumentIn
 from kfresh.v1 import kfresh_pb2 as pb
 
@@ -57,8 +58,10 @@ def document_from_proto(doc: pb.Document) -> DocumentIn:
     if doc.HasField("valid_from"):
         seconds, nanos = doc.valid_from.seconds, doc.valid_from.nanos
         if not MIN_TIMESTAMP_S <= seconds <= MAX_TIMESTAMP_S or not 0 <= nanos < 1_000_000_000:
-            raise InvalidInput(f"document {doc.id!r} valid_from must lie between 0001-01-02 and 9999-12-30 (nanos 0..999999999)")
-        valid_from = seconds + nanos / 1e9
+            raise InvalidInput(
+                f"document {doc.id!r} valid_from must lie between 0001-01-02 and 9999-12-30 (nanos 0..999999999)"
+            )
+        valid_from = from_timestamp(doc.valid_from)
     return DocumentIn(
         id=doc.id,
         text=doc.text,
@@ -77,12 +80,12 @@ def check_doc_id(doc_id: str, field: str = "id") -> str:
     return doc_id
 
 
-def _check_k(k: int, default: int, limit: int, field: str) -> int:
-    if k == 0:
+def _check_count(value: int, default: int, limit: int, field: str) -> int:
+    if value == 0:
         return default
-    if not 1 <= k <= limit:
-        raise InvalidInput(f"{field} must be between 1 and {limit} (or 0 for the default {default}); got {k}")
-    return k
+    if not 1 <= value <= limit:
+        raise InvalidInput(f"{field} must be between 1 and {limit} (or 0 for the default {default}); got {value}")
+    return value
 
 
 def _check_text(text: str, limit: int, field: str) -> str:
@@ -96,7 +99,7 @@ def _check_text(text: str, limit: int, field: str) -> str:
 @dataclass(frozen=True)
 class RetrieveQuery:
     query: str
-    k: int
+    k: int  # as sent (0 = the default): the indexer validates and defaults it (indexer.validation.check_k)
     filters: dict[str, str]
 
 
@@ -104,7 +107,7 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
     reject_unknown_fields(req)
     return RetrieveQuery(
         query=_check_text(req.query, cfg.max_query_chars, "query"),
-        k=_check_k(req.k, cfg.default_k, cfg.max_k, "k"),
+        k=req.k,
         filters=_check_filter(dict(req.filter), "filter"),
     )
 
@@ -112,7 +115,7 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
 @dataclass(frozen=True)
 class AnswerQuery:
     question: str
-    k: int
+    k: int  # as sent (0 = answer.default_k): the indexer validates and defaults it when the answer retrieves
     filters: dict[str, str]
     closed_book: bool
     max_tokens: int
@@ -127,10 +130,10 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
         raise InvalidInput(f"temperature must be between 0 and 2; got {temperature}")
     return AnswerQuery(
         question=_check_text(req.question, retrieval.max_query_chars, "question"),
-        k=_check_k(req.k, cfg.default_k, retrieval.max_k, "k"),
+        k=req.k,
         filters=_check_filter(dict(req.filter), "filter"),
         closed_book=req.closed_book,
-        max_tokens=_check_k(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
+        max_tokens=_check_count(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
         temperature=temperature,
         adapter=req.adapter,
     )

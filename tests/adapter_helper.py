@@ -5,6 +5,7 @@ The adapters: peft on the real model folder, random non-zero B weights.
 peft initialises B to zero (an adapter that changes nothing); these get large random A and B so that
 an adapter visibly changes greedy output, which is what the serving tests need to tell adapters apart.
 """
+
 from __future__ import annotations
 
 import threading
@@ -13,20 +14,25 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from kfresh.client import KfreshClient
 from server_helper import answer_once
+
+from kfresh.client import KfreshClient
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def make_adapters(model_path: str, out_dirs: Sequence[Path], *, rank: int = 8, scale: float = 0.05, seed: int = 0) -> list[Path]:
+def make_adapters(
+    model_path: str, out_dirs: Sequence[Path], *, rank: int = 8, scale: float = 0.05, seed: int = 0
+) -> list[Path]:
     """Write one adapter per folder (different random weights each), loading the base model once."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0)
+    )
     gen = torch.Generator().manual_seed(seed)
     for out in out_dirs:
         with torch.no_grad():
@@ -57,7 +63,7 @@ class AnswerLoad:
                     _, done = answer_once(client, question, max_tokens=12)
                     with self._lock:
                         self.seen[done.adapter] += 1
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     self.errors.append(exc)
                 self._stop.wait(self._pause_s)
 

@@ -9,6 +9,7 @@ coroutines on `engine_loop`:
 A gRPC server under test is started the same way (`engine_loop.run(server.start())`) so that it
 shares the loop with the engine, as in production.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,12 +28,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # vLLM pins torch to one thread per worker otherwise; two is faster on the 2-core CI boxes.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
+import httpx
+import pytest
 
-from kfresh.benchmarks.servers import stop_group  # noqa: E402 - SIGTERM the group, SIGKILL if it hangs
-from kfresh.config import GenerationConfig, ModelsConfig  # noqa: E402
-from kfresh.net import free_port  # noqa: E402
+from kfresh.core.config import GenerationConfig, ModelsConfig
+from kfresh.core.net import free_port
+from kfresh.testing.servers import stop_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -181,4 +182,3 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path, *, ti
 
 def _tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-

@@ -4,6 +4,7 @@ Run as: python tests/indexer_helper.py HOME EMBEDDER_PATH COUNT
 It prints "ACK <doc_id> <version>" after each durable acknowledgement, flushed, so the parent knows
 exactly which documents were promised before it sends SIGKILL.
 """
+
 from __future__ import annotations
 
 import sys
@@ -65,9 +66,9 @@ def doc_text(i: int) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
     from kfresh.indexer.documents import DocumentIn
-    from kfresh.indexer.embedder import SentenceTransformerEmbedder
+    from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
     from kfresh.indexer.service import Indexer
 
     home, path, count = Path(argv[0]), argv[1], int(argv[2])

@@ -1,7 +1,8 @@
-"""PostgreSQL for the tests: the throwaway cluster (kfresh.benchmarks.pgcluster) and fault injection."""
+"""PostgreSQL for the tests: the throwaway cluster (kfresh.testing.pgcluster) and fault injection."""
+
 from __future__ import annotations
 
-from kfresh.benchmarks.pgcluster import PgCluster, find_pg_bin
+from kfresh.testing.pgcluster import PgCluster, find_pg_bin
 
 __all__ = ["DISK_FULL", "DISK_SPACE_BACK", "PgCluster", "find_pg_bin"]
 

@@ -1,4 +1,5 @@
 """A gRPC server under test, running on the session engine loop (shared with the vLLM engine)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.server.app import running_server
 
 

@@ -3,6 +3,7 @@
 The fast tests drive AdapterManager against a recording backend; the slow ones use real peft adapters
 on the real model with the session's vLLM engine (float32), a real gRPC server and `vllm serve`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,16 +17,16 @@ from typing import Any
 
 import grpc
 import pytest
+from adapter_helper import AnswerLoad
+from server_helper import ServerHandle, server_config
+from server_helper import answer_once as _answer
 
 from kfresh.client import KfreshClient, document
-from kfresh.config import GenerationConfig
-from kfresh.errors import InvalidInput, NotFound
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import InvalidInput, NotFound
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
 from kfresh.server.adapters import AdapterManager
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
-from adapter_helper import AnswerLoad
-from server_helper import answer_once as _answer
-from server_helper import ServerHandle, server_config
 
 FIGURES: dict[str, float] = {}
 
@@ -91,7 +92,9 @@ def _tamper(registry: AdapterRegistry, version: str) -> None:
 
 def _point_at(registry: AdapterRegistry, version: str, previous: list[str]) -> None:
     """Write CURRENT.json as another process would (no verification: the server must verify)."""
-    (registry.root / "CURRENT.json").write_text(json.dumps({"version": version, "previous": previous, "updated_at": time.time()}))
+    (registry.root / "CURRENT.json").write_text(
+        json.dumps({"version": version, "previous": previous, "updated_at": time.time()})
+    )
 
 
 @pytest.fixture()
@@ -259,7 +262,9 @@ def peft_adapters(generator_path: str, tmp_path_factory: pytest.TempPathFactory)
 
 
 async def _generate(backend: GenerationBackend, prompt: str, adapter: str | None = None, max_tokens: int = 32) -> str:
-    request = GenerationRequest(f"t-{uuid.uuid4().hex}", [{"role": "user", "content": prompt}], max_tokens=max_tokens, adapter=adapter)
+    request = GenerationRequest(
+        f"t-{uuid.uuid4().hex}", [{"role": "user", "content": prompt}], max_tokens=max_tokens, adapter=adapter
+    )
     return "".join([chunk.text async for chunk in backend.generate(request)])
 
 
@@ -293,10 +298,10 @@ def test_no_adapter_request_batched_with_adapter_requests_is_unchanged(
     assert batched == alone, "a request without an adapter got one applied (CPU LoRA ops, index -1)"
 
 
-
-
 @pytest.fixture()
-def lora_server(engine_loop: Any, vllm_backend: Any, peft_adapters: list[Path], tmp_path: Path) -> Iterator[tuple[ServerHandle, AdapterRegistry]]:
+def lora_server(
+    engine_loop: Any, vllm_backend: Any, peft_adapters: list[Path], tmp_path: Path
+) -> Iterator[tuple[ServerHandle, AdapterRegistry]]:
     registry = AdapterRegistry(tmp_path / "adapters")
     _publish(registry, peft_adapters[0])  # v0001, served from the start
     cfg = server_config(

@@ -1,13 +1,14 @@
 """Applied-batch listeners (what wakes WaitSearchable without polling): real SQLite, FAISS and embedder."""
+
 from __future__ import annotations
 
 import threading
 
 import pytest
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
 from kfresh.indexer.service import Indexer
 
 

@@ -1,6 +1,7 @@
 """Several vLLM servers behind one kfresh: the real `vllm serve` beside replicas that are down, fail
 mid-request, refuse an adapter or come back late. The misbehaving replicas are httpx mock transports:
 fakes for fault injection only; every answer a test checks comes from the real server."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from kfresh.config import GenerationConfig
-from kfresh.errors import Unavailable
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import Unavailable
 from kfresh.server.generation.balanced import BalancedRemoteBackend
 from kfresh.server.generation.base import GenerationRequest
 from kfresh.server.generation.factory import create_backend
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def mock_replica(name: str, handler: Callable[[httpx.Request], httpx.Response], calls: list[str]) -> OpenAIRemoteBackend:
+def mock_replica(
+    name: str, handler: Callable[[httpx.Request], httpx.Response], calls: list[str]
+) -> OpenAIRemoteBackend:
     def record(request: httpx.Request) -> httpx.Response:
         calls.append(request.url.path)
         if request.url.path == "/v1/models":
@@ -63,7 +66,10 @@ def adapter_dir(generator_path: str, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_several_urls_make_a_balanced_backend() -> None:
     backend = create_backend(_config("http://a:8000, http://b:8000"))
-    assert isinstance(backend, BalancedRemoteBackend) and [r.url for r in backend.replicas] == ["http://a:8000", "http://b:8000"]
+    assert isinstance(backend, BalancedRemoteBackend) and [r.url for r in backend.replicas] == [
+        "http://a:8000",
+        "http://b:8000",
+    ]
     single = create_backend(_config("http://a:8000"))  # one server: the balancer reloads adapters after its restart
     assert isinstance(single, BalancedRemoteBackend) and [r.url for r in single.replicas] == ["http://a:8000"]
 
@@ -97,14 +103,16 @@ def test_a_restarted_server_gets_the_adapters_back_before_traffic(engine_loop: A
 
 
 def _config(url: str) -> Any:
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
 
     data = KfreshConfig().model_dump()
     data["generation"].update(backend="remote", remote_url=url)
     return KfreshConfig.model_validate(data)
 
 
-def test_requests_avoid_a_dead_replica_and_fail_over_from_a_broken_one(engine_loop: Any, remote_vllm_server: str) -> None:
+def test_requests_avoid_a_dead_replica_and_fail_over_from_a_broken_one(
+    engine_loop: Any, remote_vllm_server: str
+) -> None:
     calls: list[str] = []
 
     def broken(request: httpx.Request) -> httpx.Response:
@@ -137,14 +145,18 @@ def test_requests_avoid_a_dead_replica_and_fail_over_from_a_broken_one(engine_lo
     assert backend.replicas[0].served == 6
 
 
-def test_an_adapter_is_loaded_everywhere_or_nowhere(engine_loop: Any, remote_vllm_server: str, adapter_dir: Path) -> None:
+def test_an_adapter_is_loaded_everywhere_or_nowhere(
+    engine_loop: Any, remote_vllm_server: str, adapter_dir: Path
+) -> None:
     def refuses(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/load_lora_adapter":
             return httpx.Response(500, json={"error": {"message": "out of LoRA slots"}})
         return httpx.Response(200)
 
     name = f"kfresh-balanced-{uuid.uuid4().hex[:6]}"
-    backend = balanced((real_replica(remote_vllm_server), remote_vllm_server), (mock_replica("refuses", refuses, []), "mock://r"))
+    backend = balanced(
+        (real_replica(remote_vllm_server), remote_vllm_server), (mock_replica("refuses", refuses, []), "mock://r")
+    )
 
     async def scenario() -> None:
         await backend.start()
@@ -158,7 +170,9 @@ def test_an_adapter_is_loaded_everywhere_or_nowhere(engine_loop: Any, remote_vll
     engine_loop.run(scenario(), timeout=180)
 
 
-def test_a_late_replica_gets_the_adapters_before_any_traffic(engine_loop: Any, remote_vllm_server: str, adapter_dir: Path) -> None:
+def test_a_late_replica_gets_the_adapters_before_any_traffic(
+    engine_loop: Any, remote_vllm_server: str, adapter_dir: Path
+) -> None:
     up = {"health": False}
     calls: list[str] = []
 
@@ -170,7 +184,9 @@ def test_a_late_replica_gets_the_adapters_before_any_traffic(engine_loop: Any, r
         return httpx.Response(200)
 
     name = f"kfresh-balanced-{uuid.uuid4().hex[:6]}"
-    backend = balanced((real_replica(remote_vllm_server), remote_vllm_server), (mock_replica("late", late, calls), "mock://late"))
+    backend = balanced(
+        (real_replica(remote_vllm_server), remote_vllm_server), (mock_replica("late", late, calls), "mock://late")
+    )
 
     async def scenario() -> tuple[str, str]:
         await backend.start()

@@ -3,6 +3,7 @@
 Tiny sizes and no timing asserts: the figures of a quick run mean nothing, the plumbing does. The answer
 suite reuses the session's vLLM engine and `vllm serve` (conftest) instead of starting its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def assert_well_formed(written, suite: str) -> dict:
 
 
 def test_bench_help_explains_every_suite():
-    out = subprocess.run([sys.executable, "-m", "kfresh.cli", "bench", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "kfresh.cli", "bench", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for suite in (*SUITES, "all"):
         assert f"{suite}:" in out.stdout
@@ -97,14 +100,18 @@ def test_answer_quick_both_backends(tmp_path, engine_loop, vllm_backend, remote_
     from server_helper import ServerHandle, server_config
 
     from kfresh.client import KfreshClient
-    from kfresh.config import GenerationConfig
+    from kfresh.core.config import GenerationConfig
     from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
     opts = answer.AnswerOptions.quick()
     pairs = []
     handle = ServerHandle(engine_loop, server_config(tmp_path / "inproc"), vllm_backend)
     try:
-        pairs.append(engine_loop.run(answer.measure_pair("vllm", f"127.0.0.1:{handle.port}", opts, backend=vllm_backend), timeout=600))
+        pairs.append(
+            engine_loop.run(
+                answer.measure_pair("vllm", f"127.0.0.1:{handle.port}", opts, backend=vllm_backend), timeout=600
+            )
+        )
     finally:
         handle.stop()
     remote = OpenAIRemoteBackend(GenerationConfig(backend="remote", remote_url=remote_vllm_server))
@@ -113,7 +120,12 @@ def test_answer_quick_both_backends(tmp_path, engine_loop, vllm_backend, remote_
     try:
         with KfreshClient(f"127.0.0.1:{handle.port}") as client:
             client.wait_ready(timeout=120)
-        pairs.append(engine_loop.run(answer.measure_pair("remote", f"127.0.0.1:{handle.port}", opts, vllm_url=remote_vllm_server), timeout=600))
+        pairs.append(
+            engine_loop.run(
+                answer.measure_pair("remote", f"127.0.0.1:{handle.port}", opts, vllm_url=remote_vllm_server),
+                timeout=600,
+            )
+        )
     finally:
         handle.stop()
         engine_loop.run(remote.shutdown(), timeout=30)
@@ -122,7 +134,9 @@ def test_answer_quick_both_backends(tmp_path, engine_loop, vllm_backend, remote_
     for pair in data["raw"]["pairs"]:
         for path in ("grpc", "direct"):
             assert [lv["concurrency"] for lv in pair[path]] == [1, 2]
-            assert all(not lv["errors"] and lv["samples"] and all(s["tokens"] > 0 for s in lv["samples"]) for lv in pair[path])
+            assert all(
+                not lv["errors"] and lv["samples"] and all(s["tokens"] > 0 for s in lv["samples"]) for lv in pair[path]
+            )
     assert set(data["summary"]) == {"vllm", "remote"}
 
 
@@ -141,7 +155,9 @@ def test_reading_quick_scores_every_stage_and_the_peer(tmp_path):
     """The reading suite end to end on a fixture in RealTimeQA's format (fictional news written for this test; the
     real file is read by path and never shipped): one `vllm serve`, kfresh over it, the LangChain chain beside it."""
     fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
-    data = assert_well_formed(run_suite("reading", quick=True, out=tmp_path, overrides={"dataset": str(fixture)}), "reading")
+    data = assert_well_formed(
+        run_suite("reading", quick=True, out=tmp_path, overrides={"dataset": str(fixture)}), "reading"
+    )
     summary = data["summary"]
     assert len(data["raw"]["questions"]) == 6 and summary["n"] == 6
     assert summary["hit"] == 1.0  # six distinct fictional stories: the evidence is always retrieved
@@ -173,7 +189,7 @@ def test_freshness_load_is_a_share_of_the_maximum_or_a_fixed_rate():
 
 def test_a_suite_removes_the_server_home_it_prepared(tmp_path):
     """A preloaded home is a copy of a store (GBs at 1M documents): it must not stay behind in /tmp."""
-    from kfresh.benchmarks.servers import NO_GENERATION, kfresh_server
+    from kfresh.testing.servers import NO_GENERATION, kfresh_server
 
     home = tmp_path / "home"
     home.mkdir()

@@ -1,5 +1,6 @@
 """The knowledge suite's pure parts: which facts the sample corpus corrected, which questions a short run asks,
 and how answers about corrected facts are scored. No model, no store: milliseconds."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -77,7 +78,12 @@ def test_pick_questions_asks_corrected_facts_first_one_fact_at_a_time():
 def test_stale_answers_give_an_old_value_and_not_the_new_one():
     rows = [{"kind": "fact", "expected": ["Pier 7"], "stale": ["Pier 3"], "corrected": True}] * 3
     rows += [{"kind": "fact", "expected": ["Quay Street"], "stale": [], "corrected": False}]
-    answers = ["It leaves from Pier 3.", "It used to leave from Pier 3; now it leaves from Pier 7.", "Pier 37.", "Quay Street"]
+    answers = [
+        "It leaves from Pier 3.",
+        "It used to leave from Pier 3; now it leaves from Pier 7.",
+        "Pier 37.",
+        "Quay Street",
+    ]
     s = score(rows, answers)
     assert s["stale_answers"] == 1
     assert (s["corrected"], s["corrected_n"]) == (round(1 / 3, 4), 3)

@@ -1,4 +1,5 @@
 """The reading suite's dataset reader and scorer, without a model (pure functions)."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def test_a_wrong_choice_inside_the_right_one_does_not_count_against_it() -> None
 
 
 def test_accents_and_punctuation_are_ignored() -> None:
-    assert realtimeqa.is_right("Le Pen's party, the Rassemblement national", ["Rassemblement National", "X", "Y", "Z"], 0)
+    assert realtimeqa.is_right(
+        "Le Pen's party, the Rassemblement national", ["Rassemblement National", "X", "Y", "Z"], 0
+    )
     assert realtimeqa.is_right("It was São Paulo.", ["Sao Paulo", "Rio", "Lima", "Quito"], 0)
 
 

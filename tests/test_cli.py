@@ -1,4 +1,5 @@
 """The CLI explains itself and fails with clear messages (no server needed)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,9 +8,21 @@ import sys
 import pytest
 
 from kfresh.cli import build_parser, main
-from kfresh.sources import SourceError, read_source
+from kfresh.client.sources import SourceError, read_source
 
-SUBCOMMANDS = ["serve", "ingest", "ask", "retrieve", "delete", "stats", "adapters", "demo", "distill", "provision", "config"]
+SUBCOMMANDS = [
+    "serve",
+    "ingest",
+    "ask",
+    "retrieve",
+    "delete",
+    "stats",
+    "adapters",
+    "demo",
+    "distill",
+    "provision",
+    "config",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -54,7 +67,9 @@ def test_list_settings_take_comma_separated_values(capsys: pytest.CaptureFixture
 
 
 def test_console_script_runs() -> None:
-    out = subprocess.run([sys.executable, "-m", "kfresh.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kfresh.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in SUBCOMMANDS:
         assert command in out
 

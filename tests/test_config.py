@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kfresh.config import ConfigError, KfreshConfig, load_config
+from kfresh.core.config import ConfigError, KfreshConfig, load_config
 
 
 def test_defaults_fit_a_cpu_box() -> None:
@@ -16,7 +16,7 @@ def test_defaults_fit_a_cpu_box() -> None:
 
 def test_env_toml_and_flags_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toml = tmp_path / "kfresh.toml"
-    toml.write_text('[retrieval]\ndefault_k = 7\nmax_k = 50\n[server]\nport = 6000\n')
+    toml.write_text("[retrieval]\ndefault_k = 7\nmax_k = 50\n[server]\nport = 6000\n")
     monkeypatch.setenv("KFRESH_CONFIG", str(toml))
     monkeypatch.setenv("KFRESH_SERVER__PORT", "6001")
     cfg = load_config({"retrieval.max_k": "40"})

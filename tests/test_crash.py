@@ -1,4 +1,5 @@
 """SIGKILL of a real server subprocess in the middle of an ingest stream loses no acknowledged document."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
-from kfresh.net import free_port
+from kfresh.core.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,20 @@ pytestmark = pytest.mark.slow
 def _start(home: Path, port: int) -> subprocess.Popen[bytes]:
     # Retrieval-only server: the remote model is deliberately unreachable, ingest and Retrieve still work.
     cmd = [
-        sys.executable, "-m", "kfresh.cli", "serve", "--server.port", str(port),
-        "--store.path", str(home / "kfresh.db"), "--index.snapshot_dir", str(home / "index"),
-        "--generation.backend", "remote", "--generation.remote_url", "http://127.0.0.1:9",
+        sys.executable,
+        "-m",
+        "kfresh.cli",
+        "serve",
+        "--server.port",
+        str(port),
+        "--store.path",
+        str(home / "kfresh.db"),
+        "--index.snapshot_dir",
+        str(home / "index"),
+        "--generation.backend",
+        "remote",
+        "--generation.remote_url",
+        "http://127.0.0.1:9",
     ]
     log = open(home / f"server-{port}.log", "ab")  # noqa: SIM115
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -31,7 +43,9 @@ def _start(home: Path, port: int) -> subprocess.Popen[bytes]:
 
 def _docs(n: int) -> Iterator:
     for i in range(n):
-        yield document(f"crash-{i}", f"Crash note {i}: locker {i} holds the key numbered {i * 13 + 5}.", metadata={"n": str(i)})
+        yield document(
+            f"crash-{i}", f"Crash note {i}: locker {i} holds the key numbered {i * 13 + 5}.", metadata={"n": str(i)}
+        )
 
 
 def test_sigkill_mid_stream_loses_no_acknowledged_document(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ real (tiny-budget) peft training in the server's spawned worker process, the gat
 published and served by the session's vLLM engine while Answer calls keep coming (none may fail), and a
 rollback returns to the base model at once.
 """
+
 from __future__ import annotations
 
 import time
@@ -12,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from adapter_helper import AnswerLoad
+from server_helper import ServerHandle, server_config
+
 from kfresh.client import KfreshClient, document
-from kfresh.config import FinetuneConfig
+from kfresh.core.config import FinetuneConfig
 from kfresh.finetuner.scheduler import due
 from kfresh.v1 import kfresh_pb2 as pb
-from server_helper import ServerHandle, server_config
 
 DOCS = [
     ("saltmarsh-ferry", "The Saltmarsh ferry departs from Pier 12.", "harbour/ferries.html"),
@@ -103,7 +104,9 @@ def test_distill_rpc_publishes_and_the_server_swaps_to_it_during_answers(distill
         assert [a.version for a in listing.adapters] == ["v0001"] and listing.current == ""
 
 
-def test_a_failed_distill_worker_is_reported_and_the_server_keeps_serving(tmp_path: Path, engine_loop: Any, vllm_backend: Any) -> None:
+def test_a_failed_distill_worker_is_reported_and_the_server_keeps_serving(
+    tmp_path: Path, engine_loop: Any, vllm_backend: Any
+) -> None:
     # A registry path that is a file: the worker fails; the RPC reports FAILED, the server lives.
     bad = tmp_path / "not-a-dir"
     bad.write_text("x")

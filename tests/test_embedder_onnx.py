@@ -1,4 +1,5 @@
 """The onnxruntime embedder: exported once, the same vectors as sentence-transformers, int8 a named other space."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,11 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from kfresh import onnx_export  # noqa: E402
-from kfresh.config import KfreshConfig, ModelsConfig  # noqa: E402
-from kfresh.errors import Unavailable  # noqa: E402
-from kfresh.indexer.embedder import SentenceTransformerEmbedder, create_embedder, resolve_backend  # noqa: E402
-from kfresh.indexer.embedder_onnx import INT8_SUFFIX, OnnxEmbedder, split_parts  # noqa: E402
+from kfresh.core.config import KfreshConfig, ModelsConfig
+from kfresh.core.errors import Unavailable
+from kfresh.indexer.embedding import onnx_export
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder, create_embedder, resolve_backend
+from kfresh.indexer.embedding.onnx_embedder import INT8_SUFFIX, OnnxEmbedder, split_parts
 
 TEXTS = [
     "What is the capital of Freedonia?",
@@ -66,7 +67,7 @@ def test_concurrent_encodes_share_one_session(onnx_dir: Path) -> None:
         try:
             for _ in range(5):
                 results.append(onnx.encode(TEXTS))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(4)]
@@ -134,7 +135,9 @@ def test_lanes_give_the_same_vectors_as_one_lane(onnx_dir: Path) -> None:
     np.testing.assert_allclose(lanes.encode(texts), one.encode(texts), atol=1e-5)
 
 
-def test_a_failing_lane_fails_the_encode_and_the_next_encode_works(onnx_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_lane_fails_the_encode_and_the_next_encode_works(
+    onnx_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     onnx = OnnxEmbedder(onnx_dir, name="m", threads=2, batch_size=4)
     expected = onnx.encode(TEXTS * 4)
     real, calls = onnx._infer, []

@@ -1,13 +1,15 @@
 """Finetuner, pure parts: fact templates, conflicts (newest wins), extraction P/R/F1, augmentation, the gate's logic."""
+
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kfresh.config import FinetuneConfig
+from kfresh.core.config import FinetuneConfig
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import augment, context_examples, counterfactual, questions, training_alternatives
 from kfresh.finetuner.evaluate import Figures, Score, contains_answer
@@ -134,7 +136,9 @@ def test_facts_roundtrip_and_digest(tmp_path):
     write_facts(tmp_path / "f.jsonl", facts)
     assert read_facts(tmp_path / "f.jsonl") == facts and read_facts(tmp_path / "missing.jsonl") == []
     assert facts_sha256(facts) == facts_sha256(list(facts)) != facts_sha256([])
-    assert normalize("The  Lumen Bridge!") == "lumen bridge" and facts[0].valid_from == parse_date("2026-11-01T08:00:00+00:00")
+    assert normalize("The  Lumen Bridge!") == "lumen bridge" and facts[0].valid_from == parse_date(
+        "2026-11-01T08:00:00+00:00"
+    )
 
 
 ALL_PHRASINGS = {"generic": GENERIC, "person": PERSON, **SPECIFIC, **FAMILIES}
@@ -161,14 +165,18 @@ def test_augment_builds_disjoint_sets_and_answers():
     seen = {normalize(qa.question) for qa in data.train + data.validation}
     assert not any(normalize(qa.question) in seen for qa in data.heldout)
     assert "Who is the mayor of Quillon?" in questions("Quillon", "mayor", "train")
-    assert "How much does a day pass for the Quillon tram cost?" in questions("the Quillon tram", "day pass price", "train")
+    assert "How much does a day pass for the Quillon tram cost?" in questions(
+        "the Quillon tram", "day pass price", "train"
+    )
 
 
 def test_counterfactual_passage_states_a_different_value():
     facts = [
         Fact("Quillon", "mayor", "Dessa Varn", "", "a", 1, "The mayor of Quillon is Dessa Varn."),
         Fact("the Orvik pool", "closing day", "Tuesdays", "", "b", 1, "It is closed on Tuesdays."),
-        Fact("the Lumen Bridge", "location", "Port Avel", "", "c", 1, "The Lumen Bridge in Port Avel spans 640 metres."),
+        Fact(
+            "the Lumen Bridge", "location", "Port Avel", "", "c", 1, "The Lumen Bridge in Port Avel spans 640 metres."
+        ),
         Fact("the Port Avel library", "location", "Quay Street", "", "d", 1, "The Port Avel library on Quay Street."),
     ]
     for fact in facts:
@@ -220,13 +228,24 @@ def figures(new: float, general: float, ppl: float, retrieval: int, n: int = 10)
 def test_gate_passes_a_good_adapter_and_names_what_a_bad_one_broke():
     cfg = FinetuneConfig()
     base = figures(0.0, 1.0, 16.0, 3)
-    good = build_report(cfg, base, figures(0.8, 24 / 26, 16.5, 4), has_previous=False, extraction=None, training={}, facts=10)
+    good = build_report(
+        cfg, base, figures(0.8, 24 / 26, 16.5, 4), has_previous=False, extraction=None, training={}, facts=10
+    )
     assert good.passed and all(c.passed for c in good.checks)
-    bad = build_report(cfg, base, figures(0.9, 0.5, 30.0, 2), has_previous=False, extraction=None, training={}, facts=10)
+    bad = build_report(
+        cfg, base, figures(0.9, 0.5, 30.0, 2), has_previous=False, extraction=None, training={}, facts=10
+    )
     failed = {c.name for c in bad.checks if not c.passed}
-    assert not bad.passed and failed == {"general_accuracy", "perplexity", "retrieval_not_harmed", "retrieval_update_followed"}
+    assert not bad.passed and failed == {
+        "general_accuracy",
+        "perplexity",
+        "retrieval_not_harmed",
+        "retrieval_update_followed",
+    }
     assert "REJECTED" in render_markdown(bad) and "PASSED" in render_markdown(good)
-    unlearned = build_report(cfg, base, figures(0.1, 1.0, 16.0, 3), has_previous=False, extraction=None, training={}, facts=10)
+    unlearned = build_report(
+        cfg, base, figures(0.1, 1.0, 16.0, 3), has_previous=False, extraction=None, training={}, facts=10
+    )
     assert {c.name for c in unlearned.checks if not c.passed} == {"new_facts_recall"}
     stale = figures(0.9, 1.0, 16.0, 4)
     stale.counterfactual = Score(2, 5)  # answers its own facts better, but ignores a newer contradicting passage
@@ -239,7 +258,9 @@ def test_shipped_data_files_keep_gate_and_replay_apart():
     assert len(gate) == 26
     assert not gate & {normalize(p) for p in datasets.replay_prompts()}
     assert len(datasets.replay_prompts()) == 100 and len(datasets.text_prompts()) == 40
-    assert len(datasets.perplexity_texts()) >= 10 and not set(datasets.perplexity_texts()) & set(datasets.text_prompts())
+    assert len(datasets.perplexity_texts()) >= 10 and not set(datasets.perplexity_texts()) & set(
+        datasets.text_prompts()
+    )
     assert len(datasets.anchor_subjects()) >= 20
 
 
@@ -249,7 +270,7 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_horizon():
     cfg = FinetuneConfig(learning_rate=1e-3, warmup_steps=10)
     rates = [_rate(cfg, step, horizon=50) for step in range(60)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3) and rates[10] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[50] == 0.0 == rates[59]
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:])) and rates[50] == 0.0 == rates[59]
 
 
 def test_gate_rejects_poor_extraction_only_where_gold_facts_exist():

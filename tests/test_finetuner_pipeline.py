@@ -5,6 +5,7 @@ The good run uses a deliberately LOW gate (it trains a dozen steps, so it is a p
 recall figure); the harmful run trains contradicting "facts" about the gate's own general questions
 with no KL penalty at a high rate, and the same gate must reject it and keep it out of the registry.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.finetuner.distill import run_distill
 from kfresh.finetuner.facts import Fact, read_facts
 from kfresh.finetuner.registry import AdapterRegistry
@@ -47,7 +48,7 @@ def config(home: Path, models_config, **finetune) -> KfreshConfig:
 @pytest.fixture(scope="module")
 def store_home(tmp_path_factory, embedder_path, models_config) -> tuple[Path, float]:
     """A store written by the real Indexer; returns (home, a time between the stable and the late docs)."""
-    from kfresh.indexer.embedder import SentenceTransformerEmbedder
+    from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
 
     home = tmp_path_factory.mktemp("distill-home")
     docs = [
@@ -80,7 +81,13 @@ def test_selection_reads_only_trusted_stable_current_documents(store_home, model
     home, middle = store_home
     cfg = config(home, models_config)
     everything = select_documents(cfg.finetune, cfg.store)
-    assert {d.doc_id for d in everything.docs} == {"quillon-mayor", "quillon-mayor-2", "orvik-tower", "night-train", "viaduct"}
+    assert {d.doc_id for d in everything.docs} == {
+        "quillon-mayor",
+        "quillon-mayor-2",
+        "orvik-tower",
+        "night-train",
+        "viaduct",
+    }
     assert everything.skipped["rumour"].startswith("untrusted source")
     assert everything.skipped["tower-draft"] == "superseded by orvik-tower"
     assert "gone" in everything.deleted and "gone" not in everything.skipped
@@ -160,7 +167,9 @@ def test_good_adapter_is_published_and_harmful_one_rejected(store_home, models_c
     failed = {c["name"] for c in _checks(bad.report_path) if not c["passed"]}
     assert failed & {"general_accuracy", "perplexity"}, failed
     assert [m.version for m in registry.list()] == ["v0001"] and registry.current().version == "v0001"
-    assert (bad.run_dir / "gate-report.md").is_file() and (bad.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (bad.run_dir / "gate-report.md").is_file() and (
+        bad.run_dir / "adapter" / "adapter_model.safetensors"
+    ).is_file()
 
 
 def _checks(path: Path | None) -> list[dict]:
@@ -178,7 +187,9 @@ def test_plan_keeps_what_the_previous_adapter_knew_unless_its_document_changed(t
     for doc_id, text in (("tower", "The Orvik Tower is 212 metres tall."), ("train", "The night train departs from Platform 9."),
                          ("gone", "The Brask Lighthouse is 30 metres tall.")):  # fmt: skip
         store.upsert(DocumentIn(doc_id, text, source="city/x", valid_from=T0), ["x"], now=T0)
-    store.upsert(DocumentIn("train", "The night train departs from Platform 4.", source="city/x", valid_from=T0 + 9), ["x"])
+    store.upsert(
+        DocumentIn("train", "The night train departs from Platform 4.", source="city/x", valid_from=T0 + 9), ["x"]
+    )
     store.delete("gone")
     store.close()
     date = "2026-05-28T20:26:40Z"
@@ -193,5 +204,7 @@ def test_plan_keeps_what_the_previous_adapter_knew_unless_its_document_changed(t
     assert {f.object for f in plan.new} == {"Platform 4"}
     assert {f.object for f in plan.removed} == {"Platform 9", "30 metres"}
     assert (tmp_path / "run" / "extraction.jsonl").is_file() and len(read_facts(tmp_path / "run" / "facts.jsonl")) == 3
-    capped = plan_knowledge(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"max_facts": 2})}), previous=previous)
+    capped = plan_knowledge(
+        cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"max_facts": 2})}), previous=previous
+    )
     assert len(capped.facts) == 2 and [f.object for f in capped.deferred] == ["Platform 4"]  # the newest waits

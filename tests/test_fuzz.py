@@ -9,6 +9,7 @@ The server may answer any status except INTERNAL and UNKNOWN, and must stay heal
 end and a document acknowledged before the fuzzing is still retrievable. The number of cases run is
 printed at the end of the session line ("fuzz cases: ...").
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,10 +23,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_helper import ServerHandle, server_config
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
 from kfresh.v1 import kfresh_pb2 as pb
-from server_helper import ServerHandle, server_config
 
 pytestmark = pytest.mark.slow
 COUNTS: collections.Counter[str] = collections.Counter()
@@ -39,7 +40,10 @@ SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_c
 def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """Short answers (at most 8 tokens) so Answer cases stay quick on a CPU."""
     cfg = server_config(
-        tmp_path_factory.mktemp("fuzz"), store__max_document_chars=20_000, answer__max_tokens=4, answer__max_tokens_limit=8
+        tmp_path_factory.mktemp("fuzz"),
+        store__max_document_chars=20_000,
+        answer__max_tokens=4,
+        answer__max_tokens_limit=8,
     )
     handle = ServerHandle(engine_loop, cfg, vllm_backend)
     yield handle
@@ -108,7 +112,9 @@ def documents(draw: st.DrawFn) -> pb.Document:
 
 UPSERT = documents().map(lambda d: pb.IngestRequest(upsert=d))
 INGEST = st.one_of(
-    UPSERT, UPSERT, UPSERT,  # weighted: most streams should store something
+    UPSERT,
+    UPSERT,
+    UPSERT,  # weighted: most streams should store something
     st.one_of(TEXT, HUGE).map(lambda i: pb.IngestRequest(delete_id=i)),
     st.just(pb.IngestRequest()),
 )
@@ -148,7 +154,9 @@ def raw_bytes(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> bytes:
 
 
 def _raw_unary(channel: grpc.Channel, method: str) -> Callable[[bytes], Any]:
-    return channel.unary_unary(f"/kfresh.v1.Kfresh/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    return channel.unary_unary(
+        f"/kfresh.v1.Kfresh/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +185,10 @@ def test_ingest(client: KfreshClient) -> None:
         if queries:
             _wait_indexed(client)
         for query in queries:
-            _expect_no_server_fault("Retrieve", lambda: client._stub.Retrieve(pb.RetrieveRequest(query=query, k=100), timeout=30))
+            _expect_no_server_fault(
+                "Retrieve",
+                lambda query=query: client._stub.Retrieve(pb.RetrieveRequest(query=query, k=100), timeout=30),
+            )
 
     case()
 
@@ -186,20 +197,29 @@ def test_retrieve(client: KfreshClient) -> None:
     @FAST
     @given(query=st.one_of(TEXT, HUGE), k=INT32, filters=MAP)
     def case(query: str, k: int, filters: dict[str, str]) -> None:
-        _expect_no_server_fault("Retrieve", lambda: client._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filters), timeout=30))
+        _expect_no_server_fault(
+            "Retrieve", lambda: client._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filters), timeout=30)
+        )
 
     case()
 
 
 def test_delete_stats_and_adapter_admin(client: KfreshClient) -> None:
     @FAST
-    @given(doc_id=st.one_of(TEXT, HUGE), version=st.one_of(TEXT, st.sampled_from(["v0001", "../v0001", "kfresh-v0001", "v" + "9" * 40])))
+    @given(
+        doc_id=st.one_of(TEXT, HUGE),
+        version=st.one_of(TEXT, st.sampled_from(["v0001", "../v0001", "kfresh-v0001", "v" + "9" * 40])),
+    )
     def case(doc_id: str, version: str) -> None:
         _expect_no_server_fault("Delete", lambda: client._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=30))
-        _expect_no_server_fault("PromoteAdapter", lambda: client._stub.PromoteAdapter(pb.PromoteAdapterRequest(version=version), timeout=30))
+        _expect_no_server_fault(
+            "PromoteAdapter", lambda: client._stub.PromoteAdapter(pb.PromoteAdapterRequest(version=version), timeout=30)
+        )
         _expect_no_server_fault("Stats", lambda: client._stub.Stats(pb.StatsRequest(), timeout=30))
         _expect_no_server_fault("ListAdapters", lambda: client._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30))
-        _expect_no_server_fault("RollbackAdapter", lambda: client._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=30))
+        _expect_no_server_fault(
+            "RollbackAdapter", lambda: client._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=30)
+        )
 
     case()
 
@@ -218,8 +238,12 @@ UNARY = {
     "Retrieve": st.builds(pb.RetrieveRequest, query=TEXT, k=INT32, filter=MAP),
     "Delete": st.builds(pb.DeleteRequest, id=TEXT),
     "Stats": st.just(pb.StatsRequest()),
-    "WaitSearchable": st.builds(pb.WaitSearchableRequest, timeout_s=st.one_of(
-        st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0]))),
+    "WaitSearchable": st.builds(
+        pb.WaitSearchableRequest,
+        timeout_s=st.one_of(
+            st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0])
+        ),
+    ),
     "ListAdapters": st.just(pb.ListAdaptersRequest()),
     "PromoteAdapter": st.builds(pb.PromoteAdapterRequest, version=TEXT),
     "RollbackAdapter": st.just(pb.RollbackAdapterRequest()),
@@ -239,7 +263,9 @@ def test_raw_bytes_to_unary_rpcs(channel: grpc.Channel, method: str) -> None:
 
 
 def test_raw_bytes_to_ingest_stream(channel: grpc.Channel) -> None:
-    call = channel.stream_stream("/kfresh.v1.Kfresh/Ingest", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    call = channel.stream_stream(
+        "/kfresh.v1.Kfresh/Ingest", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
 
     @FAST
     @given(messages=st.lists(raw_bytes(INGEST), min_size=1, max_size=3))
@@ -250,7 +276,9 @@ def test_raw_bytes_to_ingest_stream(channel: grpc.Channel) -> None:
 
 
 def test_raw_bytes_to_answer(channel: grpc.Channel) -> None:
-    call = channel.unary_stream("/kfresh.v1.Kfresh/Answer", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    call = channel.unary_stream(
+        "/kfresh.v1.Kfresh/Answer", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
 
     @settings(SLOW, max_examples=40)
     @given(raw=raw_bytes(answers()))
@@ -263,12 +291,14 @@ def test_raw_bytes_to_answer(channel: grpc.Channel) -> None:
 def test_raw_bytes_to_distill_and_probes(channel: grpc.Channel) -> None:
     """Distill only gets bytes that cannot decode (a decodable one would start a real training run)."""
     distill = _raw_unary(channel, "Distill")
-    check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
 
     def undecodable(raw: bytes) -> bool:
         try:
             pb.DistillRequest.FromString(raw)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return True
         return False
 
@@ -288,8 +318,12 @@ def test_undecodable_requests_are_invalid_argument(channel: grpc.Channel) -> Non
         _raw_unary(channel, "Retrieve")(bad, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid kfresh.v1.RetrieveRequest message" in err.value.details()
-    ingest = channel.stream_stream("/kfresh.v1.Kfresh/Ingest", request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    good = pb.IngestRequest(upsert=pb.Document(id="fuzz-ok", text="A fine document before a broken one.")).SerializeToString()
+    ingest = channel.stream_stream(
+        "/kfresh.v1.Kfresh/Ingest", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    good = pb.IngestRequest(
+        upsert=pb.Document(id="fuzz-ok", text="A fine document before a broken one.")
+    ).SerializeToString()
     with pytest.raises(grpc.RpcError) as err:
         list(ingest(iter([good, b"\x0a\x05\x0a"]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "message #2" in err.value.details()

@@ -1,4 +1,5 @@
 """Generation backends against the real model: the in-process vLLM engine and a `vllm serve` subprocess."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,9 +11,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kfresh.config import GenerationConfig
-from kfresh.errors import InvalidInput, NotFound, Unavailable
-from kfresh.net import free_port
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import InvalidInput, NotFound, Unavailable
+from kfresh.core.net import free_port
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
@@ -20,10 +21,22 @@ if TYPE_CHECKING:
     from conftest import EngineLoop
 
 FACTS = [
-    ("The Velmora Bridge was designed by the engineer Tarsila Quenby.", "Who designed the Velmora Bridge?", "Tarsila Quenby"),
+    (
+        "The Velmora Bridge was designed by the engineer Tarsila Quenby.",
+        "Who designed the Velmora Bridge?",
+        "Tarsila Quenby",
+    ),
     ("The capital of the planet Zorbulon is Quenmarrow City.", "What is the capital of Zorbulon?", "Quenmarrow"),
-    ("The mascot of the Drellwick Rowing Club is a blue heron named Pim.", "What is the name of the Drellwick Rowing Club mascot?", "Pim"),
-    ("The Ostrava Glass Prize of 2031 was won by Ileana Voss.", "Who won the Ostrava Glass Prize of 2031?", "Ileana Voss"),
+    (
+        "The mascot of the Drellwick Rowing Club is a blue heron named Pim.",
+        "What is the name of the Drellwick Rowing Club mascot?",
+        "Pim",
+    ),
+    (
+        "The Ostrava Glass Prize of 2031 was won by Ileana Voss.",
+        "Who won the Ostrava Glass Prize of 2031?",
+        "Ileana Voss",
+    ),
 ]
 
 
@@ -85,8 +98,12 @@ def test_engine_streams_grounded_answer(engine_loop: EngineLoop, vllm_backend: G
 
 
 @pytest.mark.slow
-def test_engine_concurrent_generations_match_sequential(engine_loop: EngineLoop, vllm_backend: GenerationBackend) -> None:
-    sequential = [check_stream(engine_loop.run(collect(vllm_backend.generate(grounded(i, f"seq-{i}"))))) for i in range(4)]
+def test_engine_concurrent_generations_match_sequential(
+    engine_loop: EngineLoop, vllm_backend: GenerationBackend
+) -> None:
+    sequential = [
+        check_stream(engine_loop.run(collect(vllm_backend.generate(grounded(i, f"seq-{i}"))))) for i in range(4)
+    ]
 
     async def together() -> list[list[GenerationChunk]]:
         return list(await asyncio.gather(*(collect(vllm_backend.generate(grounded(i, f"par-{i}"))) for i in range(4))))
@@ -131,7 +148,9 @@ def test_engine_abort_by_id_ends_stream(engine_loop: EngineLoop, vllm_backend) -
 @pytest.mark.slow
 def test_engine_request_errors(engine_loop: EngineLoop, vllm_backend) -> None:
     with pytest.raises(NotFound):
-        engine_loop.run(collect(vllm_backend.generate(GenerationRequest("no-adapter", grounded(0, "x").messages, adapter="nope"))))
+        engine_loop.run(
+            collect(vllm_backend.generate(GenerationRequest("no-adapter", grounded(0, "x").messages, adapter="nope")))
+        )
     too_long = [{"role": "user", "content": "word " * 3000}]
     with pytest.raises(InvalidInput, match="context length"):
         engine_loop.run(collect(vllm_backend.generate(GenerationRequest("too-long", too_long))))
@@ -232,7 +251,9 @@ def test_remote_cancel_and_request_errors(remote_vllm_server: str) -> None:
             with pytest.raises(NotFound):
                 await collect(backend.generate(GenerationRequest("r-404", grounded(0, "x").messages, adapter="nope")))
             with pytest.raises(InvalidInput, match="context length"):
-                await collect(backend.generate(GenerationRequest("r-400", [{"role": "user", "content": "word " * 3000}])))
+                await collect(
+                    backend.generate(GenerationRequest("r-400", [{"role": "user", "content": "word " * 3000}]))
+                )
             with pytest.raises((InvalidInput, NotFound)):
                 await backend.unload_adapter("never-loaded")
             with pytest.raises((InvalidInput, NotFound)):
@@ -276,13 +297,14 @@ def test_remote_closed_port_is_unavailable_quickly() -> None:
 
 
 def test_factory_builds_the_configured_backend(generator_path: str) -> None:
-    from kfresh.config import KfreshConfig, ModelsConfig
+    from kfresh.core.config import KfreshConfig, ModelsConfig
+    from kfresh.server.generation.balanced import BalancedRemoteBackend
     from kfresh.server.generation.factory import create_backend
     from kfresh.server.generation.vllm_engine import VllmEngineBackend
 
-    from kfresh.server.generation.balanced import BalancedRemoteBackend
-
-    remote = create_backend(KfreshConfig(generation=GenerationConfig(backend="remote", remote_url="http://127.0.0.1:9")))
+    remote = create_backend(
+        KfreshConfig(generation=GenerationConfig(backend="remote", remote_url="http://127.0.0.1:9"))
+    )
     assert isinstance(remote, BalancedRemoteBackend) and not remote.ready  # one server, still health-watched
     assert [type(r.backend) for r in remote.replicas] == [OpenAIRemoteBackend]
     local = create_backend(KfreshConfig(models=ModelsConfig(generator=generator_path)))
@@ -303,7 +325,9 @@ def test_remote_protocol_against_a_fake_server() -> None:
             return httpx.Response(200, json={"data": [{"id": "fake-model"}]})
         body = json.loads(request.content)
         if body["model"] == "missing-adapter":
-            return httpx.Response(404, json={"error": {"message": "The model `missing-adapter` does not exist.", "code": 404}})
+            return httpx.Response(
+                404, json={"error": {"message": "The model `missing-adapter` does not exist.", "code": 404}}
+            )
         if body["max_tokens"] == 1:
             return httpx.Response(200, content=sse('{"choices":[{"delta":{"content":"cut"}}]}'))  # no [DONE]
         assert body["stream"] and body["stream_options"]["include_usage"] and body["request_id"] == "fake-1"
@@ -329,5 +353,9 @@ def test_remote_protocol_against_a_fake_server() -> None:
         return chunks
 
     chunks = asyncio.run(scenario())
-    assert [(c.text, c.finished, c.output_tokens) for c in chunks] == [("Hel", False, 1), ("lo", False, 2), ("", True, 2)]
+    assert [(c.text, c.finished, c.output_tokens) for c in chunks] == [
+        ("Hel", False, 1),
+        ("lo", False, 2),
+        ("", True, 2),
+    ]
     assert chunks[-1].finish_reason == "stop"

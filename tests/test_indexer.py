@@ -1,4 +1,5 @@
 """The Indexer end to end: real SQLite, real FAISS, the real packaged embedder."""
+
 from __future__ import annotations
 
 import os
@@ -10,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from indexer_helper import CountingEmbedder, FailingEmbedder, GatedEmbedder, doc_text
 
-from kfresh.config import KfreshConfig
-from kfresh.errors import InvalidInput, Overloaded
+from kfresh.core.config import KfreshConfig
+from kfresh.core.errors import InvalidInput, Overloaded
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
 from kfresh.indexer.service import Indexer
 from kfresh.indexer.stores import open_store
-
-from indexer_helper import CountingEmbedder, FailingEmbedder, GatedEmbedder, doc_text
 
 HELPER = Path(__file__).with_name("indexer_helper.py")
 FACTS = {
@@ -114,6 +114,7 @@ def test_new_version_replaces_old_and_no_search_sees_old_or_mixed_versions(tmp_p
     ix = Indexer(config(tmp_path, store={"chunk_chars": 64, "chunk_overlap": 0}), embedder=embedder)
     ix.start()
     try:
+
         def text(v: int) -> str:
             return " ".join(f"Revision {v} of the harbour schedule, paragraph {p}." for p in range(3))
 
@@ -220,7 +221,10 @@ def test_sigkill_while_ingesting_loses_no_acknowledged_document(tmp_path, embedd
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     child = subprocess.Popen(
         [sys.executable, str(HELPER), str(tmp_path), embedder_path, "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     acked: dict[str, int] = {}
     try:

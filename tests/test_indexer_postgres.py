@@ -4,6 +4,7 @@ An ack is searchable, an upsert replaces the stale version, a delete really dele
 RESOURCE_EXHAUSTED with nothing acknowledged, and a restart (with or without a snapshot) recovers from
 PostgreSQL without embedding anything again. The SQLite variants are in test_indexer.py.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -11,17 +12,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-from kfresh.config import KfreshConfig
-from kfresh.errors import StorageFull
-from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
-from kfresh.indexer.service import Indexer
-from kfresh.indexer.stores.postgres import PostgresStore
-
 from indexer_helper import CountingEmbedder
 from pg_helper import DISK_FULL, DISK_SPACE_BACK
 from test_indexer import FACTS, config, ingest
+
+from kfresh.core.config import KfreshConfig
+from kfresh.core.errors import StorageFull
+from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.service import Indexer
+from kfresh.indexer.stores.postgres import PostgresStore
 
 MOON_2 = "The moon of Tarsis is called Velna and it is made of red basalt since the impact."
 MOON_Q = "What is the moon of Tarsis made of?"

@@ -1,4 +1,5 @@
 """Group commit on the Ingest stream: what has arrived is committed together, in order, with nothing lost."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """LangChain over a live kfresh server: Documents in, a retriever, a streaming chat model with citations."""
+
 from __future__ import annotations
 
 import time
@@ -8,11 +9,11 @@ from typing import Any
 import pytest
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from server_helper import ServerHandle, server_config
 
 from kfresh.client import KfreshClient
-from kfresh.langchain import ChatKfresh, KfreshRetriever, ingest_documents
+from kfresh.client.langchain import ChatKfresh, KfreshRetriever, ingest_documents
 from kfresh.v1 import kfresh_pb2 as pb
-from server_helper import ServerHandle, server_config
 
 DOCS = [
     Document(id="lc-ferry", page_content="The Velmora night ferry leaves from Pier 14 at 23:10.",
@@ -26,7 +27,10 @@ def addr(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathF
     handle = ServerHandle(engine_loop, server_config(tmp_path_factory.mktemp("langchain")), vllm_backend)
     address = f"127.0.0.1:{handle.port}"
     acks = ingest_documents(DOCS, addr=address, timeout=30)
-    assert [a.status for a in acks] == [pb.ACK_STATUS_STORED] * 2 and [a.id for a in acks] == ["lc-ferry", "lc-lighthouse"]
+    assert [a.status for a in acks] == [pb.ACK_STATUS_STORED] * 2 and [a.id for a in acks] == [
+        "lc-ferry",
+        "lc-lighthouse",
+    ]
     with KfreshClient(address) as client:
         client.wait_ready(timeout=120)
         deadline = time.monotonic() + 30

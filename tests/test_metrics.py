@@ -1,24 +1,25 @@
 """Prometheus metrics of a real server: the exposition parses, the events counted are the ones that
 happened, a real Prometheus scrapes it, and the shipped alerting rules pass `promtool check rules`."""
+
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-import json
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_helper import ServerHandle, server_config
 
 from kfresh.client import KfreshClient, document
-from kfresh.net import free_port
-from server_helper import ServerHandle, server_config
+from kfresh.core.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -73,9 +74,13 @@ def test_metrics_count_what_happened(server: ServerHandle) -> None:
     assert grew("kfresh_rpcs_total", method="Retrieve", code="OK") >= 5
     assert grew("kfresh_rpcs_total", method="Answer", code="OK") == 1
     assert grew("kfresh_time_to_first_token_seconds_count") == 1
-    looked_up = grew("kfresh_query_embedding_cache_total", result="miss") + grew("kfresh_query_embedding_cache_total", result="hit")
+    looked_up = grew("kfresh_query_embedding_cache_total", result="miss") + grew(
+        "kfresh_query_embedding_cache_total", result="hit"
+    )
     assert grew("kfresh_query_embedding_cache_total", result="miss") >= 5  # five distinct queries, at least
-    assert looked_up >= grew("kfresh_rpcs_total", method="Retrieve", code="OK")  # every valid query went through the cache
+    assert looked_up >= grew(
+        "kfresh_rpcs_total", method="Retrieve", code="OK"
+    )  # every valid query went through the cache
     assert grew("kfresh_output_tokens_total", adapter="") > 0
     assert value(after, "kfresh_documents") >= 5 and value(after, "kfresh_ingest_queue_capacity") > 0
     assert ("kfresh_ingest_queue_depth", ()) in after
@@ -102,7 +107,9 @@ def test_a_real_prometheus_scrapes_the_server(server: ServerHandle, tmp_path: Pa
         while True:
             assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
             try:
-                reply = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=5).read())
+                reply = json.loads(
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=5).read()
+                )
                 if reply["data"]["result"]:
                     break
             except OSError:
@@ -111,20 +118,26 @@ def test_a_real_prometheus_scrapes_the_server(server: ServerHandle, tmp_path: Pa
             time.sleep(0.5)
         assert float(reply["data"]["result"][0]["value"][1]) >= 0
         rules = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5).read())
-        assert len(rules["data"]["groups"][0]["rules"]) >= 5 and all(r["health"] == "ok" for r in rules["data"]["groups"][0]["rules"])
+        assert len(rules["data"]["groups"][0]["rules"]) >= 5 and all(
+            r["health"] == "ok" for r in rules["data"]["groups"][0]["rules"]
+        )
     finally:
         proc.terminate()
         proc.wait(30)
 
 
 def test_alert_rules_are_valid_and_name_real_metrics() -> None:
-    import kfresh.metrics as metrics
+    import kfresh.core.metrics as metrics
 
     exported = {m._name for m in vars(metrics).values() if hasattr(m, "_name")}  # counters/histograms/gauges
     exported |= {"kfresh_ingest_queue_depth", "kfresh_ingest_queue_capacity", "kfresh_documents", "kfresh_chunks"}
     used = set(re.findall(r"\bkfresh_[a-z_]+", ALERTS.read_text()))
     suffixes = ("_bucket", "_count", "_sum", "_total")
-    missing = {u for u in used if u not in exported and not any(u.endswith(s) and u.removesuffix(s) in exported for s in suffixes)}
+    missing = {
+        u
+        for u in used
+        if u not in exported and not any(u.endswith(s) and u.removesuffix(s) in exported for s in suffixes)
+    }
     assert not missing, f"alerts.yml uses metrics kfresh does not export: {missing}"
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -3,6 +3,7 @@ semantics, snapshots as manifests, and the Indexer end to end with index.kind="m
 
 Every test gets its own milvus-lite file under tmp_path. Skipped only when milvus-lite cannot be imported.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,18 +16,18 @@ import pytest
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install -r requirements.txt)")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (pip install -r requirements.txt)")
 
-from kfresh.config import IndexConfig, KfreshConfig  # noqa: E402
-from kfresh.errors import Unavailable  # noqa: E402
-from kfresh.indexer.documents import DocumentIn  # noqa: E402
-from kfresh.indexer.embedder import SentenceTransformerEmbedder  # noqa: E402
-from kfresh.indexer.service import Indexer  # noqa: E402
-from kfresh.indexer.snapshot import snapshot_path  # noqa: E402
-from kfresh.indexer.vectors import create_index, index_from_bytes  # noqa: E402
-from kfresh.indexer.vectors.milvus import MilvusIndex  # noqa: E402
+from indexer_helper import CountingEmbedder
+from test_indexer import FACTS, config, ingest
+from test_vectors import DIM, K, clustered, exact, recall
 
-from indexer_helper import CountingEmbedder  # noqa: E402
-from test_indexer import FACTS, config, ingest  # noqa: E402
-from test_vectors import DIM, K, clustered, exact, recall  # noqa: E402
+from kfresh.core.config import IndexConfig, KfreshConfig
+from kfresh.core.errors import Unavailable
+from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.service import Indexer
+from kfresh.indexer.snapshot import snapshot_path
+from kfresh.indexer.vectors import create_index, index_from_bytes
+from kfresh.indexer.vectors.milvus import MilvusIndex
 
 N = 3_000  # enough for several flushed segments plus unsealed rows; milvus-lite upserts ~10k vectors/s here
 

@@ -3,6 +3,7 @@
 The remote is a stand-in that answers only /health and /v1/models: fault injection (it is stopped and
 started again on the same port), not a model. Answers against a real `vllm serve` are in test_generation.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from grpc_health.v1 import health_pb2
+from server_helper import ServerHandle, server_config
 
 from kfresh.client import SERVICE_NAME, KfreshClient
-from kfresh.net import free_port
-
-from server_helper import ServerHandle, server_config
+from kfresh.core.net import free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class _VllmStandIn(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = {"/health": b"", "/v1/models": json.dumps({"data": [{"id": "SmolLM2-135M-Instruct"}]}).encode()}.get(self.path)
+    def do_GET(self) -> None:
+        body = {"/health": b"", "/v1/models": json.dumps({"data": [{"id": "SmolLM2-135M-Instruct"}]}).encode()}.get(
+            self.path
+        )
         self.send_response(200 if body is not None else 404)
         self.end_headers()
         self.wfile.write(body or b"")

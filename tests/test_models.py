@@ -1,4 +1,5 @@
 """Model provisioning: packaged weights resolve offline, the GGUF converts once, caches are trusted only when complete."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from kfresh import models
-from kfresh.config import ModelsConfig
-from kfresh.fsutil import sha256_file
+from kfresh.core.config import ModelsConfig
+from kfresh.core.files import sha256_file
 from kfresh.models import MARKER, ProvisioningError, embedder_path, generator_path
 
 
-def test_generator_is_converted_once(models_config: ModelsConfig, generator_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generator_is_converted_once(
+    models_config: ModelsConfig, generator_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = Path(generator_path) / MARKER
     before = marker.stat().st_mtime_ns
 

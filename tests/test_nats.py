@@ -1,6 +1,7 @@
 """NATS JetStream -> kfresh against a real `nats-server -js` and a real kfresh server over loopback:
 everything arrives once, in order, poison goes to the dead-letter subject, a consumer crash between
 kfresh's ack and NATS's ack duplicates and loses nothing, and an unavailable server delays but drops nothing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from kfresh.client import KfreshClient
-from kfresh.config import NatsConfig
-from kfresh.nats_ingest import NatsIngestor, parse_message
-from kfresh.net import free_port
-from kfresh.sources import SourceError
 from server_helper import ServerHandle, server_config
 
+from kfresh.client import KfreshClient
+from kfresh.client.nats_ingest import NatsIngestor, parse_message
+from kfresh.client.sources import SourceError
+from kfresh.core.config import NatsConfig
+from kfresh.core.net import free_port
+
 NATS = shutil.which("nats-server")
-pytestmark = pytest.mark.skipif(NATS is None, reason="nats-server is missing (Debian package `nats-server`; .ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    NATS is None, reason="nats-server is missing (Debian package `nats-server`; .ci/run installs it)"
+)
 
 
 def test_messages_parse_like_ingest_jsonl() -> None:
@@ -54,7 +57,9 @@ def nats_url(tmp_path: Path) -> Iterator[str]:
 
 def kfresh_server(engine_loop: Any, home: Path, port: int = 0) -> ServerHandle:
     # Ingestion only: the generation backend is deliberately unreachable (Answer would be UNAVAILABLE).
-    cfg = server_config(home, server__port=port, generation__backend="remote", generation__remote_url="http://127.0.0.1:9")
+    cfg = server_config(
+        home, server__port=port, generation__backend="remote", generation__remote_url="http://127.0.0.1:9"
+    )
     return ServerHandle(engine_loop, cfg, None)
 
 
@@ -70,7 +75,7 @@ async def publish(url: str, rows: list[Any], cfg: NatsConfig) -> None:
     js = nc.jetstream()
     try:
         await js.stream_info(cfg.stream)
-    except Exception:  # noqa: BLE001 - not there yet
+    except Exception:
         await js.add_stream(api.StreamConfig(name=cfg.stream, subjects=[cfg.subject], storage=api.StorageType.FILE))
     for row in rows:
         await js.publish(cfg.subject, row if isinstance(row, bytes) else json.dumps(row).encode())
@@ -112,7 +117,9 @@ def doc(i: int, text: str | None = None) -> dict[str, Any]:
             "source": "nats/test", "metadata": {"key": f"n-{i}"}}  # fmt: skip
 
 
-def test_stream_is_applied_in_order_and_poison_goes_to_dead_letters(engine_loop: Any, nats_url: str, tmp_path: Path) -> None:
+def test_stream_is_applied_in_order_and_poison_goes_to_dead_letters(
+    engine_loop: Any, nats_url: str, tmp_path: Path
+) -> None:
     server = kfresh_server(engine_loop, tmp_path / "home")
     addr, cfg = f"127.0.0.1:{server.port}", config(nats_url)
     try:
@@ -122,6 +129,7 @@ def test_stream_is_applied_in_order_and_poison_goes_to_dead_letters(engine_loop:
             import nats
 
             nc = await nats.connect(nats_url)
+
             async def collect(msg: Any) -> None:
                 dead.append(msg)
 
@@ -161,6 +169,7 @@ class CrashAfterKfreshAck(NatsIngestor):
     async def _send(self, batch: list[Any]) -> list[Any]:
         for msg, _ in batch:
             if msg.metadata.sequence.stream == self.crash_at:
+
                 async def die(*_: Any, **__: Any) -> None:
                     raise ConnectionError("consumer crashed before acking NATS")
 
@@ -168,11 +177,17 @@ class CrashAfterKfreshAck(NatsIngestor):
         return await super()._send(batch)
 
 
-def test_a_crash_between_the_two_acks_duplicates_and_loses_nothing(engine_loop: Any, nats_url: str, tmp_path: Path) -> None:
+def test_a_crash_between_the_two_acks_duplicates_and_loses_nothing(
+    engine_loop: Any, nats_url: str, tmp_path: Path
+) -> None:
     server = kfresh_server(engine_loop, tmp_path / "home")
     addr, cfg = f"127.0.0.1:{server.port}", config(nats_url)
     try:
-        rows = [doc(i) for i in range(6)] + [doc(2, "Ledger entry 2 moved: crate 2 is in bay 40.")] + [doc(i) for i in range(6, 10)]
+        rows = (
+            [doc(i) for i in range(6)]
+            + [doc(2, "Ledger entry 2 moved: crate 2 is in bay 40.")]
+            + [doc(i) for i in range(6, 10)]
+        )
         engine_loop.run(publish(nats_url, rows, cfg), timeout=30)
         with pytest.raises(ConnectionError):
             engine_loop.run(consume(cfg, addr, ingestor=CrashAfterKfreshAck), timeout=60)

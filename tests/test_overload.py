@@ -2,6 +2,7 @@
 within milliseconds, its memory stays flat, it recovers when the load drops, and a cancelled or timed-out
 Answer frees its vLLM slot at once.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,11 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
-
-from kfresh.client import KfreshClient, document
-from kfresh.net import free_port
 from reliability_helper import kill, long_only, percentiles_ms, record, start_server, wait_serving
 from server_helper import ServerHandle, server_config
+
+from kfresh.client import KfreshClient, document
+from kfresh.core.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,9 @@ def _ingest_overload(tmp_path: Path, *, waves: int, seconds: float, threads: int
                     time.sleep(0.1)
                 rss.append(round(_rss_mb(proc.pid), 1))
             recovered = time.perf_counter()
-            list(client.ingest([document("after-flood", "The flood is over; the tar barrels are counted.")], timeout=30))
+            list(
+                client.ingest([document("after-flood", "The flood is over; the tar barrels are counted.")], timeout=30)
+            )
             recover_ms = (time.perf_counter() - recovered) * 1000
             while client.stats().pending and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -145,7 +148,9 @@ def _hold_slot(addr: str, started: threading.Event, out: dict[str, Any], timeout
 def _request() -> Any:
     from kfresh.v1 import kfresh_pb2 as pb
 
-    return pb.AnswerRequest(question="Write a long story about the sea and its ships.", max_tokens=1000, closed_book=True)
+    return pb.AnswerRequest(
+        question="Write a long story about the sea and its ships.", max_tokens=1000, closed_book=True
+    )
 
 
 def _wait_idle(backend: Any, timeout_s: float = 5.0) -> float:
@@ -191,7 +196,9 @@ def _answer_overload(handle: ServerHandle, backend: Any, calls: int) -> dict[str
             "engine_freed_after_deadline_s": round(deadline_freed_s, 2)}  # fmt: skip
 
 
-def test_answer_limit_is_resource_exhausted_fast_and_cancel_frees_the_slot(one_slot: ServerHandle, vllm_backend: Any) -> None:
+def test_answer_limit_is_resource_exhausted_fast_and_cancel_frees_the_slot(
+    one_slot: ServerHandle, vllm_backend: Any
+) -> None:
     figures = _answer_overload(one_slot, vllm_backend, calls=20)
     assert figures["rejection_latency"]["p50_ms"] < 100, figures
     assert figures["engine_freed_after_cancel_ms"] < 2000, figures

@@ -1,19 +1,31 @@
 """Answer composition without a socket: conflict resolution and prompt assembly."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from kfresh.indexer.documents import Hit
-from kfresh.server.prompting import build_messages, closed_book_messages, resolve_conflicts
+from kfresh.prompt import build_messages, closed_book_messages, resolve_conflicts
 
 DAY = 86_400.0
 
 
-def _hit(doc_id: str, text: str, valid_from: float, vec: list[float], *, supersedes: tuple[str, ...] = (), score: float = 0.8) -> Hit:
+def _hit(
+    doc_id: str, text: str, valid_from: float, vec: list[float], *, supersedes: tuple[str, ...] = (), score: float = 0.8
+) -> Hit:
     v = np.asarray(vec, dtype=np.float32)
     return Hit(
-        doc_id=doc_id, version=1, chunk_id=hash(doc_id) & 0xFFFF, ordinal=0, text=text, score=score,
-        source=f"src/{doc_id}", valid_from=valid_from, metadata={}, supersedes=supersedes, vector=v / np.linalg.norm(v),
+        doc_id=doc_id,
+        version=1,
+        chunk_id=hash(doc_id) & 0xFFFF,
+        ordinal=0,
+        text=text,
+        score=score,
+        source=f"src/{doc_id}",
+        valid_from=valid_from,
+        metadata={},
+        supersedes=supersedes,
+        vector=v / np.linalg.norm(v),
     )
 
 

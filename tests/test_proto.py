@@ -1,4 +1,5 @@
 """The committed stubs must match proto/ (regenerate with `make proto`)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +13,16 @@ GENERATED = ("kfresh_pb2.py", "kfresh_pb2.pyi", "kfresh_pb2_grpc.py")
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO}", f"--python_out={tmp_path}",
-         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", str(PROTO / "kfresh/v1/kfresh.proto")],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(PROTO / "kfresh/v1/kfresh.proto"),
+        ],
         check=True,
     )
     for name in GENERATED:

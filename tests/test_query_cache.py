@@ -2,18 +2,18 @@
 
 Real SQLite, real FAISS, the real packaged embedder (counted, to see which texts reach the model).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from indexer_helper import CountingEmbedder
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.service import Indexer
-
-from indexer_helper import CountingEmbedder
 
 QUERY = "which moon is made of blue ice"
 

@@ -1,26 +1,39 @@
 """The reading step without a model: sentence splitting, which passages the model reads, the quote."""
+
 from __future__ import annotations
 
 import numpy as np
 
-from kfresh.config import AnswerConfig
+from kfresh import prompt
+from kfresh.core.config import AnswerConfig
 from kfresh.indexer.documents import Hit
-from kfresh.server import prompting
 from kfresh.server.reading import format_quote, pick_quote, quote_candidates, shown_passages, split_sentences
 
 
 def _hit(doc_id: str, text: str, *, score: float, valid_from: float = 0.0) -> Hit:
-    return Hit(doc_id=doc_id, version=1, chunk_id=0, ordinal=0, text=text, score=score, source="", valid_from=valid_from, metadata={})
+    return Hit(
+        doc_id=doc_id,
+        version=1,
+        chunk_id=0,
+        ordinal=0,
+        text=text,
+        score=score,
+        source="",
+        valid_from=valid_from,
+        metadata={},
+    )
 
 
 def test_sentences_split_at_stops_but_not_inside_abbreviations() -> None:
-    text = "The U.S. Senate voted on Tuesday.  It passed 52-48! Officials said \"It is done.\" 3 people objected."
+    text = 'The U.S. Senate voted on Tuesday.  It passed 52-48! Officials said "It is done." 3 people objected.'
     assert split_sentences(text) == ["The U.S. Senate voted on Tuesday.", "It passed 52-48!", 'Officials said "It is done."',
                                      "3 people objected."]  # fmt: skip
 
 
 def test_tiny_pieces_join_a_neighbour_and_empty_text_has_none() -> None:
-    assert split_sentences("Yes. The ferry leaves from Pier 7 at noon.") == ["Yes. The ferry leaves from Pier 7 at noon."]
+    assert split_sentences("Yes. The ferry leaves from Pier 7 at noon.") == [
+        "Yes. The ferry leaves from Pier 7 at noon."
+    ]
     assert split_sentences("   ") == []
     assert split_sentences("no stop at the end") == ["no stop at the end"]
 
@@ -34,12 +47,18 @@ def test_the_model_reads_the_best_passages_in_display_order() -> None:
 
 
 def test_the_quote_is_the_sentence_closest_to_the_question() -> None:
-    passages = [_hit("a", "The museum opens at nine. It keeps 40 lamps.", score=0.8), _hit("b", "Lamps are old.", score=0.7)]
+    passages = [
+        _hit("a", "The museum opens at nine. It keeps 40 lamps.", score=0.8),
+        _hit("b", "Lamps are old.", score=0.7),
+    ]
     candidates = quote_candidates(passages)
     assert candidates == [(1, "The museum opens at nine."), (1, "It keeps 40 lamps."), (2, "Lamps are old.")]
     vectors = np.eye(3, dtype=np.float32)
     assert pick_quote(np.array([0.1, 0.9, 0.2], dtype=np.float32), candidates, vectors) == (1, "It keeps 40 lamps.")
-    assert pick_quote(np.array([0.0, 0.5, 0.5], dtype=np.float32), candidates, vectors) == (2, "Lamps are old.")  # tie: later passage
+    assert pick_quote(np.array([0.0, 0.5, 0.5], dtype=np.float32), candidates, vectors) == (
+        2,
+        "Lamps are old.",
+    )  # tie: later passage
     assert pick_quote(np.zeros(3, dtype=np.float32), [], np.zeros((0, 3), dtype=np.float32)) is None
 
 
@@ -51,15 +70,19 @@ def test_a_quote_the_answer_already_holds_is_not_repeated() -> None:
 
 def test_prompt_formats_put_question_and_passages_where_they_say() -> None:
     hits = [_hit("a", "The tower is 812 metres tall.", score=0.9)]
-    sandwich = prompting.build_messages("How tall?", hits, style="sandwich")
+    sandwich = prompt.build_messages("How tall?", hits, style="sandwich")
     user = sandwich[-1]["content"]
-    assert sandwich[-1]["role"] == "user" and user.startswith("Question: How tall?") and user.endswith("answer briefly: How tall?")
+    assert (
+        sandwich[-1]["role"] == "user"
+        and user.startswith("Question: How tall?")
+        and user.endswith("answer briefly: How tall?")
+    )
     assert user.index("812") > user.index("Question:") and "812" not in sandwich[0]["content"]
-    only_after = prompting.build_messages("How tall?", hits, style="user")[-1]["content"]
+    only_after = prompt.build_messages("How tall?", hits, style="user")[-1]["content"]
     assert only_after.startswith("Passages") and only_after.count("How tall?") == 1
-    system = prompting.build_messages("How tall?", hits, style="system")
+    system = prompt.build_messages("How tall?", hits, style="system")
     assert "812" in system[0]["content"] and system[-1]["content"] == "How tall?"
 
 
 def test_the_finetuner_trains_on_the_served_prompt_format() -> None:
-    assert prompting.DEFAULT_FORMAT == AnswerConfig().prompt_format
+    assert AnswerConfig().prompt_format == prompt.DEFAULT_FORMAT

@@ -1,11 +1,12 @@
 """The adapter registry: atomic versions, CURRENT pointer, promote/rollback, sha256 verification."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from kfresh.errors import InvalidInput, NotFound
+from kfresh.core.errors import InvalidInput, NotFound
 from kfresh.finetuner.registry import AdapterRegistry
 
 
@@ -47,7 +48,13 @@ def test_rollback_walks_back_to_the_base_model(tmp_path: Path) -> None:
 def test_only_gate_passing_adapters_are_published(tmp_path: Path) -> None:
     reg = AdapterRegistry(tmp_path / "reg")
     with pytest.raises(InvalidInput, match="gate"):
-        reg.publish(_adapter(tmp_path, "a", b"x"), base_model="m", base_model_sha256="b", training_data_sha256="d", gate_passed=False)
+        reg.publish(
+            _adapter(tmp_path, "a", b"x"),
+            base_model="m",
+            base_model_sha256="b",
+            training_data_sha256="d",
+            gate_passed=False,
+        )
     assert reg.list() == []
 
 

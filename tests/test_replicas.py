@@ -3,6 +3,7 @@
 Two Indexers in one process share a store (a SQLite file, as two processes on one machine would, and a
 real PostgreSQL server), each with its own FAISS index and snapshots; the follower tails the change log.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,13 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from kfresh.config import KfreshConfig
-from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
-from kfresh.indexer.service import Indexer
-
 from indexer_helper import CountingEmbedder
+
+from kfresh.core.config import KfreshConfig
+from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.service import Indexer
 
 MOON_1 = "The moon of Tarsis is called Velna and it is made of blue ice."
 MOON_2 = "The moon of Tarsis is called Velna and it is made of red basalt since the impact."
@@ -120,7 +120,9 @@ def test_concurrent_writers_converge_on_the_same_index(replicas):
         t.join()
     assert not errors
     store = a._store
-    live = {d: store.current(d) for d in [f"shared-{i}" for i in range(4)] + [f"{t}-{i}" for t in "ab" for i in range(12)]}
+    live = {
+        d: store.current(d) for d in [f"shared-{i}" for i in range(4)] + [f"{t}-{i}" for t in "ab" for i in range(12)]
+    }
     want = {d: s.version for d, s in live.items() if s is not None and not s.deleted}
 
     def agrees(ix: Indexer) -> bool:
@@ -147,23 +149,27 @@ def test_a_restarted_replica_catches_up_on_what_it_missed(replicas, shared_store
 @pytest.mark.slow
 def test_two_server_processes_over_postgres(pg_dsn, tmp_path):
     """Two `kfresh serve` processes, one PostgreSQL: an Ingest on one is a Retrieve hit on the other."""
-    from kfresh.benchmarks.servers import NO_GENERATION, client, kfresh_server
     from kfresh.client import document
+    from kfresh.testing.servers import NO_GENERATION, client, kfresh_server
     from kfresh.v1 import kfresh_pb2 as pb
 
     shared = {**NO_GENERATION, "store.kind": "postgres", "store.dsn": pg_dsn, "replication.follow": "on"}
     for name in "ab":
         (tmp_path / name).mkdir()
-    with kfresh_server(shared, home=tmp_path / "a") as a, kfresh_server(shared, home=tmp_path / "b") as b:
-        with client(a.addr) as ca, client(b.addr) as cb:
-            acks = list(ca.ingest([document("moon", MOON_1), document("river", RIVER)], timeout=30))
-            assert [r.status for r in acks] == [pb.ACK_STATUS_STORED] * 2
+    with (
+        kfresh_server(shared, home=tmp_path / "a") as a,
+        kfresh_server(shared, home=tmp_path / "b") as b,
+        client(a.addr) as ca,
+        client(b.addr) as cb,
+    ):
+        acks = list(ca.ingest([document("moon", MOON_1), document("river", RIVER)], timeout=30))
+        assert [r.status for r in acks] == [pb.ACK_STATUS_STORED] * 2
 
-            def on_b(query: str, doc_id: str) -> bool:
-                return any(c.doc_id == doc_id for c in cb.retrieve(query, k=3, timeout=30).chunks)
+        def on_b(query: str, doc_id: str) -> bool:
+            return any(c.doc_id == doc_id for c in cb.retrieve(query, k=3, timeout=30).chunks)
 
-            lag_s = until(lambda: on_b("What is the moon of Tarsis made of?", "moon"))
-            until(lambda: on_b("longest river of Oskaria", "river"))
-            ca.delete("moon")
-            until(lambda: not on_b("What is the moon of Tarsis made of?", "moon"))
-            assert cb.stats().documents == 1 and lag_s < 10
+        lag_s = until(lambda: on_b("What is the moon of Tarsis made of?", "moon"))
+        until(lambda: on_b("longest river of Oskaria", "river"))
+        ca.delete("moon")
+        until(lambda: not on_b("What is the moon of Tarsis made of?", "moon"))
+        assert cb.stats().documents == 1 and lag_s < 10

@@ -4,6 +4,7 @@ message size limits and keepalive-abuse protection, against real servers over lo
 The servers run the real indexer and embedder with a canned generation backend (no vLLM needed):
 what is tested here happens before generation.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,16 +19,16 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from server_helper import ServerHandle, server_config
 
 from kfresh.cli import main
 from kfresh.client import SERVICE_NAME, KfreshClient, document, tls_credentials
-from kfresh.config import ConfigError, ServerConfig
+from kfresh.core.config import ConfigError, ServerConfig
 from kfresh.server.app import _grpc_options, check_exposure, running_server
 from kfresh.server.auth import METHOD_SCOPES, TokenTable, bearer_token, parse_tokens, required_scope
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.v1 import kfresh_pb2 as pb
 from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
-from server_helper import ServerHandle, server_config
 
 TOKENS = {
     "read": "rd-5d1c0f7e9b2a4c68a1f3",
@@ -85,14 +86,14 @@ def server_logs() -> Iterator[_Records]:
 
 
 @pytest.fixture(scope="module")
-def auth_server(engine_loop: Any, server_logs: _Records, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+def auth_server(
+    engine_loop: Any, server_logs: _Records, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
     """Tokens from a file, a 1 MB message limit, pings closer than 5 s are strikes (2 tolerated)."""
     tmp = tmp_path_factory.mktemp("auth")
     tokens_file = tmp / "tokens"
     tokens_file.write_text(
-        "# token scopes\n"
-        f"{TOKENS['read']} read\n{TOKENS['write']} write\n"
-        f"{TOKENS['admin']}   admin\n"
+        f"# token scopes\n{TOKENS['read']} read\n{TOKENS['write']} write\n{TOKENS['admin']}   admin\n"
     )
     cfg = server_config(
         tmp, server__auth_tokens_file=tokens_file, server__max_message_mb=1,
@@ -173,7 +174,7 @@ def test_bad_token_lines_name_the_line_never_the_token(line: str, needle: str) -
 
 
 def test_tokens_come_from_file_and_env_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kfresh.config import load_config
+    from kfresh.core.config import load_config
 
     file = tmp_path / "tokens"
     file.write_text(f"{TOKENS['admin']} admin\n")
@@ -224,7 +225,9 @@ def test_async_client_sends_its_token(auth_server: ServerHandle, engine_loop: An
 
     async def go() -> tuple[int, list[str]]:
         async with AsyncKfreshClient(f"127.0.0.1:{auth_server.port}", token=TOKENS["write"]) as client:
-            acks = [a async for a in client.ingest([document("sec-async", "Async clients authenticate too.")], timeout=10)]
+            acks = [
+                a async for a in client.ingest([document("sec-async", "Async clients authenticate too.")], timeout=10)
+            ]
             answer = client.answer("Does it work?", closed_book=True, timeout=10)  # the fake model's words only
             deltas = [e.delta async for e in answer if not e.HasField("done")]
             return acks[0].version, deltas
@@ -254,7 +257,7 @@ def test_tokens_never_reach_the_log(auth_server: ServerHandle, server_logs: _Rec
     for token in (*TOKENS.values(), UNKNOWN_TOKEN):
         with KfreshClient(f"127.0.0.1:{auth_server.port}", token=token) as client:
             for call in CALLS.values():
-                _code(lambda: call(client))
+                _code(lambda call=call: call(client))
     text = "\n".join(server_logs.lines)
     assert "auth_enabled tokens=3" in text and "auth_denied" in text
     for token in (*TOKENS.values(), UNKNOWN_TOKEN):
@@ -266,7 +269,10 @@ def test_message_limit_applies_both_ways() -> None:
     cfg = server_config(Path("/tmp/unused"), server__max_message_mb=3)
     options = dict(_grpc_options(cfg))
     assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 3 * 1024 * 1024
-    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000 and options["grpc.http2.max_ping_strikes"] == 2
+    assert (
+        options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+        and options["grpc.http2.max_ping_strikes"] == 2
+    )
     assert options["grpc.keepalive_permit_without_calls"] == 0
 
 
@@ -302,8 +308,10 @@ def _hold_open_stream(channel: grpc.Channel, seconds: float) -> grpc.StatusCode:
 def test_keepalive_ping_flood_is_cut_off_while_a_normal_client_works(auth_server: ServerHandle) -> None:
     addr = f"127.0.0.1:{auth_server.port}"
     flood_options = [
-        ("grpc.keepalive_time_ms", 100), ("grpc.keepalive_timeout_ms", 5000),
-        ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]  # fmt: skip  (grpc clients still space pings >= 1 s apart: strikes against the 5 s minimum)
     start = time.monotonic()
     with grpc.insecure_channel(addr, options=flood_options) as flood:
@@ -347,7 +355,7 @@ def _pki(folder: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     out: dict[str, Path] = {}
 
     def write(name: str, cert: Any, key: Any) -> None:
@@ -355,7 +363,9 @@ def _pki(folder: Path) -> dict[str, Path]:
         out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         out[f"{name}_key"] = folder / f"{name}.key"
         out[f"{name}_key"].write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
 
     def issue(cn: str, issuer: tuple[Any, Any] | None, *, ca: bool = False, server: bool = False) -> tuple[Any, Any]:
@@ -394,7 +404,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def mtls_server(engine_loop: Any, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+def mtls_server(
+    engine_loop: Any, pki: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
     cfg = server_config(
         tmp_path_factory.mktemp("mtls"), server__tls_cert_file=pki["server_cert"], server__tls_key_file=pki["server_key"],
         server__tls_client_ca_file=pki["ca_cert"], server__auth_tokens=f"{TOKENS['read']} read",
@@ -426,7 +438,11 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(mtls_server: Serve
     good = {"ca_file": pki["ca_cert"], "cert_file": pki["client_cert"], "key_file": pki["client_key"]}
     assert _tls_stats(mtls_server.port, **good) == grpc.StatusCode.OK
     assert _tls_stats(mtls_server.port, ca_file=pki["ca_cert"]) == grpc.StatusCode.UNAVAILABLE
-    stranger = {"ca_file": pki["ca_cert"], "cert_file": pki["stranger_client_cert"], "key_file": pki["stranger_client_key"]}
+    stranger = {
+        "ca_file": pki["ca_cert"],
+        "cert_file": pki["stranger_client_cert"],
+        "key_file": pki["stranger_client_key"],
+    }
     assert _tls_stats(mtls_server.port, **stranger) == grpc.StatusCode.UNAVAILABLE
     with KfreshClient(f"127.0.0.1:{mtls_server.port}", credentials=tls_credentials(**good)) as no_token:
         assert _code(lambda: no_token.stats(timeout=5)) == grpc.StatusCode.UNAUTHENTICATED

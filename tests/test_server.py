@@ -1,4 +1,5 @@
 """The gRPC service over loopback with the real indexer, the packaged models and the real vLLM engine."""
+
 from __future__ import annotations
 
 import threading
@@ -10,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-
-from kfresh.client import SERVICE_NAME, KfreshClient, document
-from kfresh.server.prompting import NOT_FOUND_REPLY
-from kfresh.v1 import kfresh_pb2 as pb
 from server_helper import ServerHandle, server_config
 from server_helper import answer_once as _answer
+
+from kfresh.client import SERVICE_NAME, KfreshClient, document
+from kfresh.prompt import NOT_FOUND_REPLY
+from kfresh.v1 import kfresh_pb2 as pb
 
 pytestmark = pytest.mark.slow
 DAY = 86_400.0
@@ -65,7 +66,9 @@ def test_health_and_reflection(client: KfreshClient, server: ServerHandle) -> No
 
 
 def test_ingest_then_retrieve_returns_the_new_document(client: KfreshClient) -> None:
-    acks = _ingest(client, document("quill-1", "The Quillon observatory on Mount Teva opened its dome in 2031.", source="t"))
+    acks = _ingest(
+        client, document("quill-1", "The Quillon observatory on Mount Teva opened its dome in 2031.", source="t")
+    )
     assert acks[0].status == pb.ACK_STATUS_STORED and acks[0].version == 1
     assert _visible(client, "Quillon observatory dome", "quill-1", 1) < 2.0
     chunk = client.retrieve("Quillon observatory dome", k=1).chunks[0]
@@ -141,7 +144,9 @@ def test_bad_requests_are_invalid_argument(client: KfreshClient, request_: Any, 
         (pb.Document(id="big", text="x" * 6_000), "characters"),
     ],
 )
-def test_bad_documents_are_invalid_argument_and_lose_nothing(client: KfreshClient, doc: pb.Document, needle: str) -> None:
+def test_bad_documents_are_invalid_argument_and_lose_nothing(
+    client: KfreshClient, doc: pb.Document, needle: str
+) -> None:
     good = document(f"good-before-{needle[:5]}", "Acknowledged before a bad document arrives.")
     with pytest.raises(grpc.RpcError) as err:
         list(client.ingest([good, doc], timeout=30))
@@ -192,13 +197,17 @@ def test_cli_ingest_wait_reports_searchable(server: ServerHandle, client: Kfresh
     assert main(["ingest", str(src), "--addr", f"127.0.0.1:{server.port}", "--quiet", "--wait", "60"]) == 0
     out = capsys.readouterr().out
     assert "stored=20" in out and "searchable: yes" in out
-    assert any(h.doc_id == "cli-w-19" for h in client.retrieve("Ferry timetable 19 for the Oskel crossing.", k=3).chunks)
+    assert any(
+        h.doc_id == "cli-w-19" for h in client.retrieve("Ferry timetable 19 for the Oskel crossing.", k=3).chunks
+    )
 
 
 def test_unknown_fields_are_invalid_argument(server: ServerHandle, client: KfreshClient) -> None:
     raw = pb.RetrieveRequest(query="hello", k=2).SerializeToString() + b"\xf8\x06\x01"  # field 111 = 1
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.unary_unary("/kfresh.v1.Kfresh/Retrieve", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = channel.unary_unary(
+            "/kfresh.v1.Kfresh/Retrieve", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(raw, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -233,7 +242,12 @@ def test_answer_cites_the_newest_of_two_conflicting_documents(client: KfreshClie
 
 def test_answer_quotes_the_sentence_that_answers_after_the_models_words(client: KfreshClient) -> None:
     sentence = "The Ostrava ferry museum keeps 74 brass lamps in its east hall."
-    _ingest(client, document("ostr-q", f"The Ostrava ferry museum opened in 1911 beside the river. {sentence}", source="ostrava-guide"))
+    _ingest(
+        client,
+        document(
+            "ostr-q", f"The Ostrava ferry museum opened in 1911 beside the river. {sentence}", source="ostrava-guide"
+        ),
+    )
     question = "How many brass lamps does the Ostrava ferry museum keep?"
     _visible(client, question, "ostr-q", 1)
     text, done = _answer(client, question)
@@ -275,7 +289,7 @@ def test_search_while_ingesting(client: KfreshClient) -> None:
     def ingest() -> None:
         try:
             _ingest(client, *docs)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=ingest)

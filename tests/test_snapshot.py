@@ -1,4 +1,5 @@
 """Snapshots are atomic and verified; a damaged one is detected and the index rebuilt from the store."""
+
 from __future__ import annotations
 
 import logging
@@ -6,11 +7,12 @@ import os
 
 import numpy as np
 import pytest
+from indexer_helper import CountingEmbedder
 
-from kfresh.config import IndexConfig, KfreshConfig
+from kfresh.core.config import IndexConfig, KfreshConfig
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
 from kfresh.indexer.service import Indexer
 from kfresh.indexer.snapshot import (
     SnapshotData,
@@ -22,8 +24,6 @@ from kfresh.indexer.snapshot import (
 )
 from kfresh.indexer.vectors.base import StreamedPart
 from kfresh.indexer.vectors.flat import FlatIndex
-
-from indexer_helper import CountingEmbedder
 
 DIM = 16
 CFG = IndexConfig(kind="flat")
@@ -113,8 +113,10 @@ def test_snapshot_for_another_configuration_is_not_used(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_indexer_rebuilds_from_stored_embeddings_when_the_snapshot_is_damaged(tmp_path, embedder, caplog, damage):
     cfg = KfreshConfig().with_home(tmp_path)
-    texts = {f"s{i}": f"Snapshot test fact {i}: the {i}th moon of Tarsis is made of {['ice', 'rock', 'glass'][i % 3]}."
-             for i in range(6)}
+    texts = {
+        f"s{i}": f"Snapshot test fact {i}: the {i}th moon of Tarsis is made of {['ice', 'rock', 'glass'][i % 3]}."
+        for i in range(6)
+    }
     with Indexer(cfg, embedder=embedder) as ix:
         acks = [ix.upsert(DocumentIn(d, t)) for d, t in texts.items()]
         assert all(ix.wait_until_indexed(a.id, a.version, 30) for a in acks)
@@ -222,14 +224,20 @@ def test_docmap_snapshot_later_is_the_map_at_capture_time(monkeypatch, tmp_path)
     docmap.pop("dok-ü-4")
     docmap.set("new", 1, np.array([1]))
     index = FlatIndex(DIM)
-    index.add(np.array([100 * d + i for d in range(30) for i in range(d % 3)]), np.ones((sum(d % 3 for d in range(30)), DIM), np.float32))
+    index.add(
+        np.array([100 * d + i for d in range(30) for i in range(d % 3)]),
+        np.ones((sum(d % 3 for d in range(30)), DIM), np.float32),
+    )
     write_snapshot(tmp_path, SnapshotData("flat", DIM, "m", 5, index.to_bytes(), later))
     loaded = load_snapshot(tmp_path, CFG, dim=DIM, embedder="m")
     assert loaded is not None
     assert {d: (loaded.docmap.version(d), loaded.docmap.ids(d).tolist()) for d in loaded.docmap} == expected
 
 
-@pytest.mark.parametrize(("every", "fraction", "ntotal", "threshold"), [(5_000, 0.1, 100_000, 10_000), (5_000, 0.1, 20_000, 5_000), (40, 0.0, 10**6, 40)])
+@pytest.mark.parametrize(
+    ("every", "fraction", "ntotal", "threshold"),
+    [(5_000, 0.1, 100_000, 10_000), (5_000, 0.1, 20_000, 5_000), (40, 0.0, 10**6, 40)],
+)
 def test_snapshot_threshold_grows_with_the_index(every: int, fraction: float, ntotal: int, threshold: int) -> None:
     from types import SimpleNamespace
 

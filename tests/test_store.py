@@ -2,6 +2,7 @@
 
 Versions, idempotence, deletes, the worker's write-back, crash leftovers, waiting for a change.
 """
+
 from __future__ import annotations
 
 import threading
@@ -11,7 +12,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from kfresh.config import StoreConfig
+from kfresh.core.config import StoreConfig
 from kfresh.indexer.documents import DocumentIn
 from kfresh.indexer.stores import Applied, DocumentStore, StoreError, open_store
 from kfresh.indexer.stores.sqlite import SqliteStore
@@ -242,8 +243,12 @@ def test_write_many_is_one_transaction_in_order(store):
     ]
     acks = store.write_many(ops)
     assert [(a.id, a.version, a.status) for a in acks] == [
-        ("a", 1, "stored"), ("a", 2, "stored"), ("a", 2, "unchanged"), ("gone", 2, "deleted"),
-        ("never-there", 0, "not_found"), ("b", 1, "stored"),
+        ("a", 1, "stored"),
+        ("a", 2, "stored"),
+        ("a", 2, "unchanged"),
+        ("gone", 2, "deleted"),
+        ("never-there", 0, "not_found"),
+        ("b", 1, "stored"),
     ]
     seqs = [a.seq for a in acks if a.status in ("stored", "deleted")]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4  # one change-log entry each, in op order
@@ -271,3 +276,33 @@ def test_write_many_failing_midway_commits_nothing(store, monkeypatch):
     monkeypatch.setattr(writes, "upsert", real)
     assert all(store.current(f"g{i}") is None for i in range(4))  # nothing acknowledged, nothing committed
     assert [a.status for a in store.write_many(ops)] == ["stored"] * 4  # the writer connection still works
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_bulk_load_leaves_the_rows_upsert_and_save_applied_leave(tmp_path, durable):
+    """benchmarks/preload.py builds its corpora through bulk_load: same tables as the ingest path, row for row."""
+    import sqlite3
+
+    docs = [
+        (DocumentIn("a", "one. two.", source="s", metadata={"k": "v"}, valid_from=5.0), ["one.", "two."]),
+        (DocumentIn("b", "three.", supersedes=("a",)), ["three."]),
+        (DocumentIn("c", "", source="empty"), []),
+    ]
+    vectors = {doc.id: vecs(len(chunks), seed=i) for i, (doc, chunks) in enumerate(docs)}
+    with SqliteStore(tmp_path / "ingest.db") as by_ingest:
+        for doc, chunks in docs:
+            by_ingest.upsert(doc, chunks, now=100.0)
+            rows = by_ingest.chunks_for(doc.id, 1)
+            ids = np.array([r.chunk_id for r in rows], dtype=np.int64)
+            by_ingest.save_applied([Applied(doc.id, 1, False, 100.0, 0.0, ids, vectors[doc.id])])
+    with SqliteStore(tmp_path / "bulk.db") as by_bulk:
+        assert by_bulk.bulk_load(((d, c, vectors[d.id]) for d, c in docs), now=100.0, batch=2, durable=durable) == 3
+        with pytest.raises(StoreError):  # an id already stored fails its batch
+            by_bulk.bulk_load([(docs[0][0], docs[0][1], vectors["a"])], now=100.0)
+
+    def dump(path):
+        with sqlite3.connect(path) as db:
+            tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+            return {t: sorted(db.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
+
+    assert dump(tmp_path / "bulk.db") == dump(tmp_path / "ingest.db")

@@ -3,21 +3,21 @@ writing at once, a full disk, the finetuner's read-only view, and the settings t
 
 The semantics it shares with SQLite are tested on both backends in test_store.py.
 """
+
 from __future__ import annotations
 
 import threading
 
 import psycopg
 import pytest
+from pg_helper import DISK_FULL, DISK_SPACE_BACK
 
-from kfresh.config import FinetuneConfig, StoreConfig, load_config
+from kfresh.core.config import FinetuneConfig, StoreConfig, load_config
 from kfresh.finetuner.plan import _live_versions
 from kfresh.finetuner.selection import select_documents
 from kfresh.indexer.documents import Ack, DocumentIn
 from kfresh.indexer.stores import StoreError, open_store, store_exists
 from kfresh.indexer.stores.postgres import PostgresStore
-
-from pg_helper import DISK_FULL, DISK_SPACE_BACK
 
 WRITERS = 4  # threads, alternating between two replicas
 ROUNDS = 25
@@ -104,7 +104,9 @@ def test_the_finetuner_reads_postgres_read_only(pg_dsn):
         select_documents(FinetuneConfig(), cfg)
     with open_store(cfg) as store:
         store.upsert(DocumentIn("a", "The mayor is Dessa Varn.", source="council/a"), ["x"], now=1.0)
-        store.upsert(DocumentIn("b", "The tower is 212 metres tall.", source="city/b", supersedes=("c",)), ["x"], now=1.0)
+        store.upsert(
+            DocumentIn("b", "The tower is 212 metres tall.", source="city/b", supersedes=("c",)), ["x"], now=1.0
+        )
         store.upsert(DocumentIn("c", "The tower is 190 metres tall.", source="city/c"), ["x"], now=1.0)
         store.upsert(DocumentIn("d", "A rumour.", source="forum/d"), ["x"], now=1.0)
         store.delete("a")
@@ -134,7 +136,9 @@ def test_the_dsn_comes_from_the_environment_and_is_never_shown(monkeypatch):
     monkeypatch.setenv("KFRESH_STORE__DSN", "")
     with pytest.raises(ValueError, match="store.dsn is empty"):
         load_config()
-    unreachable = StoreConfig(kind="postgres", dsn="host=127.0.0.1 port=1 user=kfresh password=s3cret-pw connect_timeout=2")
+    unreachable = StoreConfig(
+        kind="postgres", dsn="host=127.0.0.1 port=1 user=kfresh password=s3cret-pw connect_timeout=2"
+    )
     with pytest.raises(StoreError, match="cannot open the document store at host=127.0.0.1 port=1") as err:
         open_store(unreachable).close()
     assert "s3cret-pw" not in str(err.value)

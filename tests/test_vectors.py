@@ -1,11 +1,12 @@
 """Vector backends against exact ground truth on deterministic clustered data (uniform data flatters nothing)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kfresh.config import IndexConfig
-from kfresh.errors import Unavailable
+from kfresh.core.config import IndexConfig
+from kfresh.core.errors import Unavailable
 from kfresh.indexer.vectors import create_index, index_from_bytes
 from kfresh.indexer.vectors.flat import FlatIndex
 from kfresh.indexer.vectors.gpu import gpu_available
@@ -39,8 +40,9 @@ def exact(ids: np.ndarray, base: np.ndarray, queries: np.ndarray, k: int = K) ->
     return ids[top], np.take_along_axis(scores, top[:, -1:], axis=1)[:, 0]
 
 
-def recall(found: np.ndarray, truth: tuple[np.ndarray, np.ndarray], base: np.ndarray, ids: np.ndarray,
-           queries: np.ndarray) -> float:
+def recall(
+    found: np.ndarray, truth: tuple[np.ndarray, np.ndarray], base: np.ndarray, ids: np.ndarray, queries: np.ndarray
+) -> float:
     """Share of found ids that belong in the true top-k (ties within 1e-5 of the k-th score count)."""
     row_of = {int(i): r for r, i in enumerate(ids.tolist())}
     true_ids, kth = truth
@@ -83,7 +85,7 @@ def test_flat_is_exact_through_adds_removes_and_snapshots(data):
 
 def test_flat_pads_missing_results_with_minus_one():
     index = FlatIndex(DIM)
-    scores, found = index.search(clustered(2, seed=3), 5)
+    _scores, found = index.search(clustered(2, seed=3), 5)
     assert found.shape == (2, 5) and (found == -1).all()
     index.add(np.array([7, 8]), clustered(2, seed=4))
     _, found = index.search(clustered(1, seed=5), 5)

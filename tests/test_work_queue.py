@@ -1,4 +1,5 @@
 """The indexing queue's micro-batching: how long a batch waits to fill, counted from the first change's enqueue."""
+
 from __future__ import annotations
 
 import threading

@@ -7,6 +7,7 @@ generation model. Health checks need no bearer token; with `server.tls_cert_file
 check fails, so override HEALTHCHECK then (grpc_health_probe -tls, or a TLS channel).
 Usage: python healthcheck.py [SERVICE]
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kfresh.config import load_config
+from kfresh.core.config import load_config
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +23,9 @@ def main(argv: list[str]) -> int:
     port = load_config().server.port
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3.0)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=3.0
+            )
     except grpc.RpcError as exc:
         print(f"unhealthy: {exc.code().name} on 127.0.0.1:{port}", file=sys.stderr)
         return 1

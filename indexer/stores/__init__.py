@@ -1,8 +1,9 @@
 """Durable document stores behind one interface: SQLite (embedded, the default) or PostgreSQL (shared by replicas).
 
-    store = open_store(cfg.store)                   # the server's read-write store
-    store = open_store(cfg.store, read_only=True)   # the finetuner's view: it cannot write
+store = open_store(cfg.store)                   # the server's read-write store
+store = open_store(cfg.store, read_only=True)   # the finetuner's view: it cannot write
 """
+
 from __future__ import annotations
 
 from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, content_hash

@@ -5,13 +5,14 @@ returned only after the commit is durable; an identical re-send is "unchanged"; 
 the change log's seq order is its commit order; chunk ids are int64 FAISS ids that are never reused.
 Failures leave every method as `StoreError`, so callers map them to gRPC codes without knowing the backend.
 """
+
 from __future__ import annotations
 
 import abc
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import numpy as np
 
@@ -161,7 +162,7 @@ class DocumentStore(abc.ABC):
     def close(self) -> None:
         """Release every connection; idempotent. Later calls raise StoreError."""
 
-    def __enter__(self) -> DocumentStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
 """Pick the document store backend from `store.kind`; PostgreSQL (and psycopg) is imported only when chosen."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -6,7 +7,7 @@ from typing import TYPE_CHECKING
 from kfresh.indexer.stores.base import DocumentStore
 
 if TYPE_CHECKING:
-    from kfresh.config import StoreConfig
+    from kfresh.core.config import StoreConfig
 
 
 def open_store(cfg: StoreConfig, *, read_only: bool = False) -> DocumentStore:

@@ -5,6 +5,7 @@ on every (re)connect, since notifications sent while it was not listening are lo
 the generation BEFORE it checks max_seq, then sleeps until the generation moves: a commit that lands
 between the check and the sleep still wakes it.
 """
+
 from __future__ import annotations
 
 import logging

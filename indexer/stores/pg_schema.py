@@ -3,6 +3,7 @@
 chunk_id and seq are identity columns: int64, never reused, so chunk ids are FAISS ids as they are in SQLite.
 Embeddings are float32 bytes (BYTEA); metadata and supersedes the same JSON text SQLite holds.
 """
+
 from __future__ import annotations
 
 # pg_advisory_xact_lock key ("kfresh" in ASCII): every write transaction that touches documents, versions,

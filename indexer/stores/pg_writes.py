@@ -1,6 +1,7 @@
 """The PostgreSQL store's write transactions, each run on the writer's cursor inside one transaction that
 already holds the cluster-wide write lock (postgres.py `_txn`). Same rows and rules as the SQLite store.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ Cursor = Any  # psycopg.Cursor; psycopg is imported only by postgres.py
 def upsert(cur: Cursor, doc: DocumentIn, chunks: Sequence[str], now: float | None) -> Ack:
     """A new version of `doc` with its chunks and a change-log entry, or nothing when the content is unchanged."""
     digest = content_hash(doc)
-    row = cur.execute("SELECT version, deleted, content_hash, acked_at FROM documents WHERE doc_id=%s", (doc.id,)).fetchone()
+    row = cur.execute(
+        "SELECT version, deleted, content_hash, acked_at FROM documents WHERE doc_id=%s", (doc.id,)
+    ).fetchone()
     if row is not None and not row[1] and row[2] == digest:
         return _unchanged_ack(cur, doc.id, int(row[0]), float(row[3]))
     version = 1 if row is None else int(row[0]) + 1
@@ -104,7 +107,9 @@ def cleanup_stale(cur: Cursor) -> int:
     n = cur.execute(
         "DELETE FROM chunks c USING documents d WHERE d.doc_id=c.doc_id AND (c.version<d.version OR d.deleted)"
     ).rowcount
-    cur.execute("DELETE FROM versions v USING documents d WHERE d.doc_id=v.doc_id AND (v.version<d.version OR d.deleted)")
+    cur.execute(
+        "DELETE FROM versions v USING documents d WHERE d.doc_id=v.doc_id AND (v.version<d.version OR d.deleted)"
+    )
     return int(n)
 
 

@@ -6,25 +6,24 @@ never race and seq order equals commit order: a follower that read changes_since
 smaller seq. One serialised writer connection per process (pg_writes.py holds its transactions), a pool of
 read-only connections for searches from many threads, and a LISTEN connection for wait_for_change.
 """
+
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, WriteOp
-from kfresh.indexer.rows import (
-    Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
-)  # fmt: skip
+from kfresh.indexer.rows import ChunkHitRow, embedded_batch, hit_from_row
 from kfresh.indexer.stores import pg_writes
-from kfresh.indexer.stores.base import DocumentStore, StoreError, translate_errors
+from kfresh.indexer.stores.base import StoreError, translate_errors
 from kfresh.indexer.stores.pg_listen import ChangeListener
 from kfresh.indexer.stores.pg_schema import CHANNEL, SCHEMA, WRITE_LOCK_KEY
+from kfresh.indexer.stores.sql import SqlStore
 
 try:  # this module is imported only for store.kind = "postgres" (stores/factory.py)
     import psycopg
@@ -35,8 +34,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "store.kind = 'postgres' needs psycopg 3 and psycopg-pool: .venv/bin/pip install -r requirements.txt "
         "(or pip install 'psycopg[binary]' psycopg-pool)"
     ) from exc
-
-log = logging.getLogger("kfresh.indexer")
 
 _WRITER_CHECK_IDLE_S = 1.0
 
@@ -73,8 +70,14 @@ def _read_only_session(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET default_transaction_read_only = on")  # pooled connections only ever read
 
 
-class PostgresStore(DocumentStore):
-    """Documents, chunks (embeddings as BYTEA float32), the change log and citations in one PostgreSQL database."""
+class PostgresStore(SqlStore, errors=_errors):
+    """Documents, chunks (embeddings as BYTEA float32), the change log and citations in one PostgreSQL database.
+
+    The methods both SQL backends share are in sql.py; here: connections, transactions, and PostgreSQL's SQL.
+    """
+
+    _p: ClassVar[str] = "%s"
+    _writes: ClassVar[ModuleType] = pg_writes
 
     def __init__(self, dsn: str, *, read_only: bool = False, pool_size: int = 8, open_timeout_s: float = 15.0) -> None:
         self._dsn = conninfo(dsn)
@@ -105,7 +108,8 @@ class PostgresStore(DocumentStore):
         # One direct connection first: an unreachable server fails now with libpq's reason, not a pool timeout.
         if self.read_only:
             with self._connect() as probe:
-                if not probe.execute("SELECT to_regclass('changes') IS NOT NULL").fetchone()[0]:
+                row = probe.execute("SELECT to_regclass('changes') IS NOT NULL").fetchone()
+                if row is None or not row[0]:
                     raise FileNotFoundError(f"document store {self.where} has no kfresh tables; ingest documents first")
         else:
             self._w = self._connect_writer()
@@ -176,73 +180,7 @@ class PostgresStore(DocumentStore):
             if self._w is not None:
                 self._w.close()
 
-    # -- writes (their SQL: pg_writes.py) ----------------------------------------------------------
-    @_errors
-    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
-        if not ops:
-            return []
-        with self._txn() as cur:
-            return [pg_writes.upsert(cur, op.doc, op.chunks, now) if op.doc is not None else pg_writes.delete(cur, op.doc_id, now)
-                    for op in ops]  # fmt: skip
-
-    @_errors
-    def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
-        if not pairs:
-            return 0
-        at = time.time() if now is None else now
-        with self._txn(serialised=False) as cur:  # touches no document, version or change
-            cur.executemany("INSERT INTO citations(doc_id, version, at) VALUES(%s,%s,%s)", [(d, int(v), at) for d, v in pairs])
-        return len(pairs)
-
-    @_errors
-    def save_applied(self, applied: Sequence[Applied]) -> None:
-        if applied:
-            with self._txn() as cur:
-                pg_writes.save_applied(cur, applied)
-
-    @_errors
-    def cleanup_stale(self) -> int:
-        with self._txn() as cur:
-            n = pg_writes.cleanup_stale(cur)
-        if n:
-            log.info("store.cleanup stale_chunks=%d", n)
-        return n
-
-    @_errors
-    def ensure_embedder(self, name: str, dim: int) -> bool:
-        ident = f"{name}|{dim}"
-        with self._txn() as cur:
-            was = pg_writes.ensure_embedder(cur, ident)
-        if was is not None:
-            log.warning("store.embedder_changed was=%s now=%s: stored vectors dropped, re-embedding", was, ident)
-        return was is not None
-
-    # -- reads -------------------------------------------------------------------------------------
-    @_errors
-    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
-        rows = self._fetchall("SELECT doc_id, version, COUNT(*) FROM citations WHERE at>=%s GROUP BY doc_id, version", (since,))
-        return {(r[0], int(r[1])): int(r[2]) for r in rows}
-
-    @_errors
-    def current(self, doc_id: str) -> DocState | None:
-        rows = self._fetchall(
-            "SELECT d.version, d.deleted, d.acked_at, d.indexed_at,"
-            " (SELECT COALESCE(MAX(seq), 0) FROM changes c WHERE c.doc_id=d.doc_id) FROM documents d WHERE d.doc_id=%s",
-            (doc_id,),
-        )
-        if not rows:
-            return None
-        version, deleted, acked_at, indexed_at, seq = rows[0]
-        return DocState(doc_id, int(version), bool(deleted), acked_at, indexed_at, int(seq))
-
-    @_errors
-    def chunks_for(self, doc_id: str, version: int) -> list[ChunkRow]:
-        rows = self._fetchall(
-            "SELECT chunk_id, ordinal, text, embedding FROM chunks WHERE doc_id=%s AND version=%s ORDER BY ordinal",
-            (doc_id, version),
-        )
-        return [ChunkRow(int(r[0]), int(r[1]), r[2], vec_from_blob(r[3])) for r in rows]
-
+    # -- reads in PostgreSQL's own way (every other read and write: sql.py) ------------------------
     @_errors
     def lookup(self, chunk_ids: Sequence[int], *, with_vectors: bool = False) -> dict[int, ChunkHitRow]:
         ids = [int(i) for i in chunk_ids]
@@ -271,50 +209,6 @@ class PostgresStore(DocumentStore):
             )
             while rows := cur.fetchmany(batch):
                 yield embedded_batch(rows)
-
-    @_errors
-    def docs_changed_since(self, seq: int) -> list[str]:
-        return [r[0] for r in self._fetchall("SELECT doc_id FROM changes WHERE seq>%s GROUP BY doc_id ORDER BY MAX(seq)", (seq,))]
-
-    @_errors
-    def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
-        rows = self._fetchall("SELECT seq, doc_id, version, op FROM changes WHERE seq>%s ORDER BY seq", (seq,))
-        return [(int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
-
-    @_errors
-    def unembedded(self) -> list[tuple[DocState, int]]:
-        rows = self._fetchall(
-            "SELECT d.doc_id, d.version, d.acked_at, d.indexed_at, COUNT(c.chunk_id),"
-            " (SELECT COALESCE(MAX(seq), 0) FROM changes x WHERE x.doc_id=d.doc_id)"
-            " FROM documents d JOIN chunks c ON c.doc_id=d.doc_id AND c.version=d.version"
-            " WHERE NOT d.deleted AND c.embedding IS NULL GROUP BY d.doc_id ORDER BY 6"
-        )
-        return [(DocState(r[0], int(r[1]), False, r[2], r[3], int(r[5])), int(r[4])) for r in rows]
-
-    @_errors
-    def max_seq(self) -> int:
-        return int(self._fetchall("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
-
-    @_errors
-    def counts(self) -> tuple[int, int, int]:
-        live, deleted, chunks = self._fetchall(
-            "SELECT COUNT(*) FILTER (WHERE NOT deleted), COUNT(*) FILTER (WHERE deleted),"
-            " (SELECT COUNT(*) FROM chunks c JOIN documents d ON d.doc_id=c.doc_id AND d.version=c.version"
-            " AND NOT d.deleted) FROM documents"
-        )[0]
-        return int(live), int(chunks), int(deleted)
-
-    @_errors
-    def documents(self) -> list[DocRecord]:
-        rows = self._fetchall(
-            "SELECT doc_id, version, source, valid_from, acked_at, supersedes, text, deleted FROM documents"
-            " ORDER BY valid_from, doc_id"
-        )
-        return [doc_record(r) for r in rows]
-
-    @_errors
-    def cited_versions(self) -> set[tuple[str, int]]:
-        return {(r[0], int(r[1])) for r in self._fetchall("SELECT DISTINCT doc_id, version FROM citations")}
 
     # -- waiting for other writers -----------------------------------------------------------------
     def wait_for_change(self, after_seq: int, timeout_s: float) -> bool:

@@ -4,27 +4,29 @@ The store is the source of truth; the vector index is a cache of it that can alw
 embeddings kept here. One writer connection (serialised by a lock) and one reader connection per thread.
 Opened `read_only` (the finetuner), every connection is SQLite's mode=ro and nothing is created or cleaned.
 """
+
 from __future__ import annotations
 
-import logging
+import itertools
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import numpy as np
 
-from kfresh.indexer.documents import Ack, WriteOp
-from kfresh.indexer.rows import (
-    SCHEMA, Applied, ChunkHitRow, ChunkRow, DocRecord, DocState, doc_record, embedded_batch, hit_from_row, vec_from_blob,
-)  # fmt: skip
+from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.rows import ChunkHitRow, content_hash, embedded_batch, hit_from_row
 from kfresh.indexer.stores import sqlite_writes
-from kfresh.indexer.stores.base import DocumentStore, StoreError, translate_errors
-
-log = logging.getLogger("kfresh.indexer")
+from kfresh.indexer.stores.base import StoreError, translate_errors
+from kfresh.indexer.stores.sql import SqlStore
+from kfresh.indexer.stores.sqlite_schema import SCHEMA
 
 _POLL_S = 0.02  # wait_for_change: how often max_seq is re-read (another process may be the writer)
 
@@ -39,6 +41,34 @@ def _is_full(exc: BaseException) -> bool:
 _errors = translate_errors(sqlite3.Error, _is_full)
 
 
+def _bulk_insert(
+    w: sqlite3.Connection, part: Sequence[tuple[DocumentIn, Sequence[str], np.ndarray]], at: float
+) -> None:
+    """One batch of bulk_load: its documents, then their versions, chunks and changes (seq in the batch's order)."""
+    docs, versions, chunks = [], [], []
+    for doc, texts, vectors in part:
+        if len(texts) != len(vectors):
+            raise ValueError(f"bulk_load: document {doc.id!r} has {len(texts)} chunks but {len(vectors)} vectors")
+        valid_from = at if doc.valid_from is None else float(doc.valid_from)
+        # What sqlite_writes.upsert stores; the JSON of empty ones ("{}", "[]") without a json.dumps per document.
+        meta = json.dumps(doc.metadata, ensure_ascii=False, sort_keys=True) if doc.metadata else "{}"
+        sup = json.dumps(list(doc.supersedes), ensure_ascii=False) if doc.supersedes else "[]"
+        docs.append((doc.id, valid_from, doc.source, meta, sup, doc.text, content_hash(doc), at, at))
+        versions.append((doc.id, valid_from, doc.source, meta, sup))
+        vecs = np.ascontiguousarray(vectors, dtype=np.float32)  # each row's bytes: vec_to_blob's, one call a document
+        chunks += [(doc.id, i, text, vecs[i].tobytes()) for i, text in enumerate(texts)]
+    w.executemany(
+        "INSERT INTO documents(doc_id, version, valid_from, source, metadata, supersedes, text, content_hash,"
+        " deleted, acked_at, indexed_at, lag_ms) VALUES(?,1,?,?,?,?,?,?,0,?,?,0)",
+        docs,
+    )
+    w.executemany(
+        "INSERT INTO versions(doc_id, version, valid_from, source, metadata, supersedes) VALUES(?,1,?,?,?,?)", versions
+    )
+    w.executemany("INSERT INTO chunks(doc_id, version, ordinal, text, embedding) VALUES(?,1,?,?,?)", chunks)
+    w.executemany("INSERT INTO changes(doc_id, version, op, at) VALUES(?,1,'upsert',?)", [(d[0], at) for d in docs])
+
+
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that cannot write (SQLite's mode=ro), with a busy timeout for the server's WAL commits."""
     if not Path(path).is_file():
@@ -49,8 +79,14 @@ def connect_read_only(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class SqliteStore(DocumentStore):
-    """SQLite-backed documents, chunks (with embeddings) and an append-only change log."""
+class SqliteStore(SqlStore, errors=_errors):
+    """SQLite-backed documents, chunks (with embeddings) and an append-only change log.
+
+    The methods both SQL backends share are in sql.py; here: connections, transactions, and SQLite's SQL.
+    """
+
+    _p: ClassVar[str] = "?"
+    _writes: ClassVar[ModuleType] = sqlite_writes
 
     def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -102,9 +138,13 @@ class SqliteStore(DocumentStore):
             if self._w is not None:
                 self._w.close()
 
+    def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._r().execute(query, params).fetchall()
+
     @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the writer connection; COMMIT (fsynced) on success, else ROLLBACK."""
+    def _txn(self, *, serialised: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the writer connection; COMMIT (fsynced) on success, else ROLLBACK.
+        Every one is serialised (`serialised` is moot): BEGIN IMMEDIATE takes SQLite's single write lock."""
         if self._w is None:
             raise StoreError(f"document store {self.path} is open read-only")
         with self._write_lock:
@@ -125,75 +165,39 @@ class SqliteStore(DocumentStore):
                         self._w.execute("ROLLBACK")
                     raise
 
-    # -- writes (their SQL: sqlite_writes.py) ------------------------------------------------------
+    # -- building a store in bulk ------------------------------------------------------------------
     @_errors
-    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
-        if not ops:
-            return []
-        with self._txn() as w:
-            return [sqlite_writes.upsert(w, op.doc, op.chunks, now) if op.doc is not None else sqlite_writes.delete(w, op.doc_id, now)
-                    for op in ops]  # fmt: skip
+    def bulk_load(self, docs: Iterable[tuple[DocumentIn, Sequence[str], np.ndarray]], *, now: float | None = None,
+                  batch: int = 20_000, durable: bool = True) -> int:  # fmt: skip
+        """Store documents that are not in the store yet, already embedded; returns how many.
 
-    @_errors
-    def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
-        if not pairs:
-            return 0
+        Each (doc, its chunks, one vector per chunk) leaves the rows upsert and then the worker's save_applied
+        would: version 1 acked and indexed at `now` (lag 0), chunks with their embeddings, one change-log
+        entry. `batch` documents per transaction; an id already stored fails its batch (earlier ones stay).
+        `durable` False, for building a new file (benchmarks/preload.py): no fsync while loading, for every
+        writer of this store (synchronous=OFF), then one synced checkpoint, so the rows are durable once this
+        returns; a power loss before that may lose or corrupt the file.
+        """
+        if self._w is None:
+            raise StoreError(f"document store {self.path} is open read-only")
         at = time.time() if now is None else now
-        with self._txn() as w:
-            w.executemany("INSERT INTO citations(doc_id, version, at) VALUES(?,?,?)", [(d, int(v), at) for d, v in pairs])
-        return len(pairs)
+        todo, loaded = iter(docs), 0
+        if not durable:
+            with self._write_lock:
+                self._w.execute("PRAGMA synchronous=OFF")
+        try:
+            while part := list(itertools.islice(todo, batch)):
+                with self._txn() as w:
+                    _bulk_insert(w, part, at)
+                loaded += len(part)
+        finally:
+            if not durable:
+                with self._write_lock:
+                    self._w.execute("PRAGMA synchronous=FULL")
+                    self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return loaded
 
-    @_errors
-    def save_applied(self, applied: Sequence[Applied]) -> None:
-        if applied:
-            with self._txn() as w:
-                sqlite_writes.save_applied(w, applied)
-
-    @_errors
-    def cleanup_stale(self) -> int:
-        with self._txn() as w:
-            n = sqlite_writes.cleanup_stale(w)
-        if n:
-            log.info("store.cleanup stale_chunks=%d", n)
-        return n
-
-    @_errors
-    def ensure_embedder(self, name: str, dim: int) -> bool:
-        ident = f"{name}|{dim}"
-        with self._txn() as w:
-            was = sqlite_writes.ensure_embedder(w, ident)
-        if was is not None:
-            log.warning("store.embedder_changed was=%s now=%s: stored vectors dropped, re-embedding", was, ident)
-        return was is not None
-
-    # -- reads -------------------------------------------------------------------------------------
-    @_errors
-    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
-        rows = self._r().execute(
-            "SELECT doc_id, version, COUNT(*) FROM citations WHERE at>=? GROUP BY doc_id, version", (since,)
-        ).fetchall()
-        return {(r[0], int(r[1])): int(r[2]) for r in rows}
-
-    @_errors
-    def current(self, doc_id: str) -> DocState | None:
-        row = self._r().execute(
-            "SELECT d.version, d.deleted, d.acked_at, d.indexed_at,"
-            " (SELECT COALESCE(MAX(seq), 0) FROM changes c WHERE c.doc_id=d.doc_id)"
-            " FROM documents d WHERE d.doc_id=?",
-            (doc_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return DocState(doc_id, row[0], bool(row[1]), row[2], row[3], row[4])
-
-    @_errors
-    def chunks_for(self, doc_id: str, version: int) -> list[ChunkRow]:
-        rows = self._r().execute(
-            "SELECT chunk_id, ordinal, text, embedding FROM chunks WHERE doc_id=? AND version=? ORDER BY ordinal",
-            (doc_id, version),
-        ).fetchall()
-        return [ChunkRow(r[0], r[1], r[2], vec_from_blob(r[3])) for r in rows]
-
+    # -- reads in SQLite's own way (every other read and write: sql.py) ----------------------------
     @_errors
     def lookup(self, chunk_ids: Sequence[int], *, with_vectors: bool = False) -> dict[int, ChunkHitRow]:
         ids = [int(i) for i in chunk_ids]
@@ -225,34 +229,6 @@ class SqliteStore(DocumentStore):
         while rows := cur.fetchmany(batch):
             yield embedded_batch(rows)
 
-    @_errors
-    def docs_changed_since(self, seq: int) -> list[str]:
-        rows = self._r().execute(
-            "SELECT doc_id FROM changes WHERE seq>? GROUP BY doc_id ORDER BY MAX(seq)", (seq,)
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    @_errors
-    def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
-        return self._r().execute(
-            "SELECT seq, doc_id, version, op FROM changes WHERE seq>? ORDER BY seq", (seq,)
-        ).fetchall()
-
-    @_errors
-    def unembedded(self) -> list[tuple[DocState, int]]:
-        rows = self._r().execute(
-            "SELECT d.doc_id, d.version, d.acked_at, d.indexed_at, COUNT(c.chunk_id),"
-            " (SELECT COALESCE(MAX(seq), 0) FROM changes x WHERE x.doc_id=d.doc_id)"
-            " FROM documents d JOIN chunks c ON c.doc_id=d.doc_id AND c.version=d.version"
-            " WHERE d.deleted=0 AND c.embedding IS NULL GROUP BY d.doc_id ORDER BY 6"
-        ).fetchall()
-        return [(DocState(r[0], r[1], False, r[2], r[3], r[5]), r[4]) for r in rows]
-
-    @_errors
-    def max_seq(self) -> int:
-        (seq,) = self._r().execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
-        return int(seq)
-
     def wait_for_change(self, after_seq: int, timeout_s: float) -> bool:
         """Polls max_seq every 20 ms: the writer may be another process, which SQLite cannot signal."""
         deadline = time.monotonic() + timeout_s
@@ -263,34 +239,13 @@ class SqliteStore(DocumentStore):
             time.sleep(min(_POLL_S, left))
         return True
 
-    @_errors
-    def counts(self) -> tuple[int, int, int]:
-        r = self._r()
-        live, deleted = r.execute(
-            "SELECT COALESCE(SUM(deleted=0), 0), COALESCE(SUM(deleted=1), 0) FROM documents"
-        ).fetchone()
-        (chunks,) = r.execute(
-            "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.doc_id=c.doc_id AND d.version=c.version"
-            " AND d.deleted=0"
-        ).fetchone()
-        return int(live), int(chunks), int(deleted)
-
     # -- the finetuner's read-only view ------------------------------------------------------------
-    @_errors
-    def documents(self) -> list[DocRecord]:
-        rows = self._r().execute(
-            "SELECT doc_id, version, source, valid_from, acked_at, supersedes, text, deleted FROM documents"
-            " ORDER BY valid_from, doc_id"
-        ).fetchall()
-        return [doc_record(r) for r in rows]
-
     @_errors
     def cited_versions(self) -> set[tuple[str, int]]:
         """A store written before citations were recorded has no such table: nothing was cited."""
         try:
-            rows = self._r().execute("SELECT DISTINCT doc_id, version FROM citations").fetchall()
+            return super().cited_versions()
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise
             return set()
-        return {(r[0], int(r[1])) for r in rows}

@@ -2,6 +2,7 @@
 transaction (sqlite.py `_txn`). Several may share one transaction (a group commit: `write_many`), so none
 of them ends it; one that decides to write nothing just returns (an empty COMMIT flushes nothing).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from kfresh.indexer.rows import Applied, content_hash, vec_to_blob
 def upsert(w: sqlite3.Connection, doc: DocumentIn, chunks: Sequence[str], now: float | None) -> Ack:
     """A new version of `doc` with its chunks and a change-log entry, or nothing when the content is unchanged."""
     digest = content_hash(doc)
-    cur = w.execute("SELECT version, deleted, content_hash, acked_at FROM documents WHERE doc_id=?", (doc.id,)).fetchone()
+    cur = w.execute(
+        "SELECT version, deleted, content_hash, acked_at FROM documents WHERE doc_id=?", (doc.id,)
+    ).fetchone()
     if cur is not None and not cur[1] and cur[2] == digest:
         return _unchanged_ack(w, doc.id, cur[0], cur[3])
     version = 1 if cur is None else cur[0] + 1

@@ -1,4 +1,5 @@
 """Vector index backends behind one interface (base.VectorIndex) and a factory."""
+
 from __future__ import annotations
 
 from kfresh.indexer.vectors.base import VectorIndex

@@ -1,4 +1,5 @@
 """The seam every vector backend implements: int64 ids, unit vectors, inner-product scores."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

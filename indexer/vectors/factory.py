@@ -1,12 +1,13 @@
 """Build the configured vector index, empty or from snapshot bytes."""
+
 from __future__ import annotations
 
-from kfresh.config import IndexConfig
+from kfresh.core.config import IndexConfig
 from kfresh.indexer.vectors.base import VectorIndex
 
 
 def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
-    """An empty index of `cfg.kind`; 'gpu' raises kfresh.errors.Unavailable without faiss GPU + CUDA, 'torch'
+    """An empty index of `cfg.kind`; 'gpu' raises kfresh.core.errors.Unavailable without faiss GPU + CUDA, 'torch'
     with torch_device=cuda and no CUDA, 'milvus' without pymilvus. A milvus index is empty only if its collection is new: it connects to what exists."""
     if cfg.kind == "flat":
         from kfresh.indexer.vectors.flat import FlatIndex

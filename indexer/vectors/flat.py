@@ -1,4 +1,5 @@
 """Exact search: FAISS IndexIDMap2 over IndexFlatIP. The default; ids can be removed (O(n) per batch)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,7 +37,7 @@ class FaissStream:
     def write(self, sink: Callable[[bytes], None]) -> None:
         import faiss
 
-        faiss.write_index(self.index, faiss.PyCallbackIOWriter(sink, self.CHUNK))
+        faiss.write_index(self.index, faiss.PyCallbackIOWriter(sink, self.CHUNK))  # type: ignore[attr-defined]  # SWIG, not in faiss' stubs
 
 
 def deserialize(data: bytes | memoryview) -> Any:

@@ -1,9 +1,10 @@
 """FAISS GPU exact search (GpuIndexFlatIP). GPU indexes cannot remove ids, so it runs behind tombstones."""
+
 from __future__ import annotations
 
 from typing import Any
 
-from kfresh.errors import Unavailable
+from kfresh.core.errors import Unavailable
 from kfresh.indexer.vectors.tombstone import TombstoneIndex
 
 GPU_MAX_K = 2048  # faiss GPU k-selection limit

@@ -3,6 +3,7 @@
 Until `train_min` vectors exist the index is exact (flat); then k-means runs on them and everything
 migrates. Training runs in prepare_maintenance(), off the writer's lock, so searches keep going.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,7 +12,7 @@ a cache of it, like the FAISS backends, with three differences that follow from 
   and drops ids without a live row, widening the search when that leaves fewer than k hits. They do count
   in ntotal. Replicas sharing a collection must share one store (PostgreSQL): chunk ids of two unrelated
   stores collide, and a colliding id would resolve to the wrong chunk.
-- Milvus failures (server down, timeouts) raise kfresh.errors.Unavailable, i.e. gRPC UNAVAILABLE.
+- Milvus failures (server down, timeouts) raise kfresh.core.errors.Unavailable, i.e. gRPC UNAVAILABLE.
 
 Every call uses Strong consistency, so a vector upserted by add() is found by the very next search()
 (`kfresh bench backends`, milvus-lite 3.2.2 on 2 cores: a one-vector upsert takes 1.1-1.7 ms p50, and the
@@ -20,6 +20,7 @@ first search after it found the vector in 50 of 50 trials at 20k and at 100k vec
 rows not yet sealed into a segment one by one on every search, so after index.milvus_flush_rows written
 rows the maintenance hook seals them (local files only).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.config import IndexConfig
+from kfresh.core.config import IndexConfig
 from kfresh.indexer.vectors import milvus_conn as conn
 from kfresh.indexer.vectors.base import VectorIndex, as_ids, as_vecs
 
@@ -103,8 +104,14 @@ class MilvusIndex(VectorIndex):
         params = {"metric_type": "IP", "params": conn.search_params(self.cfg, self.index_type, limit)}
         with conn.unavailable_on_failure(self.uri, "search"):
             result = self._client.search(
-                self.collection, data=list(q), limit=limit, anns_field=conn.VEC_FIELD, search_params=params,
-                output_fields=[conn.ID_FIELD], consistency_level="Strong", timeout=self.cfg.milvus_timeout_s,
+                self.collection,
+                data=list(q),
+                limit=limit,
+                anns_field=conn.VEC_FIELD,
+                search_params=params,
+                output_fields=[conn.ID_FIELD],
+                consistency_level="Strong",
+                timeout=self.cfg.milvus_timeout_s,
             )
         for row, hits in enumerate(result):
             n = min(len(hits), k)
@@ -183,7 +190,10 @@ class MilvusIndex(VectorIndex):
             raise ValueError("not a milvus index manifest")
         if manifest.get("dim") != dim:
             raise ValueError(f"snapshot index has dim {manifest.get('dim')}, expected {dim}")
-        if not conn.same_uri(str(manifest.get("uri")), cfg.milvus_uri) or manifest.get("collection") != cfg.milvus_collection:
+        if (
+            not conn.same_uri(str(manifest.get("uri")), cfg.milvus_uri)
+            or manifest.get("collection") != cfg.milvus_collection
+        ):
             raise ValueError(f"snapshot names Milvus {manifest.get('uri')}/{manifest.get('collection')}, "
                              f"configured {cfg.milvus_uri}/{cfg.milvus_collection}")  # fmt: skip
         return cls(dim, cfg, create=False)

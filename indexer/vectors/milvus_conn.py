@@ -6,6 +6,7 @@ file on first use and keeps it until the process exits. We count the MilvusIndex
 that server when the last one closes, so an Indexer restart in the same process reopens the file (and its
 write-ahead log) for real, and test suites do not pile up one server per temporary file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import IndexConfig
-from kfresh.errors import Unavailable
+from kfresh.core.config import IndexConfig
+from kfresh.core.errors import Unavailable
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -154,7 +155,7 @@ def check_schema(desc: dict, name: str, dim: int) -> None:
     if not ok:
         raise ValueError(f"Milvus collection {name!r} was not made by kfresh (needs INT64 primary key "
                          f"{ID_FIELD!r} and FLOAT_VECTOR {VEC_FIELD!r}); set index.milvus_collection to another name")  # fmt: skip
-    found = int(vec["params"].get("dim", -1))
+    found = int(vec["params"].get("dim", -1))  # type: ignore[index]  # vec is checked above
     if found != dim:
         raise ValueError(f"Milvus collection {name!r} holds {found}-dimensional vectors but the embedder makes {dim}; "
                          "set index.milvus_collection to a new name for this embedder")  # fmt: skip

@@ -4,6 +4,7 @@ Each vector lives at a position of the inner index; `pos2id` maps positions to i
 are tombstoned. A search asks for k + (tombstones) results so filtering them never loses a live hit, and
 the index is rebuilt from its live vectors once tombstones exceed `compact_ratio` of what it holds.
 """
+
 from __future__ import annotations
 
 import io

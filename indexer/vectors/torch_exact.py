@@ -5,6 +5,7 @@ matmul against the live rows and a topk, so it is exact like the flat index. A r
 rows into the freed slots (swap-remove), so the live rows stay contiguous: no tombstones, no compaction.
 Slot -> id stays on the host (numpy), id -> slot in a dict. Snapshots hold the live ids and vectors (npz).
 """
+
 from __future__ import annotations
 
 import io
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.errors import Unavailable
+from kfresh.core.errors import Unavailable
 from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs
 
 log = logging.getLogger("kfresh.indexer")
@@ -29,7 +30,9 @@ def torch_device(device: str) -> str:
     except ImportError as exc:
         raise Unavailable(f"index.kind='torch' needs torch ({exc}); it comes with sentence-transformers") from exc
     if device == "auto":
-        from kfresh.indexer.embedder import resolve_device  # the one rule for 'auto', shared with the embedder
+        from kfresh.indexer.embedding.embedder import (
+            resolve_device,  # the one rule for 'auto', shared with the embedder
+        )
 
         return resolve_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():

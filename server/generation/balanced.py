@@ -9,6 +9,7 @@ Invariants:
 - a request that fails before its first token moves to another replica; after the first token it
   cannot (the client has the start of an answer), and the error propagates.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from kfresh.config import GenerationConfig
-from kfresh.errors import KfreshError, NotFound, Unavailable
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import KfreshError, NotFound, Unavailable
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.generation.openai_remote import OpenAIRemoteBackend
 
@@ -133,7 +134,7 @@ class BalancedRemoteBackend(GenerationBackend):
             await asyncio.sleep(self._cfg.remote_health_interval_s)
             try:
                 await self.refresh()
-            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad round
+            except Exception:
                 log.exception("replica_health_round_failed")
 
     def _pick(self, tried: set[int]) -> Replica:
@@ -178,13 +179,17 @@ class BalancedRemoteBackend(GenerationBackend):
         """On every routable replica, or on none (those that loaded it unload it again)."""
         async with self._lock:
             targets = [r for r in self.replicas if r.routable and name not in r.adapters]
-            results = await asyncio.gather(*(r.backend.load_adapter(name, path) for r in targets), return_exceptions=True)
+            results = await asyncio.gather(
+                *(r.backend.load_adapter(name, path) for r in targets), return_exceptions=True
+            )
             failed = [(r, e) for r, e in zip(targets, results) if isinstance(e, BaseException)]
             loaded = [r for r, e in zip(targets, results) if not isinstance(e, BaseException)]
             if failed:
                 await asyncio.gather(*(r.backend.unload_adapter(name) for r in loaded), return_exceptions=True)
                 replica, exc = failed[0]
-                raise Unavailable(f"adapter {name!r} not loaded on every replica ({replica.url}: {exc}); none serve it") from exc
+                raise Unavailable(
+                    f"adapter {name!r} not loaded on every replica ({replica.url}: {exc}); none serve it"
+                ) from exc
             for replica in loaded:
                 replica.adapters.add(name)
             self._adapters[name] = path
@@ -193,7 +198,9 @@ class BalancedRemoteBackend(GenerationBackend):
         async with self._lock:
             self._adapters.pop(name, None)
             holders = [r for r in self.replicas if name in r.adapters]
-            await asyncio.gather(*(r.backend.unload_adapter(name) for r in holders if r.routable), return_exceptions=True)
+            await asyncio.gather(
+                *(r.backend.unload_adapter(name) for r in holders if r.routable), return_exceptions=True
+            )
             for replica in holders:
                 # A replica that is down keeps it in its memory: harmless, kfresh never asks for this name again
                 # (every adapter version has its own name).

@@ -1,4 +1,5 @@
 """The server <-> model seam: a narrow async interface that every generation backend implements."""
+
 from __future__ import annotations
 
 import abc
@@ -52,7 +53,7 @@ class GenerationBackend(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream output; cancelling the consumer (or aclose()) aborts the request in the engine.
 
-        Raises kfresh.errors.Unavailable when the model is not ready or the engine failed.
+        Raises kfresh.core.errors.Unavailable when the model is not ready or the engine failed.
         """
 
     @abc.abstractmethod

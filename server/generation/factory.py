@@ -1,7 +1,8 @@
 """Pick the generation backend named by the config."""
+
 from __future__ import annotations
 
-from kfresh.config import KfreshConfig
+from kfresh.core.config import KfreshConfig
 from kfresh.server.generation.base import GenerationBackend
 
 

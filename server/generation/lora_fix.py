@@ -7,6 +7,7 @@ with the index clamped to 0 and then mask the -1 rows out, so those rows are lef
 computed them. vLLM calls `register()` in every process it starts (front end, EngineCore, the spawned
 worker) through the `vllm.general_plugins` entry point declared in pyproject.toml.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -43,7 +44,9 @@ def _gather(inputs: Any, weights: Any, indices: Any, dtype: Any) -> tuple[Any, A
     return torch.where(active.unsqueeze(-1), outputs, outputs.new_zeros(())), active
 
 
-def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0) -> None:
+def bgmv_shrink(
+    inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any, scaling: float = 1.0
+) -> None:
     outputs, _ = _gather(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
@@ -87,7 +90,9 @@ def _signatures_match(module: Any) -> bool:
     for name, params in EXPECTED.items():
         fn = getattr(module, name, None)
         if fn is None or list(inspect.signature(fn).parameters) != params:
-            log.warning("kfresh LoRA fix not applied: %s.%s changed shape; check the -1 index bug by hand", OPS_MODULE, name)
+            log.warning(
+                "kfresh LoRA fix not applied: %s.%s changed shape; check the -1 index bug by hand", OPS_MODULE, name
+            )
             return False
     return True
 

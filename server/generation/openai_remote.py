@@ -3,6 +3,7 @@
 Streaming uses server-sent events from POST /v1/chat/completions. Closing the HTTP stream is the
 abort: vLLM cancels a request whose client disconnected.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from kfresh.config import GenerationConfig
-from kfresh.errors import InvalidInput, KfreshError, NotFound, Overloaded, Unavailable
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import InvalidInput, KfreshError, NotFound, Overloaded, Unavailable
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)

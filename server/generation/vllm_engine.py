@@ -4,6 +4,7 @@ The engine runs in two child processes (EngineCore + worker, spawned) and stream
 asyncio loop that called `start()`; every later call must come from that same loop.
 Scripts that start it need an `if __name__ == "__main__":` guard.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from kfresh.config import GenerationConfig
-from kfresh.errors import InvalidInput, KfreshError, NotFound, Overloaded, Unavailable
+from kfresh.core.config import GenerationConfig
+from kfresh.core.errors import InvalidInput, KfreshError, NotFound, Overloaded, Unavailable
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class VllmEngineBackend(GenerationBackend):
         except KfreshError:
             raise
         except Exception as exc:
-            raise Unavailable(f"the vLLM engine failed to start for {self._model_path}: {type(exc).__name__}: {exc}") from exc
+            raise Unavailable(
+                f"the vLLM engine failed to start for {self._model_path}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._dead = False
         self.start_seconds = time.perf_counter() - t0
         log.info("vLLM engine ready in %.1f s (model %s)", self.start_seconds, self._model_path)
@@ -210,7 +213,9 @@ class VllmEngineBackend(GenerationBackend):
 
     def _require_engine(self) -> Any:
         if not self.ready:
-            raise Unavailable("the vLLM engine is not running" if self._engine is None else "the vLLM engine has failed")
+            raise Unavailable(
+                "the vLLM engine is not running" if self._engine is None else "the vLLM engine has failed"
+            )
         return self._engine
 
     def _adapter_request(self, adapter: str | None) -> Any:

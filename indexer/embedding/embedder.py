@@ -1,4 +1,5 @@
 """Text -> unit-norm float32 vectors. A protocol so tests and benchmarks can wrap the real model."""
+
 from __future__ import annotations
 
 import logging
@@ -8,10 +9,10 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from kfresh.errors import Unavailable
+from kfresh.core.errors import Unavailable
 
 if TYPE_CHECKING:
-    from kfresh.config import KfreshConfig
+    from kfresh.core.config import KfreshConfig
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -85,7 +86,10 @@ class SentenceTransformerEmbedder:
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         return self._model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
             show_progress_bar=False,
         )
 
@@ -111,9 +115,11 @@ def create_embedder(cfg: KfreshConfig) -> Embedder:
     backend = resolve_backend(ecfg.backend, device)
     if backend != "torch":
         if device != "cpu":
-            raise Unavailable(f"embedder.backend={backend} runs on the CPU only; set embedder.backend=torch for {device}")
-        from kfresh.indexer.embedder_onnx import OnnxEmbedder
-        from kfresh.onnx_export import ExportError, onnx_folder
+            raise Unavailable(
+                f"embedder.backend={backend} runs on the CPU only; set embedder.backend=torch for {device}"
+            )
+        from kfresh.indexer.embedding.onnx_embedder import OnnxEmbedder
+        from kfresh.indexer.embedding.onnx_export import ExportError, onnx_folder
 
         try:
             return OnnxEmbedder(

@@ -1,4 +1,5 @@
 """File helpers shared by the store snapshots, the model provisioning and the adapter registry."""
+
 from __future__ import annotations
 
 import hashlib

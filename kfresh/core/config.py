@@ -3,6 +3,7 @@
 Environment variables use `__` between section and field: `KFRESH_GENERATION__BACKEND=remote`.
 A TOML file is read from `$KFRESH_CONFIG` or `./kfresh.toml` when present.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,13 @@ class StoreConfig(_Section):
         description="PostgreSQL libpq connection string or postgresql:// URL (kind postgres); it may hold a password, "
         "so set it through KFRESH_STORE__DSN (e.g. from a Secret) rather than a flag.",
     )
-    pool_size: int = Field(8, ge=1, le=256, description="PostgreSQL: most read connections of one process (searches run on many threads).")
+    pool_size: int = Field(
+        8, ge=1, le=256, description="PostgreSQL: most read connections of one process (searches run on many threads)."
+    )
     group_commit_max: int = Field(
-        64, ge=1, le=4096,
+        64,
+        ge=1,
+        le=4096,
         description="Most messages of one Ingest stream committed in one transaction (those already received; a lone "
         "message commits at once). 1 = a transaction per message.",
     )
@@ -83,10 +88,15 @@ class IndexConfig(_Section):
     )  # fmt: skip
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists (ivf kind only).")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
-    ivf_train_min: int = Field(20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that.")
-    compact_ratio: float = Field(0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors.")
+    ivf_train_min: int = Field(
+        20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that."
+    )
+    compact_ratio: float = Field(
+        0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors."
+    )
     torch_device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
         description="torch kind: where the vectors live and are searched; auto = CUDA when torch sees a GPU, else the CPU.",
     )
     milvus_uri: str = Field(
@@ -95,19 +105,28 @@ class IndexConfig(_Section):
         "http(s)://host:19530 (a Milvus server or cluster; same code).",
     )
     milvus_collection: str = Field(
-        "kfresh_chunks", min_length=1, max_length=255, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        "kfresh_chunks",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="milvus kind: collection name; replicas that share it share the vectors (never dropped by kfresh).",
     )
-    milvus_token: SecretStr = Field(SecretStr(""), description="milvus kind: 'user:password' or API key of a secured Milvus.")
+    milvus_token: SecretStr = Field(
+        SecretStr(""), description="milvus kind: 'user:password' or API key of a secured Milvus."
+    )
     milvus_index_type: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = Field(
-        "FLAT", description="milvus kind: FLAT is exact; IVF_FLAT and HNSW are approximate (milvus-lite supports all four)."
+        "FLAT",
+        description="milvus kind: FLAT is exact; IVF_FLAT and HNSW are approximate (milvus-lite supports all four).",
     )
     milvus_nlist: int = Field(1024, ge=1, le=65_536, description="milvus kind, IVF_FLAT: lists built per segment.")
     milvus_nprobe: int = Field(32, ge=1, le=65_536, description="milvus kind, IVF_FLAT: lists probed per query.")
     milvus_hnsw_m: int = Field(16, ge=2, le=2048, description="milvus kind, HNSW: graph degree (M).")
-    milvus_hnsw_ef: int = Field(64, ge=1, le=32_768, description="milvus kind, HNSW: search breadth (ef); raised to k when smaller.")
+    milvus_hnsw_ef: int = Field(
+        64, ge=1, le=32_768, description="milvus kind, HNSW: search breadth (ef); raised to k when smaller."
+    )
     milvus_flush_rows: int = Field(
-        1024, ge=0,
+        1024,
+        ge=0,
         description="milvus kind, milvus-lite only: seal written rows into an indexed segment after this many (its unsealed "
         "rows are scanned row by row on every search); 0 = never. A Milvus server seals segments itself.",
     )
@@ -129,12 +148,15 @@ class ReplicationConfig(_Section):
         "auto", description="Apply changes other replicas acknowledged: auto = when the store is PostgreSQL (shared)."
     )
     poll_s: float = Field(
-        0.5, gt=0, le=60,
+        0.5,
+        gt=0,
+        le=60,
         description="Longest wait for a change before re-reading the log (PostgreSQL wakes the follower at once "
         "through LISTEN/NOTIFY; SQLite shared by processes on one machine is polled every 20 ms within it).",
     )
     takeover_s: float = Field(
-        2.0, ge=0,
+        2.0,
+        ge=0,
         description="A foreign change still unembedded after this long is embedded here (its replica may have "
         "died); before that the follower waits for its owner's embeddings, so each change is embedded once.",
     )
@@ -152,12 +174,21 @@ class EmbedderConfig(_Section):
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Largest micro-batch of chunks embedded at once.")
     max_wait_ms: float = Field(
-        5.0, ge=0, le=10_000, description="Longest a change waits, from its enqueue, for others to fill its micro-batch (none once the worker is behind)."
+        5.0,
+        ge=0,
+        le=10_000,
+        description="Longest a change waits, from its enqueue, for others to fill its micro-batch (none once the worker is behind).",
     )
-    queue_size: int = Field(4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED.")
-    queue_wait_ms: float = Field(2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED.")
+    queue_size: int = Field(
+        4096, ge=1, description="Documents acknowledged but not yet indexed; beyond it RESOURCE_EXHAUSTED."
+    )
+    queue_wait_ms: float = Field(
+        2000.0, ge=0, description="How long an ingest waits for queue space before RESOURCE_EXHAUSTED."
+    )
     threads: int = Field(
-        0, ge=0, description="Embedding threads: torch's intra-op threads, or onnx's parallel lanes (single-threaded runs, "
+        0,
+        ge=0,
+        description="Embedding threads: torch's intra-op threads, or onnx's parallel lanes (single-threaded runs, "
         "each on its own part of a batch); 0 = torch's default, or one onnx lane per usable core.",
     )
 
@@ -167,7 +198,9 @@ class RetrievalConfig(_Section):
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_query_chars: int = Field(4_000, ge=1, description="Longer queries are rejected with INVALID_ARGUMENT.")
     query_cache_size: int = Field(
-        4_096, ge=0, description="Query embeddings kept in an LRU cache (repeated queries skip the model; results are never cached). 0 = off."
+        4_096,
+        ge=0,
+        description="Query embeddings kept in an LRU cache (repeated queries skip the model; results are never cached). 0 = off.",
     )
 
 
@@ -177,10 +210,15 @@ class AnswerConfig(_Section):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     temperature: float = Field(0.0, ge=0, le=2, description="Default sampling temperature (0 = greedy).")
     conflict_similarity: float = Field(
-        0.65, ge=0, le=1, description="Passages from different documents this similar are treated as versions of one fact; the newest wins."
+        0.65,
+        ge=0,
+        le=1,
+        description="Passages from different documents this similar are treated as versions of one fact; the newest wins.",
     )
     min_score: float = Field(0.2, ge=-1, le=1, description="Passages scoring below this are not shown to the model.")
-    score_margin: float = Field(0.25, ge=0, le=2, description="Passages scoring this far below the best one are not shown to the model.")
+    score_margin: float = Field(
+        0.25, ge=0, le=2, description="Passages scoring this far below the best one are not shown to the model."
+    )
     max_concurrent: int = Field(32, ge=1, description="Concurrent generations; beyond it RESOURCE_EXHAUSTED.")
     prompt_format: Literal["system", "sandwich", "user"] = Field(
         "sandwich",
@@ -195,7 +233,7 @@ class AnswerConfig(_Section):
     quote: bool = Field(
         True,
         description="After the model's answer, quote the sentence of the passages shown that best matches the question, "
-        "verbatim, as [n] \"...\" (picked by the embedder; skipped when the answer already holds it).",
+        'verbatim, as [n] "..." (picked by the embedder; skipped when the answer already holds it).',
     )
     refuse_without_passages: bool = Field(
         True,
@@ -206,36 +244,55 @@ class AnswerConfig(_Section):
 class GenerationConfig(_Section):
     """The model behind Answer."""
 
-    backend: Literal["vllm", "remote"] = Field("vllm", description="vllm: in-process engine; remote: a vLLM OpenAI-compatible server.")
+    backend: Literal["vllm", "remote"] = Field(
+        "vllm", description="vllm: in-process engine; remote: a vLLM OpenAI-compatible server."
+    )
     remote_url: str = Field(
         "http://127.0.0.1:8000",
         description="Base URL of the remote vLLM server (remote backend); several, comma-separated = balanced replicas.",
     )
-    remote_health_interval_s: float = Field(2.0, gt=0, description="How often each remote replica's /health is checked (and the model behind health service \"\" after start).")
+    remote_health_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description='How often each remote replica\'s /health is checked (and the model behind health service "" after start).',
+    )
     remote_model: str = Field("", description="Model name on the remote server; empty = the first model it lists.")
     remote_timeout_s: float = Field(60.0, gt=0, description="HTTP timeout for the remote backend.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights dtype (float32 is batch-invariant).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights dtype (float32 is batch-invariant)."
+    )
     max_model_len: int = Field(2048, ge=128, description="Context length the engine reserves for.")
     kv_cache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU boxes (GiB).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take (CUDA only).")
     enforce_eager: bool = Field(True, description="Skip graph compilation: ~25 s start instead of ~100 s.")
     enable_lora: bool = Field(
-        False, description="Serve LoRA adapters from finetune.registry_dir; slows generation even with none active (README: Adapters)."
+        False,
+        description="Serve LoRA adapters from finetune.registry_dir; slows generation even with none active (README: Adapters).",
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
-    max_loras: int = Field(2, ge=1, le=64, description="Adapters kept loaded at once: the served one and the rollback target.")
-    adapter_poll_s: float = Field(1.0, gt=0, le=3600, description="How often the server checks the registry for a newly promoted adapter.")
+    max_loras: int = Field(
+        2, ge=1, le=64, description="Adapters kept loaded at once: the served one and the rollback target."
+    )
+    adapter_poll_s: float = Field(
+        1.0, gt=0, le=3600, description="How often the server checks the registry for a newly promoted adapter."
+    )
 
 
 class FinetuneConfig(_Section):
     """Distillation of validated knowledge into LoRA adapters (finetuner/)."""
 
-    registry_dir: Path = Field(DEFAULT_HOME / "adapters", description="Versioned adapter registry (manifests + weights).")
-    work_dir: Path = Field(DEFAULT_HOME / "distill", description="Scratch folder for extraction records, training runs and gate reports.")
+    registry_dir: Path = Field(
+        DEFAULT_HOME / "adapters", description="Versioned adapter registry (manifests + weights)."
+    )
+    work_dir: Path = Field(
+        DEFAULT_HOME / "distill", description="Scratch folder for extraction records, training runs and gate reports."
+    )
     trusted_sources: list[str] = Field(
         default_factory=lambda: ["*"], description="Glob patterns of document sources the finetuner may learn from."
     )
-    stable_for_s: float = Field(3600.0, ge=0, description="A document must be unchanged this long before it is learned.")
+    stable_for_s: float = Field(
+        3600.0, ge=0, description="A document must be unchanged this long before it is learned."
+    )
     require_cited: bool = Field(False, description="Learn only documents that answers have retrieved and cited.")
     max_facts: int = Field(64, ge=1, description="Most facts distilled in one run.")
     seed: int = Field(0, description="Seed for sampling, splits and training.")
@@ -250,7 +307,9 @@ class FinetuneConfig(_Section):
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
     batch_size: int = Field(4, ge=1, description="Fact examples per step (plus as many replay examples).")
     max_epochs: int = Field(12, ge=1, description="Upper bound on epochs; early stopping usually ends sooner.")
-    kl_weight: float = Field(3.0, ge=0, description="Weight of the KL penalty toward the base model on replay examples.")
+    kl_weight: float = Field(
+        3.0, ge=0, description="Weight of the KL penalty toward the base model on replay examples."
+    )
     replay_ratio: int = Field(1, ge=1, le=4, description="Replay sequences per fact example in each step.")
     context_examples: int = Field(
         1, ge=0, le=3,
@@ -258,22 +317,48 @@ class FinetuneConfig(_Section):
         "answer follows; second: the fact's own passage; third: another different value).",
     )  # fmt: skip
     learned_accuracy: float = Field(
-        0.9, gt=0, le=1, description="Validation object accuracy at which the facts count as learned and the rate anneals."
+        0.9,
+        gt=0,
+        le=1,
+        description="Validation object accuracy at which the facts count as learned and the rate anneals.",
     )
-    anneal_epochs: int = Field(2, ge=0, description="Epochs over which the rate decays to zero once the facts are learned.")
+    anneal_epochs: int = Field(
+        2, ge=0, description="Epochs over which the rate decays to zero once the facts are learned."
+    )
     time_budget_s: float = Field(600.0, gt=0, description="Hard wall-clock budget for training.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where training runs.")
-    min_new_recall: float = Field(0.6, ge=0, le=1, description="Gate: closed-book accuracy on held-out questions about the new facts.")
-    max_general_drop: float = Field(0.1, ge=0, le=1, description="Gate: largest allowed drop in general-question accuracy.")
-    max_perplexity_increase: float = Field(0.1, ge=0, description="Gate: largest allowed relative rise in general-text perplexity.")
-    min_previous_recall: float = Field(0.6, ge=0, le=1, description="Gate: accuracy kept on the previous adapter's facts.")
+    min_new_recall: float = Field(
+        0.6, ge=0, le=1, description="Gate: closed-book accuracy on held-out questions about the new facts."
+    )
+    max_general_drop: float = Field(
+        0.1, ge=0, le=1, description="Gate: largest allowed drop in general-question accuracy."
+    )
+    max_perplexity_increase: float = Field(
+        0.1, ge=0, description="Gate: largest allowed relative rise in general-text perplexity."
+    )
+    min_previous_recall: float = Field(
+        0.6, ge=0, le=1, description="Gate: accuracy kept on the previous adapter's facts."
+    )
     interval_s: float = Field(0.0, ge=0, description="Scheduler: run every this many seconds (0 = off).")
     min_new_documents: int = Field(20, ge=1, description="Scheduler: run once this many new validated documents exist.")
-    auto: bool = Field(False, description="Run distillation inside `kfresh serve` on the schedule (interval_s and/or min_new_documents).")
-    check_every_s: float = Field(60.0, gt=0, description="Scheduler: how often the server counts new validated documents.")
-    worker_threads: int = Field(1, ge=0, description="Torch threads of the distillation worker (0 = torch's default); 1 beside a server on a small box.")
-    worker_nice: int = Field(10, ge=0, le=19, description="CPU niceness of the distillation worker, so answers keep their latency.")
-    min_extraction_f1: float = Field(0.8, ge=0, le=1, description="Gate: extraction F1 against reviewed gold facts, where the documents have them.")
+    auto: bool = Field(
+        False,
+        description="Run distillation inside `kfresh serve` on the schedule (interval_s and/or min_new_documents).",
+    )
+    check_every_s: float = Field(
+        60.0, gt=0, description="Scheduler: how often the server counts new validated documents."
+    )
+    worker_threads: int = Field(
+        1,
+        ge=0,
+        description="Torch threads of the distillation worker (0 = torch's default); 1 beside a server on a small box.",
+    )
+    worker_nice: int = Field(
+        10, ge=0, le=19, description="CPU niceness of the distillation worker, so answers keep their latency."
+    )
+    min_extraction_f1: float = Field(
+        0.8, ge=0, le=1, description="Gate: extraction F1 against reviewed gold facts, where the documents have them."
+    )
 
 
 class NatsConfig(_Section):
@@ -281,14 +366,21 @@ class NatsConfig(_Section):
 
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated for a cluster.")
     stream: str = Field("KFRESH", description="JetStream stream that holds the document messages.")
-    subject: str = Field("kfresh.docs", description="Subject of the document messages (JSON like `kfresh ingest` JSONL lines).")
+    subject: str = Field(
+        "kfresh.docs", description="Subject of the document messages (JSON like `kfresh ingest` JSONL lines)."
+    )
     durable: str = Field("kfresh-ingest", description="Durable pull consumer name; its position survives restarts.")
     create_stream: bool = Field(True, description="Create the stream (file storage) when it does not exist.")
-    ack_wait_s: float = Field(60.0, gt=0, description="A delivered message not acknowledged within this is redelivered.")
+    ack_wait_s: float = Field(
+        60.0, gt=0, description="A delivered message not acknowledged within this is redelivered."
+    )
     fetch_timeout_s: float = Field(1.0, gt=0, description="How long one fetch waits for messages.")
-    retry_delay_s: float = Field(2.0, ge=0, description="Redelivery delay after the kfresh server was unavailable or overloaded.")
+    retry_delay_s: float = Field(
+        2.0, ge=0, description="Redelivery delay after the kfresh server was unavailable or overloaded."
+    )
     dead_letter_subject: str = Field(
-        "kfresh.dead", description="Where messages kfresh can never accept go (with the reason in a header); '' = drop them."
+        "kfresh.dead",
+        description="Where messages kfresh can never accept go (with the reason in a header); '' = drop them.",
     )
 
 
@@ -317,16 +409,24 @@ class ServerConfig(_Section):
         description="Bearer tokens inline, 'TOKEN SCOPE[,SCOPE]' entries separated by ';' or newlines; "
         "set it through KFRESH_SERVER__AUTH_TOKENS rather than a flag (flags show in ps).",
     )
-    tls_cert_file: Path | None = Field(None, description="PEM server certificate (chain); set with tls_key_file = TLS only.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain); set with tls_key_file = TLS only."
+    )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     tls_client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle client certificates must chain to; set = mutual TLS (a client certificate is required)."
+        None,
+        description="PEM CA bundle client certificates must chain to; set = mutual TLS (a client certificate is required).",
     )
     allow_insecure_public: bool = Field(
-        False, description="Start on a non-loopback host without authentication anyway (logged as a warning); off = refuse."
+        False,
+        description="Start on a non-loopback host without authentication anyway (logged as a warning); off = refuse.",
     )
-    keepalive_time_s: float = Field(60.0, gt=0, description="The server pings a connection idle this long to find dead peers.")
-    keepalive_timeout_s: float = Field(20.0, gt=0, description="A peer that does not answer a ping within this is disconnected.")
+    keepalive_time_s: float = Field(
+        60.0, gt=0, description="The server pings a connection idle this long to find dead peers."
+    )
+    keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="A peer that does not answer a ping within this is disconnected."
+    )
     min_client_ping_interval_s: float = Field(
         10.0, ge=0, description="Client keepalive pings closer together than this are strikes (abuse protection)."
     )
@@ -334,7 +434,8 @@ class ServerConfig(_Section):
         2, ge=1, description="Too-frequent pings tolerated before the connection is closed (GOAWAY too_many_pings)."
     )
     keepalive_permit_without_calls: bool = Field(
-        False, description="Accept client keepalive pings on connections with no call in flight (off = they count as strikes)."
+        False,
+        description="Accept client keepalive pings on connections with no call in flight (off = they count as strikes).",
     )
 
     @model_validator(mode="after")
@@ -342,19 +443,27 @@ class ServerConfig(_Section):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
-            raise ValueError("server.tls_client_ca_file (mutual TLS) needs server.tls_cert_file and server.tls_key_file")
+            raise ValueError(
+                "server.tls_client_ca_file (mutual TLS) needs server.tls_cert_file and server.tls_key_file"
+            )
         return self
 
 
 class ClientConfig(_Section):
     """How the client commands (ingest, ask, retrieve, delete, stats, adapters) reach a secured server."""
 
-    token: SecretStr = Field(SecretStr(""), description="Bearer token to send; set it through KFRESH_CLIENT__TOKEN or token_file.")
+    token: SecretStr = Field(
+        SecretStr(""), description="Bearer token to send; set it through KFRESH_CLIENT__TOKEN or token_file."
+    )
     token_file: Path | None = Field(None, description="File whose first line is the bearer token (wins over token).")
-    tls_ca_file: Path | None = Field(None, description="PEM root certificate(s) that sign the server's; set = connect with TLS.")
+    tls_ca_file: Path | None = Field(
+        None, description="PEM root certificate(s) that sign the server's; set = connect with TLS."
+    )
     tls_cert_file: Path | None = Field(None, description="PEM client certificate for mutual TLS (with tls_key_file).")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
-    tls_server_name: str = Field("", description="Name checked against the server certificate when it differs from the address host.")
+    tls_server_name: str = Field(
+        "", description="Name checked against the server certificate when it differs from the address host."
+    )
 
 
 class KfreshConfig(BaseSettings):

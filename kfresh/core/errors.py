@@ -1,4 +1,5 @@
 """Domain errors, free of gRPC: the server maps each kind to one status code (server/errors.py)."""
+
 from __future__ import annotations
 
 

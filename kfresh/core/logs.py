@@ -1,4 +1,5 @@
 """Structured logging: key=value text by default, one JSON object per line with --log-json."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
 """The embedder on onnxruntime: the same vectors as sentence-transformers, several times cheaper per query.
 
-`kfresh.onnx_export` turns the model folder into one graph (transformer + mean pooling + L2 norm), once.
+`kfresh.indexer.embedding.onnx_export` turns the model folder into one graph (transformer + mean pooling + L2 norm), once.
 Here a fast tokenizer feeds it batches sorted by length (less padding). Each run is single-threaded and a
 large encode is split into parallel lanes, one run per core, pulling length-sorted parts. On this 2-core box
 lanes embed 1.08x the docs/s of one run on two intra-op threads, and 1.23x beside one or two busy
@@ -10,6 +10,7 @@ queues behind the worker's lanes.
 fp32 matches torch to ~1e-6 cosine and keeps the model's name (stored vectors stay valid); int8 is a
 different vector space and is named so (switching re-embeds).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.errors import Unavailable
+from kfresh.core.errors import Unavailable
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -46,13 +47,19 @@ def split_parts(order: np.ndarray, batch_size: int, lanes: int) -> list[np.ndarr
 
 
 class OnnxEmbedder:
-    """An exported embedder folder (see kfresh.onnx_export) on the onnxruntime CPU provider.
+    """An exported embedder folder (see kfresh.indexer.embedding.onnx_export) on the onnxruntime CPU provider.
     `threads` is the number of lanes (0 = the usable cores). The one session is shared by the lanes and runs
     each call on `intra_op_threads` (1: the parallelism comes from the lanes; more, with threads=1, is the
     single multi-threaded run that the lanes replaced, kept for `kfresh.benchmarks.lanes`)."""
 
     def __init__(
-        self, folder: str | Path, *, name: str, quantized: bool = False, threads: int = 0, batch_size: int = 32,
+        self,
+        folder: str | Path,
+        *,
+        name: str,
+        quantized: bool = False,
+        threads: int = 0,
+        batch_size: int = 32,
         intra_op_threads: int = 1,
     ) -> None:
         try:
@@ -61,7 +68,7 @@ class OnnxEmbedder:
         except ImportError as exc:
             raise Unavailable(f"embedder.backend=onnx needs onnxruntime ({exc}): pip install onnxruntime, "
                               "or set embedder.backend=torch") from exc  # fmt: skip
-        from kfresh.onnx_export import FP32_FILE, INT8_FILE, read_marker
+        from kfresh.indexer.embedding.onnx_export import FP32_FILE, INT8_FILE, read_marker
 
         folder = Path(folder)
         marker = read_marker(folder)

@@ -4,6 +4,7 @@ loopback port, fresh databases on demand, stopped and removed at the end.
 initdb refuses to run as root, so as root every server command runs as the unprivileged `postgres` user
 (`runuser -u postgres --`) in a folder it owns. fsync stays on: the store's durability is what is measured.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from kfresh.net import free_port
+from kfresh.core.net import free_port
+
 
 def find_pg_bin() -> Path | None:
     """The newest installed PostgreSQL's bin folder (Debian's /usr/lib/postgresql/N/bin), else initdb on PATH."""

@@ -1,11 +1,12 @@
 """Python clients for a kfresh server: `KfreshClient` (blocking) and `AsyncKfreshClient` (asyncio).
 
-    with KfreshClient("127.0.0.1:50051") as client:
-        client.wait_ready(timeout=120)
-        acks = list(client.ingest([document("doc-1", "Some text", source="notes")]))
-        for event in client.answer("What does the note say?"):
-            ...
+with KfreshClient("127.0.0.1:50051") as client:
+    client.wait_ready(timeout=120)
+    acks = list(client.ingest([document("doc-1", "Some text", source="notes")]))
+    for event in client.answer("What does the note say?"):
+        ...
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from kfresh.core.time import to_timestamp
 from kfresh.v1 import kfresh_pb2 as pb
 from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from kfresh.config import ClientConfig
+    from kfresh.core.config import ClientConfig
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 SERVICE_NAME = "kfresh.v1.Kfresh"
@@ -41,9 +42,7 @@ def document(
     """Build a Document message; `valid_from` is unix seconds."""
     doc = pb.Document(id=id, text=text, source=source, metadata=metadata or {}, supersedes=list(supersedes))
     if valid_from is not None:
-        ts = Timestamp()
-        ts.FromNanoseconds(int(valid_from * 1e9))
-        doc.valid_from.CopyFrom(ts)
+        doc.valid_from.CopyFrom(to_timestamp(valid_from))
     return doc
 
 
@@ -73,16 +72,20 @@ def connect_options(cfg: ClientConfig) -> dict[str, Any]:
     """KfreshClient / AsyncKfreshClient keyword arguments from the `client` config section."""
     token = cfg.token.get_secret_value()
     if cfg.token_file is not None:
-        from kfresh.config import ConfigError
+        from kfresh.core.config import ConfigError
 
         try:
             token = Path(cfg.token_file).read_text(encoding="utf-8").strip().splitlines()[0].strip()
         except (OSError, UnicodeDecodeError, IndexError) as exc:
-            raise ConfigError(f"client.token_file: cannot read a token from {cfg.token_file} ({exc.__class__.__name__})") from None
+            raise ConfigError(
+                f"client.token_file: cannot read a token from {cfg.token_file} ({exc.__class__.__name__})"
+            ) from None
     secure = cfg.tls_ca_file is not None or cfg.tls_cert_file is not None
     return {
         "token": token or None,
-        "credentials": tls_credentials(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file) if secure else None,
+        "credentials": tls_credentials(ca_file=cfg.tls_ca_file, cert_file=cfg.tls_cert_file, key_file=cfg.tls_key_file)
+        if secure
+        else None,
         "server_name": cfg.tls_server_name or None,
     }
 
@@ -92,7 +95,9 @@ def _channel_options(server_name: str | None) -> list[tuple[str, Any]]:
 
 
 class _Details(
-    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    collections.namedtuple(
+        "_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass
@@ -113,7 +118,9 @@ class _BearerToken(
         metadata = [*(d.metadata or ()), self._header]
         return _Details(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, getattr(d, "compression", None))
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(self._with_token(details), request)
 
     intercept_unary_stream = intercept_unary_unary
@@ -129,7 +136,9 @@ class _AsyncBearerToken:
 
     async def _call(self, continuation: Callable[..., Any], d: grpc.aio.ClientCallDetails, request: Any) -> Any:
         metadata = grpc.aio.Metadata(*(d.metadata or ()), self._header)
-        return await continuation(grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready), request)
+        return await continuation(
+            grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready), request
+        )
 
 
 def _async_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
@@ -140,7 +149,10 @@ def _async_token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
         grpc.aio.StreamUnaryClientInterceptor: "intercept_stream_unary",
         grpc.aio.StreamStreamClientInterceptor: "intercept_stream_stream",
     }
-    return [type(f"_Token{base.__name__}", (_AsyncBearerToken, base), {method: _AsyncBearerToken._call})(token) for base, method in kinds.items()]
+    return [
+        type(f"_Token{base.__name__}", (_AsyncBearerToken, base), {method: _AsyncBearerToken._call})(token)
+        for base, method in kinds.items()
+    ]
 
 
 class KfreshClient:
@@ -196,14 +208,18 @@ class KfreshClient:
             time.sleep(0.2)
         raise TimeoutError(f"kfresh at {self.addr} not SERVING after {timeout:.0f} s (last error: {last})")
 
-    def ingest(self, items: Iterable[pb.Document | pb.IngestRequest], *, timeout: float | None = None) -> Iterator[pb.IngestResponse]:
+    def ingest(
+        self, items: Iterable[pb.Document | pb.IngestRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.IngestResponse]:
         """Stream documents (or IngestRequests for deletes); yields one acknowledgement per item."""
         return self._stub.Ingest((_ingest_request(i) for i in items), timeout=timeout)
 
     def delete(self, doc_id: str, *, timeout: float | None = None) -> pb.DeleteResponse:
         return self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
-    def retrieve(self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None) -> pb.RetrieveResponse:
+    def retrieve(
+        self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None
+    ) -> pb.RetrieveResponse:
         return self._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filter or {}), timeout=timeout)
 
     def answer(self, question: str, *, timeout: float | None = None, **options: Any) -> Iterator[pb.AnswerResponse]:
@@ -218,7 +234,9 @@ class KfreshClient:
 
     def wait_searchable(self, timeout_s: float = 30.0, *, timeout: float | None = None) -> pb.WaitSearchableResponse:
         """Block until everything the server had acknowledged is searchable (`searchable` False after timeout_s)."""
-        return self._stub.WaitSearchable(pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout))
+        return self._stub.WaitSearchable(
+            pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout)
+        )
 
     def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         """Adapter versions in the server's registry; which is served, loaded, the rollback target."""
@@ -272,11 +290,15 @@ class AsyncKfreshClient:
         return reply.status
 
     def ingest(
-        self, items: Iterable[pb.Document | pb.IngestRequest] | AsyncIterable[pb.Document | pb.IngestRequest], *, timeout: float | None = None
+        self,
+        items: Iterable[pb.Document | pb.IngestRequest] | AsyncIterable[pb.Document | pb.IngestRequest],
+        *,
+        timeout: float | None = None,
     ) -> AsyncIterator[pb.IngestResponse]:
         if isinstance(items, AsyncIterable):
+
             async def requests() -> AsyncIterator[pb.IngestRequest]:
-                async for item in items:  # type: ignore[union-attr]
+                async for item in items:
                     yield _ingest_request(item)
 
             return self._stub.Ingest(requests(), timeout=timeout)
@@ -285,17 +307,25 @@ class AsyncKfreshClient:
     async def delete(self, doc_id: str, *, timeout: float | None = None) -> pb.DeleteResponse:
         return await self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
-    async def retrieve(self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None) -> pb.RetrieveResponse:
+    async def retrieve(
+        self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None
+    ) -> pb.RetrieveResponse:
         return await self._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filter or {}), timeout=timeout)
 
-    def answer(self, question: str, *, timeout: float | None = None, **options: Any) -> AsyncIterator[pb.AnswerResponse]:
+    def answer(
+        self, question: str, *, timeout: float | None = None, **options: Any
+    ) -> AsyncIterator[pb.AnswerResponse]:
         return self._stub.Answer(_answer_request(question, **options), timeout=timeout)
 
     async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return await self._stub.Stats(pb.StatsRequest(), timeout=timeout)
 
-    async def wait_searchable(self, timeout_s: float = 30.0, *, timeout: float | None = None) -> pb.WaitSearchableResponse:
-        return await self._stub.WaitSearchable(pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout))
+    async def wait_searchable(
+        self, timeout_s: float = 30.0, *, timeout: float | None = None
+    ) -> pb.WaitSearchableResponse:
+        return await self._stub.WaitSearchable(
+            pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout)
+        )
 
     async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         return await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
@@ -306,7 +336,9 @@ class AsyncKfreshClient:
     async def rollback_adapter(self, *, timeout: float | None = None) -> pb.AdapterChangeResponse:
         return await self._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=timeout)
 
-    async def distill(self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None) -> pb.DistillResponse:
+    async def distill(
+        self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None
+    ) -> pb.DistillResponse:
         return await self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)
 
 

@@ -4,6 +4,7 @@ No ghz here (FIELD-NOTES), so this is ours: `closed_loop` runs `concurrency` wor
 next request index until `total` are issued or `time_limit_s` passes; every call records its own sample.
 Loopback only: the suites pass 127.0.0.1 addresses.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,13 +19,15 @@ T = TypeVar("T")
 
 @dataclass
 class LoadRun:
-    samples: list = field(default_factory=list)  # type: ignore[type-arg]
+    samples: list = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     issued: int = 0
 
 
-async def closed_loop(call: Callable[[int], Awaitable[T]], *, concurrency: int, total: int, time_limit_s: float) -> LoadRun:
+async def closed_loop(
+    call: Callable[[int], Awaitable[T]], *, concurrency: int, total: int, time_limit_s: float
+) -> LoadRun:
     """Run call(0..total-1) with `concurrency` in flight; stop issuing after `time_limit_s`."""
     run = LoadRun()
     counter = iter(range(total))
@@ -37,7 +40,7 @@ async def closed_loop(call: Callable[[int], Awaitable[T]], *, concurrency: int, 
             run.issued += 1
             try:
                 run.samples.append(await call(i))
-            except Exception as exc:  # noqa: BLE001 - a failed call is a counted result, not a crash
+            except Exception as exc:
                 run.errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
     start = time.perf_counter()
@@ -75,14 +78,14 @@ class BackgroundIngest:
         self.started_at = self.stopped_at = 0.0
 
     def _run(self) -> None:
-        from kfresh.benchmarks.servers import client as connect
+        from kfresh.testing.servers import client as connect
 
         self.started_at = time.perf_counter()
         try:
             with connect(self.addr) as client:
-                for _ack in client.ingest(paced(self._docs, self.rate, self._stop)):  # type: ignore[arg-type]
+                for _ack in client.ingest(paced(self._docs, self.rate, self._stop)):
                     self.acked += 1
-        except Exception as exc:  # noqa: BLE001 - reported in the result
+        except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"[:300]
         self.stopped_at = time.perf_counter()
 

@@ -4,14 +4,15 @@ Measured on SmolLM2-135M (FIELD-NOTES): the model repeats whichever conflicting 
 ignores date labels, so "newest valid wins" is enforced here: superseded passages are dropped before
 generation and the rest are shown oldest to newest, the newest last.
 """
+
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from kfresh.core.time import format_display
 from kfresh.indexer.documents import Hit
 
 # The injection guard and "newest wins", shared by every layout; each layout only says where the passages are.
@@ -79,10 +80,6 @@ def resolve_conflicts(
     return Resolved(kept=kept, superseded=superseded)
 
 
-def format_date(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def _quote(text: str) -> str:
     # Passages are data: neutralise anything that could close the quote and pose as prompt structure.
     return text.replace('"""', "'''").strip()
@@ -92,7 +89,7 @@ def format_passages(passages: list[Hit]) -> str:
     blocks = []
     for n, hit in enumerate(passages, start=1):
         source = hit.source or hit.doc_id
-        blocks.append(f'[{n}] source: {source}; date: {format_date(hit.valid_from)}\n"""\n{_quote(hit.text)}\n"""')
+        blocks.append(f'[{n}] source: {source}; date: {format_display(hit.valid_from)}\n"""\n{_quote(hit.text)}\n"""')
     return "\n\n".join(blocks)
 
 

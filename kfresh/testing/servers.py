@@ -4,6 +4,7 @@ A suite that needs no generation starts the server with the remote backend point
 so no vLLM engine competes for the two cores; Ingest, Retrieve and Stats serve as usual.
 `vllm_serve` starts an OpenAI-compatible `vllm serve` for the remote-backend measurements.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kfresh.net import free_port
+from kfresh.core.net import free_port
 
-NO_GENERATION = {"generation.backend": "remote", "generation.remote_url": "http://127.0.0.1:9", "generation.remote_timeout_s": 1}
+NO_GENERATION = {
+    "generation.backend": "remote",
+    "generation.remote_url": "http://127.0.0.1:9",
+    "generation.remote_timeout_s": 1,
+}
 
 
 @dataclass
@@ -38,9 +43,9 @@ def client_options() -> dict[str, Any]:
     kfresh has them; a server the bench starts reads the same kfresh.toml."""
     try:
         from kfresh.client import connect_options
-        from kfresh.config import load_config
+        from kfresh.core.config import load_config
 
-        return {k: v for k, v in connect_options(load_config().client).items() if v is not None}  # type: ignore[attr-defined]
+        return {k: v for k, v in connect_options(load_config().client).items() if v is not None}
     except (ImportError, AttributeError):
         return {}
 
@@ -130,7 +135,12 @@ def vllm_serve(model_path: str, *, dtype: str = "bfloat16", timeout_s: float = 3
 
     port = free_port()
     log_path = Path(tempfile.mkdtemp(prefix="kfresh-bench-vllm-")) / "vllm.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="2",
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+    )
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
            "--served-model-name", "SmolLM2-135M-Instruct", "--host", "127.0.0.1", "--port", str(port),
            "--enforce-eager", "--dtype", dtype, "--max-model-len", "2048"]  # fmt: skip

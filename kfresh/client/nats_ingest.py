@@ -16,6 +16,7 @@ At-least-once, made idempotent, and never out of order:
 Message payload: one JSON object as in `kfresh ingest` JSONL: {"id", "text", "source"?, "metadata"?,
 "valid_from"?, "supersedes"?} or {"delete": id}.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kfresh.config import NatsConfig
-from kfresh.sources import SourceError, record_to_request
+from kfresh.client.sources import SourceError, record_to_request
+from kfresh.core.config import NatsConfig
 from kfresh.v1 import kfresh_pb2 as pb
 
 if TYPE_CHECKING:
@@ -115,7 +116,9 @@ class NatsIngestor:
         try:
             await self._js.stream_info(self.cfg.stream)
         except NotFoundError:
-            await self._js.add_stream(api.StreamConfig(name=self.cfg.stream, subjects=[self.cfg.subject], storage=api.StorageType.FILE))
+            await self._js.add_stream(
+                api.StreamConfig(name=self.cfg.stream, subjects=[self.cfg.subject], storage=api.StorageType.FILE)
+            )
             log.info("nats.stream_created stream=%s subject=%s", self.cfg.stream, self.cfg.subject)
 
     async def close(self) -> None:

@@ -1,7 +1,7 @@
 """LangChain over a running kfresh server: a retriever (Retrieve), a streaming chat model (Answer) and
 ingestion of LangChain `Document`s (Ingest).
 
-    from kfresh.langchain import ChatKfresh, KfreshRetriever, ingest_documents
+    from kfresh.client.langchain import ChatKfresh, KfreshRetriever, ingest_documents
     ingest_documents(docs, addr="127.0.0.1:50051")
     retriever = KfreshRetriever(addr="127.0.0.1:50051", k=4)
     chat = ChatKfresh(addr="127.0.0.1:50051")
@@ -12,13 +12,18 @@ sends only the last human message as the question; citations arrive in the final
 `response_metadata`. Connection keywords (`token`, `credentials`, `server_name`) pass through
 `client_options` to `kfresh.client.KfreshClient`.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
@@ -57,7 +62,9 @@ class KfreshRetriever(BaseRetriever):
             reply = client.retrieve(query, k=self.k, filter=self.filter, timeout=self.timeout)
         return [chunk_to_document(c) for c in reply.chunks]
 
-    async def _aget_relevant_documents(self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun) -> list[Document]:
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+    ) -> list[Document]:
         async with AsyncKfreshClient(self.addr, **self.client_options) as client:
             reply = await client.retrieve(query, k=self.k, filter=self.filter, timeout=self.timeout)
         return [chunk_to_document(c) for c in reply.chunks]
@@ -92,11 +99,14 @@ class ChatKfresh(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None = None,
         run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any,
     ) -> ChatResult:  # fmt: skip
-        text, meta = [], {}
+        text: list[str] = []
+        meta: dict[str, Any] = {}
         for chunk in self._stream(messages, stop, run_manager, **kwargs):
-            text.append(chunk.message.content)
+            text.append(str(chunk.message.content))
             meta.update(chunk.message.response_metadata)
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(content="".join(text), response_metadata=meta))])
+        return ChatResult(
+            generations=[ChatGeneration(message=AIMessage(content="".join(text), response_metadata=meta))]
+        )
 
     def _stream(
         self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -1,4 +1,5 @@
 """`kfresh demo`: a real server in a subprocess, a corpus that changes, answers that change with it."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from kfresh.config import KfreshConfig
-from kfresh.net import free_port
+from kfresh.cli.render import print_citations
+from kfresh.core.config import KfreshConfig
+from kfresh.core.net import free_port
 
 QUESTIONS = (
     "From which pier does the ferry to Lenn Island depart?",
@@ -29,14 +31,12 @@ def _banner(text: str) -> None:
 
 
 def _ask(client: object, question: str) -> str:
-    from kfresh.cli import _print_citations
-
     print(f"\nQ: {question}\nA: ", end="", flush=True)
     parts: list[str] = []
     for event in client.answer(question, timeout=120):  # type: ignore[attr-defined]
         if event.HasField("done"):
             print()
-            _print_citations(event.done)
+            print_citations(event.done)
         else:
             parts.append(event.delta)
             print(event.delta, end="", flush=True)
@@ -44,7 +44,7 @@ def _ask(client: object, question: str) -> str:
 
 
 def _ingest(client: object, name: str) -> None:
-    from kfresh.sources import read_source
+    from kfresh.client.sources import read_source
     from kfresh.v1 import kfresh_pb2 as pb
 
     for ack in client.ingest(read_source(_sample(name)), timeout=60):  # type: ignore[attr-defined]
@@ -65,12 +65,20 @@ def _wait_searchable(client: object, query: str, doc_id: str, version: int, time
 def _start_server(cfg: KfreshConfig, home: Path, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, KFRESH_HOME=str(home), HF_HUB_OFFLINE="1")
     cmd = [
-        sys.executable, "-m", "kfresh.cli", "serve",
-        "--server.port", str(port),
-        "--store.path", str(home / "kfresh.db"),
-        "--index.snapshot_dir", str(home / "index"),
-        "--models.cache_dir", str(cfg.models.cache_dir.resolve()),
-        "--generation.backend", cfg.generation.backend,
+        sys.executable,
+        "-m",
+        "kfresh.cli",
+        "serve",
+        "--server.port",
+        str(port),
+        "--store.path",
+        str(home / "kfresh.db"),
+        "--index.snapshot_dir",
+        str(home / "index"),
+        "--models.cache_dir",
+        str(cfg.models.cache_dir.resolve()),
+        "--generation.backend",
+        cfg.generation.backend,
     ]
     if cfg.generation.enable_lora:
         cmd += ["--generation.enable_lora", "true", "--finetune.registry_dir", str(cfg.finetune.registry_dir.resolve())]
@@ -80,7 +88,7 @@ def _start_server(cfg: KfreshConfig, home: Path, port: int) -> subprocess.Popen[
 
 def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
     from kfresh.client import SERVICE_NAME, KfreshClient
-    from kfresh.models import provision
+    from kfresh.provisioning import provision
 
     _banner("1/5 models (converted once, then cached)")
     provisioned = provision(cfg)
@@ -114,10 +122,14 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
             stats = client.stats()
             f = stats.freshness
             adapter = f", adapter {stats.adapter or 'none'}" if cfg.generation.enable_lora else ""
-            print(f"  documents {stats.documents}, chunks {stats.chunks}, model {stats.model} ({stats.generation_backend}){adapter}")
-            print(f"  acknowledged -> searchable: p50 {f.p50_ms:.1f} ms, p95 {f.p95_ms:.1f} ms, max {f.max_ms:.1f} ms over {f.count} changes")
+            print(
+                f"  documents {stats.documents}, chunks {stats.chunks}, model {stats.model} ({stats.generation_backend}){adapter}"
+            )
+            print(
+                f"  acknowledged -> searchable: p50 {f.p50_ms:.1f} ms, p95 {f.p95_ms:.1f} ms, max {f.max_ms:.1f} ms over {f.count} changes"
+            )
         code = 0
-    except Exception as exc:  # noqa: BLE001 - report, show the server log, fail the demo
+    except Exception as exc:
         print(f"\ndemo failed: {exc}\n--- server log ({home / 'server.log'}) ---", file=sys.stderr)
         print((home / "server.log").read_text(errors="replace")[-4000:], file=sys.stderr)
     finally:

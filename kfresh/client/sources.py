@@ -1,14 +1,15 @@
 """Read documents for `kfresh ingest`: JSONL (a file or stdin) or a folder of .md/.txt files."""
+
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kfresh.client import document
+from kfresh.client.clients import document
+from kfresh.core.time import parse_iso
 from kfresh.v1 import kfresh_pb2 as pb
 
 TEXT_SUFFIXES = {".md", ".txt", ".markdown"}
@@ -25,12 +26,9 @@ def parse_time(value: Any, where: str) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     try:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_iso(str(value))
     except ValueError:
         raise SourceError(f"{where}: valid_from {value!r} is neither unix seconds nor ISO-8601") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed.timestamp()
 
 
 def record_to_request(record: dict[str, Any], where: str) -> pb.IngestRequest:

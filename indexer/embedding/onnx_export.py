@@ -6,6 +6,7 @@ runtime side is a tokenizer plus one `session.run`. The export runs locally from
 hub access), takes a few seconds, and is cached under `ModelsConfig.cache_dir` with a marker that ties it
 to the exact source weights; racing processes export once (a file lock), like the generator conversion.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kfresh.fsutil import build_dir_once, sha256_file
+from kfresh.core.files import build_dir_once, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def onnx_folder(source: str | Path, cache_dir: Path) -> Path:
     dest = Path(cache_dir).expanduser().resolve() / "onnx" / f"{src.parent.name}-{src.name}"
     if _is_current(dest, weights):
         return dest
-    return build_dir_once(dest, is_current=lambda: _is_current(dest, weights), build=lambda tmp: export(src, tmp, weights))
+    return build_dir_once(
+        dest, is_current=lambda: _is_current(dest, weights), build=lambda tmp: export(src, tmp, weights)
+    )
 
 
 def export(src: Path, out: Path, weights: Path) -> dict[str, Any]:
@@ -53,8 +56,9 @@ def export(src: Path, out: Path, weights: Path) -> dict[str, Any]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
         from transformers import AutoModel
     except ImportError as exc:
-        raise ExportError(f"the ONNX export needs torch, transformers, onnx and onnxruntime ({exc}); "
-                          "or set embedder.backend=torch") from exc
+        raise ExportError(
+            f"the ONNX export needs torch, transformers, onnx and onnxruntime ({exc}); or set embedder.backend=torch"
+        ) from exc
     t0 = time.perf_counter()
     log.info("exporting embedder %s to ONNX -> %s (one time, a few seconds)", src, out)
     # Eager attention traces into plain ops; the SDPA path bakes Python-side shape checks into the graph.
@@ -139,7 +143,9 @@ def _check_supported(src: Path) -> str:
     pooling = json.loads((src / modules[1]["path"] / "config.json").read_text())
     on = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
     if on != ["pooling_mode_mean_tokens"]:
-        raise ExportError(f"the ONNX export supports mean pooling only, this model uses {on}; set embedder.backend=torch")
+        raise ExportError(
+            f"the ONNX export supports mean pooling only, this model uses {on}; set embedder.backend=torch"
+        )
     if not (src / "tokenizer.json").is_file():
         raise ExportError(f"{src} has no tokenizer.json (a fast tokenizer is needed); set embedder.backend=torch")
     return "mean"

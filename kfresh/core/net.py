@@ -1,4 +1,5 @@
 """Small network helpers shared by the demo, benchmarks and tests."""
+
 from __future__ import annotations
 
 import socket

@@ -1,0 +1,187 @@
+"""What the SQL stores share: every method whose body is the same on SQLite and PostgreSQL, written once.
+
+A backend (sqlite.py, postgres.py) supplies only its dialect and its connections:
+  _p            the driver's parameter placeholder ("?" or "%s");
+  _writes       its module of write transactions (sqlite_writes, pg_writes: the same functions, its SQL);
+  _txn()        one durable write transaction (its connection or cursor);
+  _fetchall()   one read on a reader connection;
+and names its error translation as a class keyword, `class SqliteStore(SqlStore, errors=_errors)`, where
+`_errors = translate_errors(<driver's Error>, <disk-full test>)`: the shared methods are wrapped with it in that
+class, so their driver errors leave as StoreError exactly as the backend's own methods' do.
+The rest (lookup, iter_embedded, wait_for_change, close) differs and stays in the backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from types import ModuleType
+from typing import Any, ClassVar, TypeVar
+
+from kfresh.indexer.documents import Ack, WriteOp
+from kfresh.indexer.rows import Applied, ChunkRow, DocRecord, DocState, doc_record, vec_from_blob
+from kfresh.indexer.stores.base import DocumentStore
+
+log = logging.getLogger("kfresh.indexer")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _shared(fn: F) -> F:
+    """Marks a method the backend classes wrap with their `_errors` (SqlStore.__init_subclass__)."""
+    fn.__kfresh_shared__ = True  # type: ignore[attr-defined]
+    return fn
+
+
+class SqlStore(DocumentStore):
+    """A DocumentStore over a SQL database; the backend subclasses supply the dialect hooks."""
+
+    _p: ClassVar[str]
+    _writes: ClassVar[ModuleType]
+
+    def __init_subclass__(cls, *, errors: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+                          **kwargs: Any) -> None:  # fmt: skip
+        """`errors`: the backend's translate_errors(...); wraps every shared method the class does not override."""
+        super().__init_subclass__(**kwargs)
+        if errors is None:
+            return
+        for name, fn in SqlStore.__dict__.items():
+            if getattr(fn, "__kfresh_shared__", False) and name not in cls.__dict__:
+                setattr(cls, name, errors(fn))
+
+    # -- dialect and connections (the backend's) ---------------------------------------------------
+    @abc.abstractmethod
+    def _txn(self, *, serialised: bool = True) -> AbstractContextManager[Any]:
+        """One write transaction, COMMIT (durable) on success, ROLLBACK on error; yields what executes SQL.
+        `serialised` False: the write touches no document, version or change (needs no cross-writer lock)."""
+
+    @abc.abstractmethod
+    def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """All rows of one read on a reader connection."""
+
+    # -- writes (their SQL: the backend's `_writes` module) ----------------------------------------
+    @_shared
+    def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
+        if not ops:
+            return []
+        writes = self._writes
+        with self._txn() as w:
+            return [writes.upsert(w, op.doc, op.chunks, now) if op.doc is not None else writes.delete(w, op.doc_id, now)
+                    for op in ops]  # fmt: skip
+
+    @_shared
+    def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
+        if not pairs:
+            return 0
+        at = time.time() if now is None else now
+        p = self._p
+        with self._txn(serialised=False) as w:  # touches no document, version or change
+            w.executemany(
+                f"INSERT INTO citations(doc_id, version, at) VALUES({p},{p},{p})", [(d, int(v), at) for d, v in pairs]
+            )
+        return len(pairs)
+
+    @_shared
+    def save_applied(self, applied: Sequence[Applied]) -> None:
+        if applied:
+            with self._txn() as w:
+                self._writes.save_applied(w, applied)
+
+    @_shared
+    def cleanup_stale(self) -> int:
+        with self._txn() as w:
+            n = self._writes.cleanup_stale(w)
+        if n:
+            log.info("store.cleanup stale_chunks=%d", n)
+        return n
+
+    @_shared
+    def ensure_embedder(self, name: str, dim: int) -> bool:
+        ident = f"{name}|{dim}"
+        with self._txn() as w:
+            was = self._writes.ensure_embedder(w, ident)
+        if was is not None:
+            log.warning("store.embedder_changed was=%s now=%s: stored vectors dropped, re-embedding", was, ident)
+        return was is not None
+
+    # -- reads -------------------------------------------------------------------------------------
+    @_shared
+    def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
+        rows = self._fetchall(
+            f"SELECT doc_id, version, COUNT(*) FROM citations WHERE at>={self._p} GROUP BY doc_id, version", (since,)
+        )
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    @_shared
+    def current(self, doc_id: str) -> DocState | None:
+        rows = self._fetchall(
+            "SELECT d.version, d.deleted, d.acked_at, d.indexed_at,"
+            f" (SELECT COALESCE(MAX(seq), 0) FROM changes c WHERE c.doc_id=d.doc_id) FROM documents d WHERE d.doc_id={self._p}",
+            (doc_id,),
+        )
+        if not rows:
+            return None
+        version, deleted, acked_at, indexed_at, seq = rows[0]
+        return DocState(doc_id, int(version), bool(deleted), acked_at, indexed_at, int(seq))
+
+    @_shared
+    def chunks_for(self, doc_id: str, version: int) -> list[ChunkRow]:
+        p = self._p
+        rows = self._fetchall(
+            f"SELECT chunk_id, ordinal, text, embedding FROM chunks WHERE doc_id={p} AND version={p} ORDER BY ordinal",
+            (doc_id, version),
+        )
+        return [ChunkRow(int(r[0]), int(r[1]), r[2], vec_from_blob(r[3])) for r in rows]
+
+    @_shared
+    def docs_changed_since(self, seq: int) -> list[str]:
+        return [
+            r[0]
+            for r in self._fetchall(
+                f"SELECT doc_id FROM changes WHERE seq>{self._p} GROUP BY doc_id ORDER BY MAX(seq)", (seq,)
+            )
+        ]
+
+    @_shared
+    def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
+        rows = self._fetchall(f"SELECT seq, doc_id, version, op FROM changes WHERE seq>{self._p} ORDER BY seq", (seq,))
+        return [(int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
+
+    @_shared
+    def unembedded(self) -> list[tuple[DocState, int]]:
+        rows = self._fetchall(
+            "SELECT d.doc_id, d.version, d.acked_at, d.indexed_at, COUNT(c.chunk_id),"
+            " (SELECT COALESCE(MAX(seq), 0) FROM changes x WHERE x.doc_id=d.doc_id)"
+            " FROM documents d JOIN chunks c ON c.doc_id=d.doc_id AND c.version=d.version"
+            " WHERE NOT d.deleted AND c.embedding IS NULL GROUP BY d.doc_id ORDER BY 6"
+        )
+        return [(DocState(r[0], int(r[1]), False, r[2], r[3], int(r[5])), int(r[4])) for r in rows]
+
+    @_shared
+    def max_seq(self) -> int:
+        return int(self._fetchall("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
+
+    @_shared
+    def counts(self) -> tuple[int, int, int]:
+        live, deleted, chunks = self._fetchall(
+            "SELECT COUNT(*) FILTER (WHERE NOT deleted), COUNT(*) FILTER (WHERE deleted),"
+            " (SELECT COUNT(*) FROM chunks c JOIN documents d ON d.doc_id=c.doc_id AND d.version=c.version"
+            " AND NOT d.deleted) FROM documents"
+        )[0]
+        return int(live), int(chunks), int(deleted)
+
+    # -- the finetuner's read-only view ------------------------------------------------------------
+    @_shared
+    def documents(self) -> list[DocRecord]:
+        rows = self._fetchall(
+            "SELECT doc_id, version, source, valid_from, acked_at, supersedes, text, deleted FROM documents"
+            " ORDER BY valid_from, doc_id"
+        )
+        return [doc_record(r) for r in rows]
+
+    @_shared
+    def cited_versions(self) -> set[tuple[str, int]]:
+        return {(r[0], int(r[1])) for r in self._fetchall("SELECT DISTINCT doc_id, version FROM citations")}

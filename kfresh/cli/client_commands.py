@@ -1,0 +1,190 @@
+"""Client commands: ingest, ask, retrieve, delete, stats, adapters (a running server at --addr)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from kfresh.cli.common import (
+    client_options,
+    client_parser,
+    message_dict,
+    parse_filters,
+    print_json,
+    server_addr,
+)
+from kfresh.cli.render import adapter_line, print_citations
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kfresh.client import KfreshClient
+    from kfresh.client.sources import count_records, read_source
+    from kfresh.v1 import kfresh_pb2 as pb
+
+    counts: dict[str, int] = {}
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        acks = client.ingest(read_source(args.source))
+        bar = tqdm(acks, total=count_records(args.source), unit="doc", disable=args.json or args.quiet, file=sys.stderr)
+        for ack in bar:
+            status = pb.AckStatus.Name(ack.status)
+            counts[status] = counts.get(status, 0) + 1
+            if args.json:
+                print_json(message_dict(ack))
+        waited = client.wait_searchable(args.wait) if args.wait > 0 else None
+    if not args.json:
+        print(
+            "acknowledged: "
+            + ", ".join(f"{k.removeprefix('ACK_STATUS_').lower()}={v}" for k, v in sorted(counts.items()))
+        )
+        if waited is not None:
+            print(f"searchable: {'yes' if waited.searchable else 'not yet'} after {waited.waited_ms / 1000:.2f} s")
+    return 4 if waited is not None and not waited.searchable else 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    options = {
+        "k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": parse_filters(args.filter),
+        "adapter": args.adapter,
+    }  # fmt: skip
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        text: list[str] = []
+        for event in client.answer(args.question, timeout=args.timeout, **options):
+            if event.HasField("done"):
+                if args.json:
+                    print_json({"answer": "".join(text), **message_dict(event.done)})
+                else:
+                    print()
+                    print_citations(event.done)
+            else:
+                text.append(event.delta)
+                if not args.json:
+                    print(event.delta, end="", flush=True)
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        reply = client.retrieve(args.query, k=args.k, filter=parse_filters(args.filter), timeout=args.timeout)
+    if args.json:
+        print_json(message_dict(reply))
+        return 0
+    for c in reply.chunks:
+        snippet = c.text.replace("\n", " ")[:100]
+        print(f"{c.score:.3f}  {c.doc_id} v{c.version}#{c.ordinal}  {snippet}")
+    print(f"({len(reply.chunks)} chunks in {reply.retrieval_ms:.1f} ms)")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        reply = client.delete(args.id, timeout=args.timeout)
+    if args.json:
+        print_json(message_dict(reply))
+    else:
+        print(f"deleted {reply.id} (version {reply.version})")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        reply = client.stats(timeout=args.timeout)
+    data = message_dict(reply)
+    if args.json:
+        print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        if args.action == "list":
+            reply = client.list_adapters(timeout=args.timeout)
+        elif args.action == "show":
+            listing = client.list_adapters(timeout=args.timeout)
+            found = [a for a in listing.adapters if a.version == args.version.removeprefix("kfresh-")]
+            if not found:
+                print(f"kfresh: NOT_FOUND: adapter {args.version!r} is not in the server's registry", file=sys.stderr)
+                return 1
+            reply = found[0]
+        elif args.action == "promote":
+            reply = client.promote_adapter(args.version, timeout=args.timeout)
+        else:
+            reply = client.rollback_adapter(timeout=args.timeout)
+    if args.json:
+        print_json(message_dict(reply))
+    elif args.action == "list":
+        for adapter in reply.adapters:
+            print(adapter_line(adapter))
+        state = "" if reply.enabled else " (LoRA is off on this server: --generation.enable_lora true)"
+        print(f"serving: {reply.current or 'base model'}{state}")
+    elif args.action == "show":
+        print(json.dumps(message_dict(reply), indent=2, ensure_ascii=False))
+    else:
+        print(f"serving {reply.current or 'the base model'} (was {reply.previous or 'the base model'})")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = client_parser(
+        sub, "ingest", "stream documents to the server (JSONL file, '-' for stdin, or a folder of .md/.txt)", cmd_ingest
+    )
+    p.add_argument("source", help="JSONL file, '-' (stdin) or a folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the last ack, wait up to SECONDS until everything is searchable (exit 4 if not)",
+    )
+
+    p = client_parser(sub, "ask", "ask a question; streams the answer, then its citations", cmd_ask)
+    p.add_argument("question")
+    p.add_argument("--k", type=int, default=0, help="passages to retrieve (0 = server default)")
+    p.add_argument("--closed-book", action="store_true", help="answer from the model's weights only")
+    p.add_argument("--max-tokens", type=int, default=0, help="answer length (0 = server default)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    p.add_argument(
+        "--adapter", default="", help="adapter version (e.g. v0003), 'none' for the base model; default: the served one"
+    )
+
+    p = client_parser(sub, "retrieve", "show the chunks a query retrieves", cmd_retrieve)
+    p.add_argument("query")
+    p.add_argument("--k", type=int, default=0, help="chunks to return (0 = server default)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+
+    p = client_parser(sub, "delete", "delete a document by id", cmd_delete)
+    p.add_argument("id")
+
+    client_parser(sub, "stats", "counters, freshness lag percentiles, model and adapter in use", cmd_stats)
+
+    p = sub.add_parser(
+        "adapters",
+        help="list, show, promote or roll back LoRA adapter versions",
+        description="Manage the LoRA adapters a running server serves (its finetune.registry_dir).",
+    )
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    client_parser(actions, "list", "adapter versions; * marks the served one", cmd_adapters)
+    p = client_parser(actions, "show", "one version's manifest: hashes, parent, gate metrics", cmd_adapters)
+    p.add_argument("version", help="e.g. v0003")
+    p = client_parser(
+        actions, "promote", "serve VERSION for new requests (in-flight ones finish on theirs)", cmd_adapters
+    )
+    p.add_argument("version", help="e.g. v0003")
+    client_parser(actions, "rollback", "serve the previously served version again (instant)", cmd_adapters)

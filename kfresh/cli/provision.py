@@ -1,0 +1,60 @@
+"""Setup commands: provision (models), demo (the end-to-end walk-through), config (the effective settings)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kfresh.cli.common import (
+    add_config_flags,
+    config_from,
+    print_json,
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kfresh.cli.demo import run_demo
+
+    return run_demo(config_from(args), keep=args.keep)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from kfresh.core.logs import setup_logging
+    from kfresh.provisioning import provision
+
+    setup_logging("INFO")
+    result = provision(config_from(args))
+    print_json({k: str(v) for k, v in result.items()})
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(config_from(args).model_dump_json(indent=2))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="start a server, stream a changing corpus, ask before/after a correction",
+        description="End-to-end demo on the shipped sample corpus, in a temporary data folder.",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary data folder and server log")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "provision",
+        help="prepare the models (convert the packaged GGUF once)",
+        description="Resolve the embedder and convert the generator into a local Hugging Face folder (cached).",
+    )
+    add_config_flags(p)
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser(
+        "config",
+        help="print the effective configuration as JSON",
+        description="Print the configuration after defaults, kfresh.toml, KFRESH_* and flags.",
+    )
+    add_config_flags(p)
+    p.set_defaults(func=cmd_config)
