@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas", "reading")
+SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas", "reading", "transfer")
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
-            "replicas": "ReplicasOptions", "reading": "ReadingOptions"}  # fmt: skip
+            "replicas": "ReplicasOptions", "reading": "ReadingOptions",
+            "transfer": "TransferOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:

@@ -29,6 +29,7 @@ from kfresh.finetuner.facts import Fact, read_facts, write_facts
 from kfresh.finetuner.gate import GateReport, build_report, write_report
 from kfresh.finetuner.plan import Plan, plan_knowledge
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
+from kfresh.finetuner.transfer import TransferSet
 
 log = logging.getLogger("kfresh.finetuner")
 FACTS_FILE = "facts.jsonl"
@@ -55,10 +56,17 @@ class DistillResult:
     manifest: AdapterManifest | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    transfer: TransferSet | None = None  # template-free pairs (a dry run with questions_per_doc)
 
 
-def run_distill(cfg: KfreshConfig, *, dry_run: bool = False, facts_override: list[Fact] | None = None) -> DistillResult:
-    """Distil validated knowledge into a gated LoRA adapter; publish it only if the gate passes."""
+def run_distill(
+    cfg: KfreshConfig, *, dry_run: bool = False, facts_override: list[Fact] | None = None, questions_per_doc: int = 0
+) -> DistillResult:
+    """Distil validated knowledge into a gated LoRA adapter; publish it only if the gate passes.
+
+    With `questions_per_doc`, a dry run also builds the template-free transfer set of the selected documents
+    (span-picked questions answered by the base model reading the document; `finetuner.transfer`) and shows it.
+    """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     ft = cfg.finetune
@@ -71,6 +79,8 @@ def run_distill(cfg: KfreshConfig, *, dry_run: bool = False, facts_override: lis
     timings["plan_s"] = round(time.perf_counter() - clock, 3)
     result = _result("dry_run", run_dir, plan, data, timings)
     if dry_run:
+        if questions_per_doc > 0:
+            result.transfer = _transfer_set(cfg, plan, questions_per_doc, run_dir, timings)
         return result
     if not plan.facts or not (plan.new or plan.removed):
         if plan.removed:  # everything the served adapter knew is gone: only a rollback can unlearn it
@@ -136,6 +146,20 @@ def _train_and_gate(
     write_facts(run_dir / "adapter" / FACTS_FILE, plan.facts)
     shutil.copy2(json_path, run_dir / "adapter" / "gate-report.json")
     return report, base_sha, list(replay)
+
+
+def _transfer_set(cfg: KfreshConfig, plan: Plan, per_doc: int, run_dir: Path, timings: dict[str, float]) -> TransferSet:
+    """The selected documents' span-picked questions, answered by the base model with the document in its prompt."""
+    from kfresh.finetuner.modeling import load_base, resolve_device
+    from kfresh.finetuner.transfer import build_transfer_set
+    from kfresh.models import generator_path
+
+    step = time.perf_counter()
+    lm = load_base(generator_path(cfg.models), device=resolve_device(cfg.finetune.device))
+    transfer = build_transfer_set(lm, plan.docs, per_doc=per_doc)
+    (run_dir / "transfer.json").write_text(json.dumps(transfer.to_dict(), indent=1, ensure_ascii=False))
+    timings["transfer_s"] = round(time.perf_counter() - step, 3)
+    return transfer
 
 
 def training_data_sha256(data: AugmentedFacts, replay: Sequence[Any]) -> str:

@@ -28,6 +28,7 @@ def run_distill_in_subprocess(
     cfg: KfreshConfig,
     *,
     dry_run: bool = False,
+    questions_per_doc: int = 0,
     facts_override: list[Fact] | None = None,
     nice: int = 10,
     torch_threads: int | None = None,
@@ -44,7 +45,7 @@ def run_distill_in_subprocess(
     facts = [f.to_dict() for f in facts_override] if facts_override is not None else None
     proc = ctx.Process(
         target=_child,
-        args=(send, cfg.model_dump(mode="json"), dry_run, facts, nice, torch_threads),
+        args=(send, cfg.model_dump(mode="json"), dry_run, facts, nice, torch_threads, questions_per_doc),
         name="kfresh-distill",
     )
     proc.start()
@@ -71,7 +72,7 @@ def run_distill_in_subprocess(
 
 def _child(
     send: Connection, cfg_data: dict[str, Any], dry_run: bool, facts: list[dict[str, Any]] | None, nice: int,
-    threads: int | None,
+    threads: int | None, questions_per_doc: int = 0,
 ) -> None:  # fmt: skip
     try:
         if nice:
@@ -80,7 +81,8 @@ def _child(
             os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch is imported in this process
         cfg = KfreshConfig.model_validate(cfg_data)
         override = [Fact.from_dict(f) for f in facts] if facts is not None else None
-        send.send(("ok", run_distill(cfg, dry_run=dry_run, facts_override=override)))
+        result = run_distill(cfg, dry_run=dry_run, facts_override=override, questions_per_doc=questions_per_doc)
+        send.send(("ok", result))
     except BaseException as exc:  # reported to the parent, which raises it
         log.exception("distill worker failed")
         send.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -10,43 +10,12 @@ the reader sees the model's words and the source's words side by side.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from kfresh.core.text import split_sentences
 from kfresh.indexer.documents import Hit
-
-# A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by space and a capital,
-# a digit or an opening quote. Abbreviations such as "U.S. officials" stay whole; "Mr. Smith" is split,
-# which costs a choice nothing but length.
-_BOUNDARY = re.compile(r"""(?<=[.!?])["'”’)\]]?\s+(?=["'“‘(]?[A-Z0-9])""")
-_ABBREV = re.compile(r"(?:\b[A-Z]\.){2,}$|\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Gen|Gov|Sen|Rep|No|vs|Inc|Co|Corp|Ltd)\.$")
-MIN_CHARS = 12  # shorter pieces ("Yes.", "(AP)") are never a quote on their own
-MAX_CHARS = 600  # a quote is a sentence, not a page
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`, whitespace-normalised, in order; pieces shorter than MIN_CHARS join their neighbour."""
-    text = " ".join(text.split())
-    if not text:
-        return []
-    pieces: list[str] = []
-    start = 0
-    for m in _BOUNDARY.finditer(text):
-        piece = text[start : m.start()].strip()
-        if _ABBREV.search(piece.rstrip("\"'”’)]")):
-            continue
-        pieces.append(piece + text[m.start() : m.end()].strip())
-        start = m.end()
-    pieces.append(text[start:].strip())
-    merged: list[str] = []
-    for piece in (p for p in pieces if p):
-        if merged and (len(piece) < MIN_CHARS or len(merged[-1]) < MIN_CHARS):
-            merged[-1] = f"{merged[-1]} {piece}"
-        else:
-            merged.append(piece)
-    return [m[:MAX_CHARS] for m in merged]
 
 
 def shown_passages(kept: Sequence[Hit], n: int) -> list[Hit]:

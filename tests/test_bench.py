@@ -168,6 +168,22 @@ def test_reading_quick_scores_every_stage_and_the_peer(tmp_path):
     assert set(summary["retrieval_levers"]) == {"dense (kfresh Retrieve)", "BM25 (bm25s)", "hybrid: RRF k=60"}
 
 
+@pytest.mark.slow
+def test_transfer_quick_compares_question_pairs_with_template_facts(tmp_path):
+    """The transfer suite on the fixture in RealTimeQA's format: the real teacher (SmolLM2 reading each document)
+    keeps grounded pairs; every figure the README cites is there and in range."""
+    fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
+    overrides = {"dataset": str(fixture), "start": "2025-01-01"}
+    data = assert_well_formed(run_suite("transfer", quick=True, out=tmp_path, overrides=overrides), "transfer")
+    summary = data["summary"]
+    assert summary["documents"] == 6 and summary["pairs_document_share"] > 0
+    for key in ("pairs_document_share", "templates_document_share", "pairs_right_choice_coverage",
+                "templates_right_choice_coverage", "evidence_right_choice_share"):  # fmt: skip
+        assert 0.0 <= summary[key] <= 1.0
+    pairs = data["raw"]["transfer"]["pairs"]
+    assert pairs and all(p["span"].lower() in p["answer"].lower() for p in pairs)
+
+
 def test_results_folder_has_only_complete_runs():
     """Every committed full run has its JSON, Markdown and PNG, and the Markdown names the command."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

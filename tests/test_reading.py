@@ -6,8 +6,9 @@ import numpy as np
 
 from kfresh import prompt
 from kfresh.core.config import AnswerConfig
+from kfresh.core.text import split_sentences
 from kfresh.indexer.documents import Hit
-from kfresh.server.reading import format_quote, pick_quote, quote_candidates, shown_passages, split_sentences
+from kfresh.server.reading import format_quote, pick_quote, quote_candidates, shown_passages
 
 
 def _hit(doc_id: str, text: str, *, score: float, valid_from: float = 0.0) -> Hit:

@@ -22,9 +22,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.addr:
         return _distill_on_server(args)
+    if args.questions and not args.dry_run:
+        raise SystemExit("--questions works with --dry-run only (training on the question pairs is not wired yet)")
     cfg = config_from(args)
     setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
-    result = run_distill_in_subprocess(cfg, dry_run=args.dry_run, torch_threads=args.threads or None)
+    result = run_distill_in_subprocess(
+        cfg, dry_run=args.dry_run, questions_per_doc=args.questions, torch_threads=args.threads or None
+    )
     summary: dict[str, Any] = {
         "status": result.status,
         "passed": result.passed,
@@ -35,6 +39,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         "report": str(result.report_path) if result.report_path else None,
         "published": result.manifest.version if result.manifest else None,
         "run_dir": str(result.run_dir),
+        "transfer": result.transfer.to_dict() if result.transfer else None,
     }
     if args.json:
         print_json(summary)
@@ -49,7 +54,20 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     if summary["report"]:
         print(f"gate report: {summary['report']}")
+    if result.transfer:
+        print_transfer(result.transfer)
     return 0 if result.status in ("dry_run", "nothing_new", "published") else 3
+
+
+def print_transfer(transfer: Any) -> None:
+    """The template-free question/answer pairs of a dry run, per document, and why the others were dropped."""
+    figures = transfer.figures()
+    print(f"question pairs: {figures['pairs']} from {figures['documents_with_pairs']} of {figures['documents']} documents"
+          f" ({figures['candidates']} candidates; dropped: {figures['dropped'] or 'none'})")  # fmt: skip
+    for pair in transfer.pairs:
+        print(f"  + [{pair.doc_id} v{pair.version}] {pair.question} -> {pair.answer}")
+    for drop in transfer.dropped:
+        print(f"  - [{drop.doc_id}] {drop.question} ({drop.span!r}: {drop.reason})")
 
 
 def _distill_on_server(args: argparse.Namespace) -> int:
@@ -85,6 +103,14 @@ def register(sub: Any) -> None:
         "A server running with --generation.enable_lora true picks a published adapter up without a restart.",
     )
     p.add_argument("--dry-run", action="store_true", help="show what would be learned, train nothing")
+    p.add_argument(
+        "--questions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --dry-run: also build up to N questions per document without templates (answer spans picked "
+        "in code, answered by the base model reading the document, kept when grounded and stable) and show them",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch default)")
     p.add_argument(
