@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from kfresh.core.text import split_sentences
 from kfresh.finetuner.evaluate import contains_answer
+from kfresh.finetuner.extraction import DocLike
 from kfresh.finetuner.modeling import LoadedModel, chat_answers
 from kfresh.finetuner.questions import cloze_for, question_for
 from kfresh.finetuner.spans import Span, pick_spans
@@ -28,17 +29,11 @@ log = logging.getLogger("kfresh.finetuner")
 TEACHER_MAX_TOKENS = 32
 
 
-class SourceDoc(Protocol):
-    @property
-    def doc_id(self) -> str: ...
-    @property
-    def version(self) -> int: ...
+class SourceDoc(DocLike, Protocol):
+    """A document version as the finetuner reads it, with its source (shown to the teacher as in serving)."""
+
     @property
     def source(self) -> str: ...
-    @property
-    def valid_from(self) -> float: ...
-    @property
-    def text(self) -> str: ...
 
 
 @dataclass(frozen=True)
