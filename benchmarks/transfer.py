@@ -21,6 +21,7 @@ from pydantic import Field
 from kfresh.benchmarks import realtimeqa
 from kfresh.benchmarks.common import SuiteOptions, environment
 from kfresh.benchmarks.report import Result, Table
+from kfresh.core.time import parse_iso
 
 
 class TransferOptions(SuiteOptions):
@@ -42,6 +43,11 @@ class EvidenceDoc:
     valid_from: float
     text: str
 
+    @classmethod
+    def of(cls, q: realtimeqa.Question) -> EvidenceDoc:
+        """A question's evidence as version 1 of a document, dated by the question."""
+        return cls(q.id, 1, q.source, parse_iso(q.date), q.evidence)
+
 
 def slice_of(opts: TransferOptions) -> list[realtimeqa.Question]:
     rows = sorted(realtimeqa.load(opts.dataset), key=lambda q: (q.date, q.id))
@@ -53,7 +59,6 @@ def _covered(answers: list[str], q: realtimeqa.Question) -> bool:
 
 
 def run(opts: TransferOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
-    from kfresh.client.sources import parse_time
     from kfresh.core.config import KfreshConfig
     from kfresh.finetuner.extraction import extract_document
     from kfresh.finetuner.modeling import load_base
@@ -65,7 +70,7 @@ def run(opts: TransferOptions, *, addr: str | None = None, quick: bool = False, 
     questions = slice_of(opts)
     if not questions:
         raise SystemExit(f"no RealTimeQA questions on or after {opts.start}")
-    docs = [EvidenceDoc(q.id, 1, q.source, parse_time(q.date, q.id) or 0.0, q.evidence) for q in questions]
+    docs = [EvidenceDoc.of(q) for q in questions]
     env = environment(model="SmolLM2-135M-Instruct (transformers, float32)", dataset=str(realtimeqa.dataset_path(opts.dataset)),
                       slice=f"{questions[0].date} .. {questions[-1].date}")  # fmt: skip
 

@@ -24,8 +24,9 @@ from typing import Any
 from kfresh.benchmarks import realtimeqa
 from kfresh.benchmarks.common import environment
 from kfresh.benchmarks.report import Result, Table, write_result
+from kfresh.benchmarks.transfer import EvidenceDoc, TransferOptions, slice_of
 from kfresh.core.config import KfreshConfig
-from kfresh.core.time import format_iso, parse_iso
+from kfresh.core.time import format_iso
 from kfresh.finetuner.augment import QA, AugmentedFacts
 from kfresh.finetuner.evaluate import adapter_disabled, contains_answer
 from kfresh.finetuner.facts import Fact
@@ -34,13 +35,7 @@ from kfresh.finetuner.transfer import teacher_messages
 from kfresh.prompt import closed_book_messages
 
 
-class _Doc:
-    def __init__(self, q: realtimeqa.Question) -> None:
-        self.doc_id, self.version, self.source, self.text = q.id, 1, q.source, q.evidence
-        self.valid_from = parse_iso(q.date)
-
-
-def transfer_data(pairs: list[dict[str, Any]], docs: dict[str, _Doc]) -> AugmentedFacts:
+def transfer_data(pairs: list[dict[str, Any]], docs: dict[str, EvidenceDoc]) -> AugmentedFacts:
     """The pairs as the trainer's input: one pseudo-fact per pair (its span is what validation checks)."""
     facts = [Fact(p["question"], "question", p["span"], format_iso(docs[p["doc_id"]].valid_from), p["doc_id"],
                   p["version"], p["sentence"]) for p in pairs]  # fmt: skip
@@ -50,7 +45,7 @@ def transfer_data(pairs: list[dict[str, Any]], docs: dict[str, _Doc]) -> Augment
 
 
 def score(lm: LoadedModel, questions: list[realtimeqa.Question], pairs: list[dict[str, Any]],
-          docs: dict[str, _Doc], desc: str) -> dict[str, float]:  # fmt: skip
+          docs: dict[str, EvidenceDoc], desc: str) -> dict[str, float]:  # fmt: skip
     closed = chat_answers(lm, [closed_book_messages(q.question) for q in questions], max_new_tokens=48, desc=desc)
     reading = chat_answers(lm, [teacher_messages(docs[q.id], q.question) for q in questions], max_new_tokens=48,
                            desc=desc)  # fmt: skip
@@ -89,10 +84,8 @@ def main() -> None:
     args = parser.parse_args()
     run = json.loads(args.pairs.read_text())
     pairs = run["raw"]["transfer"]["pairs"]
-    settings = run["settings"]
-    by_id = {q.id: q for q in realtimeqa.load(settings["dataset"])}
-    questions = [by_id[i] for i in run["raw"]["facts"]]  # every document of the slice, in order
-    docs = {q.id: _Doc(q) for q in questions}
+    questions = slice_of(TransferOptions.model_validate(run["settings"]))  # the slice the pairs were built from
+    docs = {q.id: EvidenceDoc.of(q) for q in questions}
 
     cfg = KfreshConfig()
     ft = cfg.finetune.model_copy(update={"max_epochs": args.epochs, "time_budget_s": args.budget, "device": "cpu"})

@@ -8,12 +8,15 @@ folder laid out as installed, from pyproject's own mapping, and the test modules
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS_PACKAGE = "kfresh_tests"
@@ -38,9 +41,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 
+@functools.cache
+def _setuptools_config() -> dict[str, Any]:
+    """pyproject's [tool.setuptools]: the packages and the folders they are installed from (read once)."""
+    return dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"])
+
+
 def installed_layout(dest: Path) -> Path:
     """Copy the package's .py files into `dest` as pyproject installs them, the tests as `kfresh_tests`."""
-    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools_cfg = _setuptools_config()
     package_dir: dict[str, str] = setuptools_cfg["package-dir"]
     for package in setuptools_cfg["packages"]:
         source = ROOT / _source_dir(package, package_dir)
@@ -69,7 +78,7 @@ def _source_dir(package: str, package_dir: dict[str, str]) -> str:
 def source_path(layout_path: str) -> str:
     """The source file (relative to the repository) of a path in the installed layout, e.g.
     'kfresh/server/app.py' -> 'server/app.py'."""
-    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools_cfg = _setuptools_config()
     folder, _, name = layout_path.rpartition("/")
     return f"{_source_dir(folder.replace('/', '.'), setuptools_cfg['package-dir'])}/{name}"
 
@@ -185,8 +194,6 @@ def measure(layout: Path) -> GraphFigures:
         text=True,
         env={"PYTHONPATH": str(layout), "PATH": "/usr/bin:/bin"},
     ).stdout
-    import json
-
     edges = {module: set(imported) for module, imported in json.loads(out).items()}
     package = {m: i for m, i in edges.items() if not m.startswith(TESTS_PACKAGE)}
     return GraphFigures(
