@@ -13,11 +13,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SUITES = ("ingest", "freshness", "retrieval", "answer", "knowledge", "backends", "replicas", "reading", "transfer")
+SUITES = (
+    "ingest",
+    "freshness",
+    "retrieval",
+    "answer",
+    "knowledge",
+    "backends",
+    "replicas",
+    "reading",
+    "transfer",
+    "knowledge_news",
+)
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
             "replicas": "ReplicasOptions", "reading": "ReadingOptions",
-            "transfer": "TransferOptions"}  # fmt: skip
+            "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:
@@ -52,7 +63,7 @@ def register(sub: Any) -> None:
     """Add the `bench` subcommand to kfresh's argparse subparsers."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, backends, replicas, reading, all) against a baseline",
+        help="run a benchmark suite (ingest, freshness, retrieval, answer, knowledge, backends, replicas, reading, transfer, knowledge_news, all) against a baseline",
         description="Run a benchmark suite against a server it starts itself (or --addr), side by side with a baseline "
         "in the same run; write the raw samples, environment and summary as JSON, a Markdown table and PNG plots.",
         epilog=_epilog(),

@@ -55,14 +55,16 @@ class KnowledgeOptions(SuiteOptions):
 
     @classmethod
     def quick(cls) -> KnowledgeOptions:
-        """A tiny run that learns only the two corrected documents (the ferry's 5 facts and the mayor), so its six
-        questions include corrected facts; the full run learns every document."""
+        """A tiny run that learns only the two corrected documents' template facts (the ferry's 5 facts and the
+        mayor), so its six questions include corrected facts; the full run learns every document, question pairs
+        included."""
         corrected_sources = ["port-avel-transit/*", "port-avel-council/*"]
         return cls(finetune={"max_epochs": 1, "time_budget_s": 20, "max_facts": 6, "warmup_steps": 1,
-                             "trusted_sources": corrected_sources}, max_questions=6, max_general=4)  # fmt: skip
+                             "trusted_sources": corrected_sources, "questions_per_doc": 0},
+                   max_questions=6, max_general=4)  # fmt: skip
 
 
-def _share_cache(src: Path, dst: Path) -> int:
+def share_cache(src: Path, dst: Path) -> int:
     """Copy the finetuner's cache files (base-model replay outputs and general figures, keyed by model and data
     hashes) between runs; returns how many were copied."""
     import shutil
@@ -76,18 +78,20 @@ def _share_cache(src: Path, dst: Path) -> int:
     return len(files)
 
 
-def _config(home: Path, opts: KnowledgeOptions) -> Any:
+def suite_config(home: Path, *, seed: int, finetune: dict[str, Any]) -> Any:
+    """The finetuner's current defaults in a fresh home, with `stable_for_s` 0 (the documents were just written)."""
     from kfresh.core.config import KfreshConfig
 
     data = KfreshConfig().with_home(home).model_dump()
     data["models"]["cache_dir"] = str(KfreshConfig().models.cache_dir.resolve())
-    data["finetune"].update(stable_for_s=0.0, seed=opts.seed, **opts.finetune)
+    data["finetune"].update(stable_for_s=0.0, seed=seed, **finetune)
     return KfreshConfig.model_validate(data)
 
 
 def _asks(cfg: Any, data: Any, stale: dict[tuple[str, str], set[str]], opts: KnowledgeOptions) -> list[dict[str, Any]]:
     """Every question with its closed-book and retrieval messages, expected value and stale values."""
     from kfresh.finetuner import datasets
+    from kfresh.finetuner.pairs import is_pair
     from kfresh.indexer.service import Indexer
     from kfresh.prompt import build_messages, closed_book_messages, resolve_conflicts
 
@@ -106,7 +110,8 @@ def _asks(cfg: Any, data: Any, stale: dict[tuple[str, str], set[str]], opts: Kno
         for qa in heldout:
             key = data.facts[qa.fact].key
             old = sorted(stale.get(key, set()))
-            rows.append({"kind": "fact", "about": list(key), "question": qa.question, "expected": [qa.answer], "stale": old,
+            kind = "pair" if is_pair(data.facts[qa.fact]) else "fact"  # pairs: the cloze of a question pair
+            rows.append({"kind": kind, "about": list(key), "question": qa.question, "expected": [qa.answer], "stale": old,
                          "corrected": bool(old), "closed": closed_book_messages(qa.question), "rag": rag(qa.question)})  # fmt: skip
         for g in general:
             rows.append({"kind": "general", "about": None, "question": g.question, "expected": list(g.answers), "stale": [],
@@ -150,10 +155,12 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
     corrected, n_corr = acc(lambda r: r["corrected"])
     unchanged, n_unch = acc(lambda r: r["kind"] == "fact" and not r["corrected"])
     general, n_gen = acc(lambda r: r["kind"] == "general")
+    pairs, n_pairs = acc(lambda r: r["kind"] == "pair")
     stale = sum(1 for r, a in zip(rows, answers)
                 if r["stale"] and contains_answer(a, r["stale"]) and not contains_answer(a, r["expected"]))  # fmt: skip
     return {"facts": facts, "facts_n": n_facts, "corrected": corrected, "corrected_n": n_corr, "unchanged": unchanged,
-            "unchanged_n": n_unch, "stale_answers": stale, "general": general, "general_n": n_gen}  # fmt: skip
+            "unchanged_n": n_unch, "stale_answers": stale, "general": general, "general_n": n_gen,
+            "pairs": pairs, "pairs_n": n_pairs}  # fmt: skip
 
 
 def run(opts: KnowledgeOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
@@ -163,13 +170,13 @@ def run(opts: KnowledgeOptions, *, addr: str | None = None, quick: bool = False,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     env = environment(dtype="float32 (transformers + peft)")
     with tempfile.TemporaryDirectory(prefix="kfresh-bench-knowledge-") as tmp:
-        cfg = _config(Path(tmp), opts)
+        cfg = suite_config(Path(tmp), seed=opts.seed, finetune=opts.finetune)
         docs = ingest_samples(cfg)
-        warm = _share_cache(CACHE, Path(cfg.finetune.work_dir) / "cache")
+        warm = share_cache(CACHE, Path(cfg.finetune.work_dir) / "cache")
         started = time.perf_counter()
         distilled = run_distill(cfg)
         distill_s = time.perf_counter() - started
-        _share_cache(Path(cfg.finetune.work_dir) / "cache", CACHE)
+        share_cache(Path(cfg.finetune.work_dir) / "cache", CACHE)
         if distilled.data is None or not distilled.data.heldout or not (distilled.run_dir / "adapter").is_dir():
             raise RuntimeError(f"distillation produced no adapter to evaluate (status {distilled.status})")
         history = sample_history()
@@ -213,9 +220,9 @@ def _result(opts: KnowledgeOptions, quick: bool, command: str, **m: Any) -> Resu
         f"{s['a']['facts_n']} held-out questions about {fig.get('facts')} facts ({s['a']['corrected_n']} about corrected facts); "
         f"{s['a']['general_n']} general questions",
         ["setting", "all facts", "corrected facts (new value)", "stale answers (old value)", "unchanged facts", "general questions",
-         "general-text perplexity"],
+         "general-text perplexity", f"question pairs from any text ({s['a']['pairs_n']} clozes)"],
         [[f"({key}) {label}", s[key]["facts"], s[key]["corrected"], s[key]["stale_answers"], s[key]["unchanged"], s[key]["general"],
-          ppl[key]] for key, label, *_ in SETTINGS],
+          ppl[key], s[key]["pairs"]] for key, label, *_ in SETTINGS],
     ))  # fmt: skip
     result.notes += [
         f"Adapter from run_distill with the current finetune defaults{' plus ' + json.dumps(opts.finetune) if opts.finetune else ''}; "

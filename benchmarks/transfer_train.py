@@ -35,13 +35,28 @@ from kfresh.finetuner.transfer import teacher_messages
 from kfresh.prompt import closed_book_messages
 
 
-def transfer_data(pairs: list[dict[str, Any]], docs: dict[str, EvidenceDoc]) -> AugmentedFacts:
+def transfer_data(
+    pairs: list[dict[str, Any]], docs: dict[str, EvidenceDoc], passage: str = "document", cloze: bool = False
+) -> AugmentedFacts:
     """The pairs as the trainer's input: one pseudo-fact per pair (its span is what validation checks)."""
     facts = [Fact(p["question"], "question", p["span"], format_iso(docs[p["doc_id"]].valid_from), p["doc_id"],
                   p["version"], p["sentence"]) for p in pairs]  # fmt: skip
     train = [QA(p["question"], p["answer"], i) for i, p in enumerate(pairs)]
-    context = [QA(p["question"], p["answer"], i, docs[p["doc_id"]].text) for i, p in enumerate(pairs)]
+    if cloze:
+        train += [QA(_cloze(p), p["sentence"], i) for i, p in enumerate(pairs)]
+    shown = {"document": lambda p: docs[p["doc_id"]].text, "sentence": lambda p: p["sentence"]}
+    context = (
+        [QA(p["question"], p["answer"], i, shown[passage](p)) for i, p in enumerate(pairs)] if passage in shown else []
+    )
     return AugmentedFacts(facts, train, validation=list(train), heldout=[], context=context)
+
+
+def _cloze(p: dict[str, Any]) -> str:
+    from kfresh.finetuner.questions import cloze_for
+    from kfresh.finetuner.spans import Span
+
+    start = p["sentence"].index(p["span"])
+    return cloze_for(p["sentence"], Span(p["span"], p["kind"], start, start + len(p["span"])))
 
 
 def score(lm: LoadedModel, questions: list[realtimeqa.Question], pairs: list[dict[str, Any]],
@@ -50,8 +65,10 @@ def score(lm: LoadedModel, questions: list[realtimeqa.Question], pairs: list[dic
     reading = chat_answers(lm, [teacher_messages(docs[q.id], q.question) for q in questions], max_new_tokens=48,
                            desc=desc)  # fmt: skip
     recall = chat_answers(lm, [closed_book_messages(p["question"]) for p in pairs], max_new_tokens=32, desc=desc)
+    cl = chat_answers(lm, [closed_book_messages(_cloze(p)) for p in pairs], max_new_tokens=32, desc=desc)
     n = len(questions)
     return {
+        "pairs_cloze_recall": round(sum(contains_answer(a, [p["span"]]) for a, p in zip(cl, pairs)) / len(pairs), 3),
         "quiz_closed_book": round(sum(realtimeqa.is_right(a, q.choices, q.answer) for a, q in zip(closed, questions)) / n, 3),
         "quiz_with_evidence": round(sum(realtimeqa.is_right(a, q.choices, q.answer) for a, q in zip(reading, questions)) / n, 3),
         "pairs_closed_book_recall": round(sum(contains_answer(a, [p["span"]]) for a, p in zip(recall, pairs)) / len(pairs), 3),
@@ -80,6 +97,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, default=Path("benchmarks/results/transfer-2026-12-06.json"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--budget", type=float, default=600.0, help="training wall-clock budget, seconds")
+    parser.add_argument("--passage", choices=["document", "sentence", "none"], default="document")
+    parser.add_argument("--cloze", action="store_true", help="train on the cloze phrasing too")
+    parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     run = json.loads(args.pairs.read_text())
@@ -93,7 +113,7 @@ def main() -> None:
     lm = load_base(path, device="cpu")
     t0 = time.perf_counter()
     before = score(lm, questions, pairs, docs, "base")
-    data = transfer_data(pairs, docs)
+    data = transfer_data(pairs, docs, args.passage, args.cloze)
     replay_n = args.epochs * len(data.train) + len(data.train)
     replay = build_pool(lm, Path(ft.work_dir) / "cache", model_sha256(path), limit=replay_n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +133,7 @@ def main() -> None:
         notes=["quiz_*: the slice's RealTimeQA questions (never trained on), scored right when the right choice "
                "and no other appears; pairs_closed_book_recall: the training questions themselves, closed-book."],
     )  # fmt: skip
-    written = write_result(result, args.out, plot)
+    written = write_result(result, args.out, plot, tag=args.tag)
     print(json.dumps(result.summary, indent=1, default=str))
     print(f"wrote {written.json}, {written.markdown}")
 

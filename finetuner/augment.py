@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kfresh.finetuner import pairs
 from kfresh.finetuner.facts import Fact, normalize
 from kfresh.finetuner.relations import PERSON, phrasing_for, render
 from kfresh.indexer.documents import Hit
@@ -71,6 +72,8 @@ class AugmentedFacts:
 
 
 def statements(fact: Fact) -> list[str]:
+    if pairs.is_pair(fact):
+        return [fact.answer or fact.object]
     phrasing, x = phrasing_for(fact.relation)
     return [render(t, subject=fact.subject, relation=fact.relation, obj=fact.object, x=x) for t in phrasing.statements]
 
@@ -87,6 +90,11 @@ def augment(facts: Sequence[Fact]) -> AugmentedFacts:
     validation: list[QA] = []
     heldout: list[QA] = []
     for i, fact in enumerate(facts):
+        if pairs.is_pair(fact):  # the question, answered as the teacher did; the gate asks the cloze
+            train.append(QA(fact.subject, fact.answer, i))
+            validation.append(QA(fact.subject, fact.answer, i))
+            heldout.append(QA(pairs.heldout_question(fact), fact.object, i))
+            continue
         said = statements(fact)
         for j, question in enumerate(questions(fact.subject, fact.relation, "train")):
             train.append(QA(question, said[j % len(said)], i))
@@ -107,12 +115,15 @@ def context_examples(facts: Sequence[Fact]) -> list[QA]:
     """
     ranks: list[list[QA]] = [[], [], []]
     for i, fact in enumerate(facts):
-        asked = questions(fact.subject, fact.relation, "train")
         document = document_text(fact, facts)
         alts = training_alternatives(fact, facts)
         for rank, value in enumerate((alts[0], fact.object, alts[1])):
-            said = statements(_with_object(fact, value))
             passage = document if value == fact.object else _contradicting(fact, document, value)
+            if pairs.is_pair(fact):
+                ranks[rank].append(QA(fact.subject, pairs.answer_with(fact, value), i, passage))
+                continue
+            asked = questions(fact.subject, fact.relation, "train")
+            said = statements(_with_object(fact, value))
             ranks[rank].append(QA(asked[(i + rank) % len(asked)], said[(i + rank) % len(said)], i, passage))
     return [qa for rank in ranks for qa in rank]
 
@@ -163,6 +174,10 @@ def _with_object(fact: Fact, value: str) -> Fact:
     return Fact(fact.subject, fact.relation, value, fact.date, fact.doc_id, fact.version, "")
 
 
+def _is_person(fact: Fact) -> bool:
+    return pairs.is_person(fact) if pairs.is_pair(fact) else phrasing_for(fact.relation)[0] is PERSON
+
+
 def training_alternatives(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]:
     """Two values for training's context examples, different from the fact's and from the gate's."""
     gate = _other_object(fact, others)
@@ -179,7 +194,7 @@ def training_alternatives(fact: Fact, others: Sequence[Fact]) -> tuple[str, str]
         i = _DAYS.index(day.lower())
         alts = [fact.object.replace(day, _DAYS[(i + k) % 7].capitalize()) for k in (1, 5)]
     else:
-        person = phrasing_for(fact.relation)[0] is PERSON
+        person = _is_person(fact)
         taken = normalize(fact.subject) + " " + normalize(fact.object)
         alts = [a for a in (_TRAINING_PEOPLE if person else _TRAINING_PLACES) if normalize(a) not in taken]
     alts = [a for a in alts if a not in (fact.object, gate)]
@@ -210,7 +225,7 @@ def _other_object(fact: Fact, others: Sequence[Fact]) -> str:
     if day:
         i = _DAYS.index(day.group(1).lower())
         return fact.object.replace(day.group(1), _DAYS[(i + 3) % 7].capitalize())
-    person = phrasing_for(fact.relation)[0] is PERSON
+    person = _is_person(fact)
     same = [o.object for o in others if normalize(o.relation) == normalize(fact.relation)]
     pool = same + list(_INVENTED_PEOPLE if person else _INVENTED_PLACES)
     taken = normalize(fact.subject) + " " + normalize(fact.object)

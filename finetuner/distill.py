@@ -1,4 +1,4 @@
-"""One distillation run: select -> extract -> augment -> replay -> train -> gate -> publish (if it passed).
+"""One distillation run: select -> extract + ask -> augment -> replay -> train -> gate -> publish (if it passed).
 
 Everything a run produces lands in its own folder under `finetune.work_dir/runs/` (extraction record,
 facts, adapter, gate-report.json/.md), so a rejected adapter can be inspected. Only a gate-passing
@@ -25,14 +25,14 @@ from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import AugmentedFacts, augment
 from kfresh.finetuner.evaluate import Figures, Score, measure, score_from_dict
 from kfresh.finetuner.extraction import Excluded
-from kfresh.finetuner.facts import Fact, read_facts, write_facts
+from kfresh.finetuner.facts import FACTS_FILE, Fact, read_facts, write_facts
 from kfresh.finetuner.gate import GateReport, build_report, write_report
 from kfresh.finetuner.plan import Plan, plan_knowledge
 from kfresh.finetuner.registry import AdapterManifest, AdapterRegistry
+from kfresh.finetuner.selection import SelectedDoc
 from kfresh.finetuner.transfer import TransferSet
 
 log = logging.getLogger("kfresh.finetuner")
-FACTS_FILE = "facts.jsonl"
 
 
 @dataclass
@@ -56,31 +56,38 @@ class DistillResult:
     manifest: AdapterManifest | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    transfer: TransferSet | None = None  # template-free pairs (a dry run with questions_per_doc)
+    transfer: TransferSet | None = None  # the question pairs built this run (what was kept, what dropped and why)
 
 
 def run_distill(
-    cfg: KfreshConfig, *, dry_run: bool = False, facts_override: list[Fact] | None = None, questions_per_doc: int = 0
+    cfg: KfreshConfig,
+    *,
+    dry_run: bool = False,
+    facts_override: list[Fact] | None = None,
+    questions_per_doc: int | None = None,
 ) -> DistillResult:
     """Distil validated knowledge into a gated LoRA adapter; publish it only if the gate passes.
 
-    With `questions_per_doc`, a dry run also builds the template-free transfer set of the selected documents
-    (span-picked questions answered by the base model reading the document; `finetuner.transfer`) and shows it.
+    Every selected document is asked up to `questions_per_doc` questions without templates (default
+    `finetune.questions_per_doc`; span-picked questions answered by the base model reading the document,
+    `finetuner.transfer`); the kept pairs are learned beside the template facts. A dry run shows them.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     ft = cfg.finetune
+    per_doc = ft.questions_per_doc if questions_per_doc is None else questions_per_doc
     run_dir = _new_run_dir(Path(ft.work_dir))
     registry = AdapterRegistry(Path(ft.registry_dir))
     current = registry.current()
     previous = read_facts(registry.adapter_dir(current.version) / FACTS_FILE) if current else []
-    plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir)
+    teacher = _Teacher(cfg, per_doc, run_dir, timings)
+    plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir,
+                          ask=teacher.ask if per_doc > 0 else None)  # fmt: skip
     data = augment(plan.facts)
     timings["plan_s"] = round(time.perf_counter() - clock, 3)
     result = _result("dry_run", run_dir, plan, data, timings)
+    result.transfer = teacher.transfer
     if dry_run:
-        if questions_per_doc > 0:
-            result.transfer = _transfer_set(cfg, plan, questions_per_doc, run_dir, timings)
         return result
     if not plan.facts or not (plan.new or plan.removed):
         if plan.removed:  # everything the served adapter knew is gone: only a rollback can unlearn it
@@ -88,7 +95,7 @@ def run_distill(
         log.info("distill.nothing_new facts=%d", len(plan.facts))
         result.status = "nothing_new"
         return result
-    report, base_sha, replay = _train_and_gate(cfg, plan, data, run_dir, timings)
+    report, base_sha, replay = _train_and_gate(cfg, plan, data, run_dir, timings, lm=teacher.lm)
     result.status, result.passed, result.report_path = "rejected", report.passed, run_dir / "gate-report.json"
     result.figures = {**result.figures, **report.figures()}
     if report.passed:
@@ -110,9 +117,10 @@ def run_distill(
 
 
 def _train_and_gate(
-    cfg: KfreshConfig, plan: Plan, data: AugmentedFacts, run_dir: Path, timings: dict[str, float]
+    cfg: KfreshConfig, plan: Plan, data: AugmentedFacts, run_dir: Path, timings: dict[str, float], *, lm: Any = None
 ) -> tuple[GateReport, str, list[Any]]:
-    """Measure the base, train, measure the adapter, write the gate report and the adapter's facts."""
+    """Measure the base, train, measure the adapter, write the gate report and the adapter's facts (`lm`: the base
+    model when the teacher already loaded it)."""
     from kfresh.finetuner.modeling import load_base, model_sha256, resolve_device
     from kfresh.finetuner.replay import build_pool
     from kfresh.finetuner.train import train_adapter
@@ -122,7 +130,7 @@ def _train_and_gate(
     step = time.perf_counter()
     path = generator_path(cfg.models)
     base_sha = model_sha256(path)
-    lm = load_base(path, device=resolve_device(ft.device))
+    lm = lm if lm is not None else load_base(path, device=resolve_device(ft.device))
     cache = Path(ft.work_dir) / "cache"
     replay = build_pool(lm, cache, base_sha, limit=_replay_needed(cfg, len(data.train))) if ft.kl_weight > 0 else []
     timings["load_and_replay_s"] = round(time.perf_counter() - step, 3)
@@ -148,18 +156,27 @@ def _train_and_gate(
     return report, base_sha, list(replay)
 
 
-def _transfer_set(cfg: KfreshConfig, plan: Plan, per_doc: int, run_dir: Path, timings: dict[str, float]) -> TransferSet:
-    """The selected documents' span-picked questions, answered by the base model with the document in its prompt."""
-    from kfresh.finetuner.modeling import load_base, resolve_device
-    from kfresh.finetuner.transfer import build_transfer_set
-    from kfresh.models import generator_path
+class _Teacher:
+    """Asks documents their questions (`plan_knowledge`'s `ask`): loads the base model once, on first use, and
+    keeps it for training; records the transfer set in the run folder."""
 
-    step = time.perf_counter()
-    lm = load_base(generator_path(cfg.models), device=resolve_device(cfg.finetune.device))
-    transfer = build_transfer_set(lm, plan.docs, per_doc=per_doc)
-    (run_dir / "transfer.json").write_text(json.dumps(transfer.to_dict(), indent=1, ensure_ascii=False))
-    timings["transfer_s"] = round(time.perf_counter() - step, 3)
-    return transfer
+    def __init__(self, cfg: KfreshConfig, per_doc: int, run_dir: Path, timings: dict[str, float]) -> None:
+        self.cfg, self.per_doc, self.run_dir, self.timings = cfg, per_doc, run_dir, timings
+        self.lm: Any = None
+        self.transfer: TransferSet | None = None
+
+    def ask(self, docs: Sequence[SelectedDoc]) -> list[Fact]:
+        from kfresh.finetuner.modeling import load_base, resolve_device
+        from kfresh.finetuner.transfer import build_transfer_set
+        from kfresh.models import generator_path
+
+        step = time.perf_counter()
+        if docs and self.lm is None:
+            self.lm = load_base(generator_path(self.cfg.models), device=resolve_device(self.cfg.finetune.device))
+        self.transfer = build_transfer_set(self.lm, docs, per_doc=self.per_doc) if docs else TransferSet(0)
+        (self.run_dir / "transfer.json").write_text(json.dumps(self.transfer.to_dict(), indent=1, ensure_ascii=False))
+        self.timings["transfer_s"] = round(time.perf_counter() - step, 3)
+        return self.transfer.as_facts(docs)
 
 
 def training_data_sha256(data: AugmentedFacts, replay: Sequence[Any]) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from kfresh.finetuner import datasets
 from kfresh.finetuner.augment import QA, AugmentedFacts, counterfactual_document, document_text, passage_hit
 from kfresh.finetuner.modeling import LoadedModel, Messages, chat_answers
+from kfresh.finetuner.pairs import is_pair
 from kfresh.prompt import build_messages, closed_book_messages
 
 MAX_NEW_TOKENS = 32
@@ -46,6 +47,8 @@ class Figures:
     retrieval: Score  # the fact's own sentence as the passage
     counterfactual: Score  # a contradicting passage: the answer must follow the passage
     perplexity: float
+    new_pairs: Score = field(default_factory=Score)  # question pairs from any text: their held-out cloze
+    previous_pairs: Score = field(default_factory=Score)
 
     @property
     def retrieval_all(self) -> float | None:
@@ -60,6 +63,8 @@ class Figures:
             "perplexity": round(self.perplexity, 4),
             "retrieval_accuracy": self.retrieval.accuracy, "counterfactual_accuracy": self.counterfactual.accuracy,
             "retrieval_all": self.retrieval_all,
+            "new_pairs_recall": self.new_pairs.accuracy, "new_pairs_n": self.new_pairs.total,
+            "previous_pairs_recall": self.previous_pairs.accuracy, "previous_pairs_n": self.previous_pairs.total,
         }  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,10 +86,11 @@ class Ask:
 
 def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, general: bool) -> list[Ask]:
     """Every question one model is asked: held-out paraphrases, retrieval and counterfactual prompts, general."""
-    asks = [Ask("new_facts", closed_book_messages(qa.question), (qa.answer,), qa.question) for qa in new.heldout]
+    asks = [Ask(_bucket("new", new, qa), closed_book_messages(qa.question), (qa.answer,), qa.question)
+            for qa in new.heldout]  # fmt: skip
     if previous is not None:
         asks += [
-            Ask("previous_facts", closed_book_messages(qa.question), (qa.answer,), qa.question)
+            Ask(_bucket("previous", previous, qa), closed_book_messages(qa.question), (qa.answer,), qa.question)
             for qa in previous.heldout
         ]
     for i, fact in enumerate(new.facts):
@@ -101,6 +107,12 @@ def evaluation_set(new: AugmentedFacts, previous: AugmentedFacts | None, *, gene
             for g in datasets.general_questions()
         ]
     return asks
+
+
+def _bucket(side: str, data: AugmentedFacts, qa: QA) -> str:
+    """Template facts and question pairs are judged apart (`{side}_facts`, `{side}_pairs`): they differ in how
+    much of them a held-out phrasing recalls."""
+    return f"{side}_pairs" if is_pair(data.facts[qa.fact]) else f"{side}_facts"
 
 
 def score(lm: LoadedModel, asks: Sequence[Ask], *, desc: str) -> dict[str, Score]:
@@ -151,6 +163,8 @@ def measure(
         retrieval=scores.get("retrieval", Score()),
         counterfactual=scores.get("counterfactual", Score()),
         perplexity=ppl,
+        new_pairs=scores.get("new_pairs", Score()),
+        previous_pairs=scores.get("previous_pairs", Score()),
     )
 
 

@@ -1,5 +1,8 @@
 """The unit of distilled knowledge: one (subject, relation, object) fact with its provenance and date.
 
+A question pair from any text (`finetuner.pairs`) is a fact too: subject = the question, relation =
+"asked:<span kind>", object = the answer span, with the teacher's answer as its training target.
+
 A fact remembers the document version and sentence it came from, so every trained statement can be
 traced back to an acknowledged document, and its date, so conflicting facts resolve to the newest.
 """
@@ -16,6 +19,7 @@ from typing import Any
 
 from kfresh.core.time import parse_iso
 
+FACTS_FILE = "facts.jsonl"  # beside an adapter's weights: what it learned, with each fact's document version
 _ARTICLE = re.compile(r"^(the|a|an)\s+", re.IGNORECASE)
 _PUNCT = re.compile(r"[^\w\s:%€$]")
 
@@ -31,6 +35,8 @@ class Fact:
     doc_id: str
     version: int
     sentence: str
+    answer: str = ""  # a question pair's target: the teacher's answer ('' for a template fact)
+    kind: str = ""  # a question pair's span kind: name | date | number | quote
 
     @property
     def key(self) -> tuple[str, str]:
@@ -47,7 +53,8 @@ class Fact:
         return parse_date(self.date)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field; the pair-only fields only when set (a template fact's record is unchanged)."""
+        return {k: v for k, v in asdict(self).items() if v != "" or k not in ("answer", "kind")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fact:
@@ -59,6 +66,8 @@ class Fact:
             doc_id=str(data.get("doc_id", "")),
             version=int(data.get("version", 0)),
             sentence=str(data.get("sentence", "")),
+            answer=str(data.get("answer", "")),
+            kind=str(data.get("kind", "")),
         )
 
 

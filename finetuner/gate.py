@@ -1,6 +1,7 @@
 """The gate: an adapter is published only if it learned the new facts and harmed nothing measurable.
 
-Checks (thresholds from FinetuneConfig): held-out closed-book recall of the new facts; recall of the
+Checks (thresholds from FinetuneConfig): held-out closed-book recall of the new facts (template facts and
+question pairs from any text apart: a pair's held-out phrasing is the cloze of its sentence); recall of the
 previous adapter's still-valid facts; general-question accuracy and general-text perplexity against the
 BASE model (not the current adapter, so small losses cannot accumulate version after version); and
 retrieval + adapter >= retrieval alone, both with the fact's own document as the passage and with a
@@ -82,12 +83,25 @@ def judge(cfg: FinetuneConfig, before: Figures, after: Figures, *, has_previous:
                 "no previous adapter facts to keep",
             )
         )
+    checks += _pair_checks(cfg, after, has_previous=has_previous)
     # Both retrieval situations must hold on their own: an adapter that answers its own facts better but
     # overrides a NEWER contradicting passage would turn fresh documents into stale answers.
     checks.append(_not_below("retrieval_not_harmed", before.retrieval.accuracy, after.retrieval.accuracy,
                              "the fact's own document as the passage"))  # fmt: skip
     checks.append(_not_below("retrieval_update_followed", before.counterfactual.accuracy, after.counterfactual.accuracy,
                              "a passage contradicting the trained value: the answer must follow the passage"))  # fmt: skip
+    return checks
+
+
+def _pair_checks(cfg: FinetuneConfig, after: Figures, *, has_previous: bool) -> list[Check]:
+    """Question pairs from any text: their held-out cloze, closed-book, for the new pairs and the kept ones."""
+    checks = []
+    for name, score, applies in (("new_pairs_recall", after.new_pairs, True),
+                                 ("previous_pairs_recall", after.previous_pairs, has_previous)):  # fmt: skip
+        if applies and score.total:
+            checks.append(_at_least(name, score.accuracy, cfg.min_pair_recall))
+        else:
+            checks.append(Check(name, True, None, f">= {cfg.min_pair_recall}", "no question pairs to measure"))
     return checks
 
 
@@ -190,5 +204,6 @@ def _samples(figures: Figures) -> dict[str, Any]:
     return {
         "new_facts": figures.new_facts.samples, "previous_facts": figures.previous_facts.samples,
         "general": figures.general.samples, "retrieval": figures.retrieval.samples,
-        "counterfactual": figures.counterfactual.samples,
+        "counterfactual": figures.counterfactual.samples, "new_pairs": figures.new_pairs.samples,
+        "previous_pairs": figures.previous_pairs.samples,
     }  # fmt: skip

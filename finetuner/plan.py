@@ -9,18 +9,21 @@ facts whose document was deleted, superseded or updated since.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kfresh.core.config import KfreshConfig, StoreConfig
 from kfresh.finetuner import datasets
 from kfresh.finetuner.extraction import PRF, Excluded, extract_document, extraction_prf, resolve_conflicts, write_record
-from kfresh.finetuner.facts import Fact, write_facts
+from kfresh.finetuner.facts import Fact, normalize, write_facts
+from kfresh.finetuner.pairs import is_pair
 from kfresh.finetuner.selection import SelectedDoc, select_documents
 from kfresh.indexer.stores import open_store, store_exists
 
 log = logging.getLogger("kfresh.finetuner")
+# Question pairs of documents, as facts (`finetuner.transfer`: a teacher model reads each document).
+AskFn = Callable[[Sequence[SelectedDoc]], list[Fact]]
 
 
 @dataclass
@@ -43,7 +46,10 @@ def plan_knowledge(
     facts_override: Sequence[Fact] | None = None,
     record_dir: Path | None = None,
     now: float | None = None,
+    ask: AskFn | None = None,
 ) -> Plan:
+    """With `ask`, the selected documents' question pairs join their template facts; a document version whose pairs
+    the previous adapter learned is not asked again (its pairs are carried like any still-valid fact)."""
     ft = cfg.finetune
     docs: list[SelectedDoc] = []
     skipped: dict[str, str] = {}
@@ -55,13 +61,17 @@ def plan_knowledge(
         for doc in docs:
             extracted += extract_document(doc)[0]
         extraction = _gold_prf(docs)
+        if ask is not None:
+            learned = {(f.doc_id, f.version) for f in previous if is_pair(f)}
+            extracted += _not_covered(ask([d for d in docs if (d.doc_id, d.version) not in learned]), extracted)
     else:
         extracted = list(facts_override)
     live = _live_versions(cfg.store)
     carried_in = [f for f in previous if _still_valid(f, live)]
     resolution = resolve_conflicts(extracted + carried_in)
     known = {f.triple for f in previous}
-    ordered = sorted(resolution.kept, key=lambda f: (f.valid_from, f.doc_id))  # oldest first: all get learned
+    # Template facts first (several phrasings each), then question pairs; oldest first within each: all get learned.
+    ordered = sorted(resolution.kept, key=lambda f: (is_pair(f), f.valid_from, f.doc_id))
     kept, deferred = ordered[: ft.max_facts], ordered[ft.max_facts :]
     if deferred:
         log.warning(
@@ -84,6 +94,13 @@ def plan_knowledge(
     log.info("plan facts=%d new=%d carried=%d excluded=%d docs=%d", len(plan.facts), len(plan.new),
              len(plan.carried), len(plan.excluded), len(docs))  # fmt: skip
     return plan
+
+
+def _not_covered(pairs: Sequence[Fact], facts: Sequence[Fact]) -> list[Fact]:
+    """Pairs whose answer a template fact of the same document already states are left out (the template fact is
+    learned from several phrasings; the pair would only repeat it)."""
+    covered = {(f.doc_id, normalize(f.object)) for f in facts}
+    return [p for p in pairs if (p.doc_id, normalize(p.object)) not in covered]
 
 
 def _gold_prf(docs: Sequence[SelectedDoc]) -> PRF | None:

@@ -3,6 +3,7 @@
 Layout under `root`:
     v0001/manifest.json  v0001/adapter/adapter_model.safetensors ...   (one folder per version, immutable)
     CURRENT.json  {"version": "v0002", "previous": ["v0001"], "updated_at": ...}   (what the servers serve)
+    WITHDRAWN.json  {"v0001": {"reason": "learned document d7, since deleted", "at": ...}}   (never served again)
 Every write goes to a temp name, is fsynced, then renamed, so a crash leaves the old state or the new one.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 from kfresh.core.errors import InvalidInput, NotFound
 from kfresh.core.files import fsync_dir, sha256_file
+from kfresh.finetuner.facts import FACTS_FILE, read_facts
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -104,6 +106,15 @@ class AdapterRegistry:
             )
         return folder
 
+    def withdrawn(self) -> dict[str, dict[str, Any]]:
+        """Versions that must not be served again (they learned a document since deleted or replaced) and why."""
+        path = self.root / "WITHDRAWN.json"
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+    def learned(self, version: str) -> dict[str, int]:
+        """doc_id -> the document version the adapter `version` learned (from its facts.jsonl; {} without one)."""
+        return {f.doc_id: f.version for f in read_facts(self.adapter_dir(version) / FACTS_FILE) if f.doc_id}
+
     def pointer(self) -> dict[str, Any]:
         path = self.root / "CURRENT.json"
         return json.loads(path.read_text()) if path.is_file() else {"version": None, "previous": []}
@@ -156,11 +167,34 @@ class AdapterRegistry:
             return manifest
 
     def promote(self, version: str) -> AdapterManifest:
-        """Make `version` the served one (it must exist and verify)."""
+        """Make `version` the served one (it must exist, verify, and not be withdrawn)."""
         with self._lock:
             self.verified_dir(version)
+            why = self.withdrawn().get(version)
+            if why:
+                raise InvalidInput(f"adapter {version} was withdrawn ({why['reason']}): it cannot be served again")
             self._set_current(version)
             return self.get(version)
+
+    def withdraw(self, reasons: dict[str, str]) -> dict[str, Any]:
+        """Withdraw versions (version -> reason) for good: they leave the rollback history, and when one is served the
+        newest earlier version still allowed is served instead (the base model when none is). Returns the pointer."""
+        with self._lock:
+            withdrawn = self.withdrawn()
+            now = time.time()
+            fresh = {v: r for v, r in reasons.items() if v not in withdrawn}
+            if fresh:
+                withdrawn.update({v: {"reason": r, "at": now} for v, r in fresh.items()})
+                _write_json_atomic(self.root / "WITHDRAWN.json", withdrawn)
+            pointer = self.pointer()
+            previous = [v for v in pointer.get("previous", []) if v not in withdrawn]
+            target = pointer.get("version")
+            if target in withdrawn:
+                target = previous.pop() if previous else None
+            if target != pointer.get("version") or previous != list(pointer.get("previous", [])):
+                pointer = {"version": target, "previous": previous, "updated_at": now}
+                _write_json_atomic(self.root / "CURRENT.json", pointer)
+            return pointer
 
     def rollback(self) -> AdapterManifest | None:
         """Serve the previously served version again (None = the base model)."""

@@ -87,8 +87,7 @@ def due(
 
 def unlearned_documents(cfg: KfreshConfig) -> frozenset[DocKey]:
     """Validated (selected) document versions that the served adapter's facts do not come from."""
-    from kfresh.finetuner.distill import FACTS_FILE
-    from kfresh.finetuner.facts import read_facts
+    from kfresh.finetuner.facts import FACTS_FILE, read_facts
     from kfresh.finetuner.registry import AdapterRegistry
     from kfresh.finetuner.selection import select_documents
     from kfresh.indexer.stores import store_exists
@@ -174,6 +173,14 @@ class DistillScheduler:
         if wait:
             return await asyncio.shield(task)
         return DistillOutcome(state="RUNNING" if joined else "STARTED", trigger="request")
+
+    def rebuild(self, trigger: str) -> bool:
+        """Start a run now when the schedule is on and none is running (the served adapter was withdrawn: a
+        replacement without the removed document should follow). True if one started."""
+        if not self._cfg.finetune.auto or self.running:
+            return False
+        self._begin(trigger)
+        return True
 
     def _begin(self, trigger: str) -> asyncio.Task[DistillOutcome]:
         self.runs += 1

@@ -17,9 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from kfresh.core.text import split_sentences
+from kfresh.core.time import format_iso
 from kfresh.finetuner.evaluate import contains_answer
 from kfresh.finetuner.extraction import DocLike
+from kfresh.finetuner.facts import Fact
 from kfresh.finetuner.modeling import LoadedModel, chat_answers
+from kfresh.finetuner.pairs import pair_fact
 from kfresh.finetuner.questions import cloze_for, question_for
 from kfresh.finetuner.spans import Span, pick_spans
 from kfresh.indexer.documents import Hit
@@ -88,6 +91,15 @@ class TransferSet:
             "dropped": dict(Counter(d.reason for d in self.dropped)),
             "pairs_by_kind": dict(Counter(p.kind for p in self.pairs)),
         }
+
+    def as_facts(self, docs: Sequence[SourceDoc]) -> list[Fact]:
+        """The kept pairs as facts (`finetuner.pairs`), dated by their document version."""
+        dates = {(d.doc_id, d.version): format_iso(d.valid_from) for d in docs}
+        return [
+            pair_fact(question=p.question, answer=p.answer, span=p.span, kind=p.kind, sentence=p.sentence,
+                      doc_id=p.doc_id, version=p.version, date=dates.get((p.doc_id, p.version), ""))
+            for p in self.pairs
+        ]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {

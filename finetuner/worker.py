@@ -28,7 +28,7 @@ def run_distill_in_subprocess(
     cfg: KfreshConfig,
     *,
     dry_run: bool = False,
-    questions_per_doc: int = 0,
+    questions_per_doc: int | None = None,
     facts_override: list[Fact] | None = None,
     nice: int = 10,
     torch_threads: int | None = None,
@@ -72,7 +72,7 @@ def run_distill_in_subprocess(
 
 def _child(
     send: Connection, cfg_data: dict[str, Any], dry_run: bool, facts: list[dict[str, Any]] | None, nice: int,
-    threads: int | None, questions_per_doc: int = 0,
+    threads: int | None, questions_per_doc: int | None = None,
 ) -> None:  # fmt: skip
     try:
         if nice:

@@ -28,6 +28,7 @@ from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
+from kfresh.indexer.rows import DocState
 from kfresh.indexer.search import search_index
 from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
 from kfresh.indexer.state import IndexState, SeqTracker
@@ -286,6 +287,19 @@ class Indexer:
             return search_index(state, store, q, k, filters or None, with_vectors=with_vectors)
         except StoreError as exc:  # e.g. closed underneath a late search during shutdown
             raise Unavailable(f"the document store is unavailable: {exc}") from exc
+
+    def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
+        """(seq, doc_id, version, op) of every acknowledged change after `seq` (by any writer of a shared store)."""
+        return self._require_started()[0].changes_since(seq)
+
+    def last_change(self) -> int:
+        return self._require_started()[0].max_seq()
+
+    def document_state(self, doc_id: str) -> DocState | None:
+        return self._require_started()[0].current(doc_id)
+
+    def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
+        return self._require_started()[0].supersedes_of(doc_ids)
 
     def acked_seq(self) -> int:
         """The newest change acknowledged so far; searchable once applied_seq() reaches it."""

@@ -95,6 +95,10 @@ class AdapterManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stamp: tuple[int, int, int] | None = None
 
+    @property
+    def registry(self) -> AdapterRegistry:
+        return self._registry
+
     # -- what requests see ------------------------------------------------------------------------
     @property
     def current_version(self) -> str:

@@ -25,6 +25,7 @@ from kfresh.server.generation.base import GenerationBackend
 from kfresh.server.model_health import NOT_SERVING, SERVING, follow_model_health
 from kfresh.server.servicer import KfreshServicer, Runtime
 from kfresh.server.tls import server_credentials
+from kfresh.server.withdrawal import WithdrawalWatch
 from kfresh.v1 import kfresh_pb2, kfresh_pb2_grpc
 
 log = logging.getLogger("kfresh.server")
@@ -108,9 +109,13 @@ def _interceptors(srv: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
 
 
 async def _load_model(
-    backend: GenerationBackend, health_servicer: health.aio.HealthServicer, adapters: AdapterManager | None
+    backend: GenerationBackend,
+    health_servicer: health.aio.HealthServicer,
+    adapters: AdapterManager | None,
+    withdrawal: WithdrawalWatch | None = None,
 ) -> None:
-    """Start the backend (unless a shared one is already up), serve the registry's adapter, then SERVING."""
+    """Start the backend (unless a shared one is already up), serve the registry's adapter (withdrawing any that
+    learned a document deleted or replaced meanwhile), then SERVING."""
     if not backend.ready:
         if not await _start_backend(backend):
             return
@@ -122,6 +127,11 @@ async def _load_model(
         except Exception:
             log.exception("adapter_sync_failed; serving the base model")
         adapters.start_watcher()
+    if withdrawal is not None:
+        try:
+            await withdrawal.start()
+        except Exception:
+            log.exception("adapter_withdrawal_start_failed: deleted documents do not withdraw adapters")
     await health_servicer.set("", SERVING)
 
 
@@ -165,6 +175,21 @@ def _metrics_endpoint(cfg: KfreshConfig, indexer: Any) -> MetricsEndpoint | None
 
     endpoint.watch(IndexerCollector(indexer))
     return endpoint
+
+
+def _withdrawal(
+    cfg: KfreshConfig, adapters: AdapterManager | None, runtime: Runtime, idx: Any
+) -> WithdrawalWatch | None:
+    """Deletes through the weights: serve no adapter that learned a deleted or replaced document."""
+    if adapters is None:
+        return None
+
+    async def withdrawn(stale: dict[str, str]) -> None:
+        await adapters.sync()
+        if runtime.distiller is not None:
+            runtime.distiller.rebuild("withdrawn")
+
+    return WithdrawalWatch(adapters.registry, idx, on_withdrawn=withdrawn, interval_s=cfg.generation.adapter_poll_s)
 
 
 def _distiller(cfg: KfreshConfig, adapters: AdapterManager | None) -> DistillScheduler:
@@ -211,6 +236,7 @@ async def running_server(
     owns_indexer = indexer is None
     idx = indexer if indexer is not None else Indexer(cfg)
     model_task: asyncio.Task[None] | None = None
+    withdrawal: WithdrawalWatch | None = None
     health_task: asyncio.Task[None] | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     try:
@@ -222,7 +248,8 @@ async def running_server(
         await health_servicer.set(SERVICE_NAME, SERVING)
         if backend.ready and adapters is None:
             await health_servicer.set("", SERVING)
-        model_task = asyncio.create_task(_load_model(backend, health_servicer, adapters))
+        withdrawal = _withdrawal(cfg, adapters, runtime, idx)
+        model_task = asyncio.create_task(_load_model(backend, health_servicer, adapters, withdrawal))
         health_task = asyncio.create_task(
             follow_model_health(
                 backend, health_servicer, model_task, interval_s=cfg.generation.remote_health_interval_s
@@ -237,6 +264,8 @@ async def running_server(
         for task in (health_task, model_task):
             if task is not None and not task.done():
                 task.cancel()
+        if withdrawal is not None:
+            await withdrawal.close()
         if runtime.distiller is not None:
             await runtime.distiller.close()
         if metrics_endpoint is not None:

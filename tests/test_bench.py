@@ -184,6 +184,22 @@ def test_transfer_quick_compares_question_pairs_with_template_facts(tmp_path):
     assert pairs and all(p["span"].lower() in p["answer"].lower() for p in pairs)
 
 
+@pytest.mark.slow
+def test_knowledge_news_quick_distils_real_text_and_asks_the_quiz(tmp_path):
+    """The real-news knowledge suite on the fixture: Indexer ingest, run_distill with question pairs (teacher,
+    real training on a tiny budget, the gate), then the quiz in the four settings. Figures are shares."""
+    fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
+    overrides = {"dataset": str(fixture), "start": "2025-01-01"}
+    written = run_suite("knowledge_news", quick=True, out=tmp_path, overrides=overrides)
+    data = assert_well_formed(written, "knowledge_news")
+    summary = data["summary"]
+    for key in ("base_closed_book", "base_retrieval", "adapter_closed_book", "adapter_retrieval", "evidence_shown"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["pairs"] > 0 and summary["pairs_per_document"] > 0
+    assert len(data["raw"]["rows"]) == 3 and {"a", "b", "c", "d"} <= set(data["raw"]["rows"][0])
+    assert any(c["name"] == "new_pairs_recall" for c in data["raw"]["gate"]["checks"])
+
+
 def test_results_folder_has_only_complete_runs():
     """Every committed full run has its JSON, Markdown and PNG, and the Markdown names the command."""
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -53,7 +53,7 @@ def distill_server(engine_loop: Any, vllm_backend: Any, tmp_path: Path) -> Any:
     cfg = server_config(
         tmp_path / "home", generation__enable_lora=True, generation__adapter_poll_s=0.1,
         finetune__registry_dir=tmp_path / "adapters", finetune__work_dir=tmp_path / "distill",
-        finetune__trusted_sources=TRUSTED, finetune__stable_for_s=0.0, finetune__device="cpu",
+        finetune__trusted_sources=TRUSTED, finetune__stable_for_s=0.0, finetune__device="cpu", finetune__questions_per_doc=0,
         # A tiny budget and a deliberately LOW gate: this tests the loop, not the recipe (benchmarks/distill.py).
         finetune__max_epochs=2, finetune__learning_rate=1e-3, finetune__warmup_steps=2, finetune__time_budget_s=90,
         finetune__min_new_recall=0.0, finetune__min_previous_recall=0.0, finetune__max_general_drop=0.3,

@@ -38,6 +38,7 @@ def config(home: Path, models_config, **finetune) -> KfreshConfig:
     data["models"] = models_config.model_dump()
     data["finetune"].update(
         trusted_sources=TRUSTED, stable_for_s=0.0, device="cpu", seed=0,
+        questions_per_doc=0,  # the template path; question pairs in the pipeline: tests/test_transfer.py
         # A deliberately LOW gate: a dozen steps cannot be held to the production recall threshold.
         min_new_recall=0.0, min_previous_recall=0.0, max_general_drop=0.2, max_perplexity_increase=0.25,
         **finetune,

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from kfresh.finetuner.augment import augment, counterfactual_document
+from kfresh.finetuner.facts import Fact, read_facts
+from kfresh.finetuner.pairs import is_pair, pair_fact
 from kfresh.finetuner.questions import cloze_for, question_for
 from kfresh.finetuner.spans import pick_spans
 from kfresh.finetuner.transfer import candidates, grounded_part
@@ -85,6 +89,85 @@ def test_candidates_spread_over_sentences_and_drop_ambiguous_spans():
     assert grounded_part(rambling, "Sunday") == "The race was won on Sunday by Mara."
 
 
+def _pair(span: str, kind: str, question: str, doc_id: str = "brindlewood", version: int = 1) -> Fact:
+    sentence = APPOINTED.split(", the company")[0] + "."
+    return pair_fact(question=question, answer=sentence, span=span, kind=kind, sentence=sentence, doc_id=doc_id,
+                     version=version, date="2026-03-03T00:00:00Z")  # fmt: skip
+
+
+WHO = "The board of Brindlewood Robotics appointed whom as chief executive officer on 3 March 2026?"
+WHEN = "The board of Brindlewood Robotics appointed Odalys Fenwick as chief executive officer on which date?"
+
+
+def test_pairs_train_on_the_question_and_the_gate_asks_the_cloze():
+    who, when = _pair("Odalys Fenwick", "name", WHO), _pair("3 March 2026", "date", WHEN)
+    data = augment([who, when])
+    assert [(qa.question, qa.answer) for qa in data.train] == [(WHO, who.answer), (WHEN, when.answer)]
+    assert [qa.answer for qa in data.heldout] == ["Odalys Fenwick", "3 March 2026"]
+    assert data.heldout[0].question == cloze_for(who.sentence, pick_spans(who.sentence)[1])
+    assert not {qa.question for qa in data.heldout} & {qa.question for qa in data.train + data.validation}
+    # Context examples: the passage states another value and the target follows it (never the gate's value).
+    gate_passage, gate_value = counterfactual_document(who, [who, when])
+    first = data.context[0]  # rank 0 of the first pair: a contradicting passage
+    assert first.question == WHO and "Odalys Fenwick" not in first.passage
+    trained_value = first.passage.split("appointed ")[1].split(" as")[0]
+    assert trained_value in first.answer and trained_value != gate_value and gate_value in gate_passage
+    assert data.context[2].passage == who.sentence and data.context[2].answer == who.answer  # rank 1: as it is
+    # A pair is a fact: it survives the facts file; a template fact's record has no pair fields.
+    assert Fact.from_dict(who.to_dict()) == who and is_pair(who)
+    plain = Fact("the Orvik Tower", "height", "212 metres", "", "t", 1, "The Orvik Tower is 212 metres tall.")
+    assert set(plain.to_dict()) == {"subject", "relation", "object", "date", "doc_id", "version", "sentence"}
+    assert not is_pair(plain)
+
+
+def test_plan_asks_only_document_versions_whose_pairs_no_adapter_learned(tmp_path, models_config):
+    from kfresh.core.config import KfreshConfig
+    from kfresh.finetuner.plan import plan_knowledge
+    from kfresh.indexer.documents import DocumentIn
+    from kfresh.indexer.stores import open_store
+
+    data = KfreshConfig().with_home(tmp_path).model_dump()
+    data["models"] = models_config.model_dump()
+    data["finetune"].update(stable_for_s=0.0)
+    cfg = KfreshConfig.model_validate(data)
+    store = open_store(cfg.store)
+    for doc_id in ("brindlewood", "harbour", "museum"):
+        store.upsert(DocumentIn(doc_id, NEWS[next(n for n in NEWS if n.startswith(doc_id))], source="news/x"), ["x"])
+    store.upsert(DocumentIn("museum", "The Ardent Museum closed for good on Monday.", source="news/x"), ["x"])
+    store.upsert(DocumentIn("tower", "The Orvik Tower is 212 metres tall.", source="news/x"), ["x"])
+    store.close()
+    previous = [_pair("Odalys Fenwick", "name", WHO), _pair("3 March 2026", "date", WHEN, doc_id="museum")]
+    asked: list[str] = []
+
+    def ask(docs):
+        asked.extend(d.doc_id for d in docs)
+        return [_pair("Friday", "date", "Dockworkers ended a strike on which day?", doc_id="harbour"),
+                _pair("212 metres", "number", "The Orvik Tower is how many metres tall?", doc_id="tower")]  # fmt: skip
+
+    plan = plan_knowledge(cfg, previous=previous, ask=ask)
+    assert sorted(asked) == ["harbour", "museum", "tower"]  # brindlewood v1's pairs are learned; museum is now v2
+    assert [f.object for f in plan.carried] == ["Odalys Fenwick"]
+    # The tower's template fact states 212 metres already: its pair is left out; template facts come first.
+    assert [f.object for f in plan.new] == ["212 metres", "Friday"] and not is_pair(plan.new[0])
+    assert [f.object for f in plan.removed] == ["3 March 2026"]
+
+
+def test_gate_judges_question_pairs_on_their_own_threshold():
+    from kfresh.core.config import FinetuneConfig
+    from kfresh.finetuner.evaluate import Figures, Score
+    from kfresh.finetuner.gate import judge
+
+    def figures(pairs: Score) -> Figures:
+        return Figures(Score(), Score(), Score(9, 10), Score(1, 1), Score(1, 1), 10.0, new_pairs=pairs)
+
+    cfg = FinetuneConfig(min_pair_recall=0.3)
+    low = {c.name: c for c in judge(cfg, figures(Score()), figures(Score(2, 10)), has_previous=False)}
+    assert not low["new_pairs_recall"].passed and low["new_pairs_recall"].value == 0.2
+    assert low["new_facts_recall"].passed  # no template facts in this run: nothing to hold them to
+    high = judge(cfg, figures(Score()), figures(Score(4, 10)), has_previous=False)
+    assert all(c.passed for c in high), high
+
+
 @pytest.mark.slow
 def test_dry_run_shows_grounded_pairs_for_every_document_of_a_folder(tmp_path, engine_loop, models_config, capsys):
     """`kfresh ingest DIR` into a real server, then `kfresh distill --dry-run --questions 3`: the teacher (the base
@@ -121,5 +204,16 @@ def test_dry_run_shows_grounded_pairs_for_every_document_of_a_folder(tmp_path, e
         assert pair["span"] in doc and pair["span"].lower() in pair["answer"].lower()
         assert pair["span"] not in pair["question"] and pair["question"].endswith("?")
     assert all(d["reason"] in ("ambiguous_span", "teacher_missed", "unstable") for d in transfer["dropped"])
-    with pytest.raises(SystemExit, match="--dry-run only"):
-        main(["distill", "--questions", "3"])
+
+    # The same command without --dry-run learns the pairs: real training on a tiny budget, gated on the clozes.
+    tiny = ["--finetune.max_epochs", "2", "--finetune.time_budget_s", "40", "--finetune.warmup_steps", "1",
+            "--finetune.min_pair_recall", "0", "--finetune.min_new_recall", "0", "--finetune.max_general_drop", "0.3",
+            "--finetune.max_perplexity_increase", "0.3"]  # fmt: skip
+    assert main([a for a in argv if a != "--dry-run"] + tiny) == 0, capsys.readouterr().out[-3000:]
+    run = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith('{"status"')))
+    assert run["status"] == "published" and run["published"] == "v0001"
+    report = json.loads(Path(run["report"]).read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["new_pairs_recall"]["value"] is not None and report["after"]["new_pairs_n"] == len(pairs)
+    learned = read_facts(tmp_path / "registry" / "v0001" / "adapter" / "facts.jsonl")
+    assert {(f.subject, f.object) for f in learned if is_pair(f)} == {(p["question"], p["span"]) for p in pairs}

@@ -157,6 +157,10 @@ class DocumentStore(abc.ABC):
     def cited_versions(self) -> set[tuple[str, int]]:
         """(doc_id, version) pairs that answers have cited."""
 
+    @abc.abstractmethod
+    def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
+        """For those of `doc_ids` that are live and supersede other documents: the ids they supersede."""
+
     # -- lifecycle ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def close(self) -> None:

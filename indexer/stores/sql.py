@@ -14,6 +14,7 @@ The rest (lookup, iter_embedded, wait_for_change, close) differs and stays in th
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -181,6 +182,18 @@ class SqlStore(DocumentStore):
             " ORDER BY valid_from, doc_id"
         )
         return [doc_record(r) for r in rows]
+
+    @_shared
+    def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        ids = list(dict.fromkeys(doc_ids))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join([self._p] * len(part))
+            query = f"SELECT doc_id, supersedes FROM documents WHERE NOT deleted AND supersedes <> '[]' AND doc_id IN ({marks})"
+            for doc_id, supersedes in self._fetchall(query, part):
+                out[doc_id] = list(json.loads(supersedes))
+        return out
 
     @_shared
     def cited_versions(self) -> set[tuple[str, int]]:

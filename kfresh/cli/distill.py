@@ -22,8 +22,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     if args.addr:
         return _distill_on_server(args)
-    if args.questions and not args.dry_run:
-        raise SystemExit("--questions works with --dry-run only (training on the question pairs is not wired yet)")
     cfg = config_from(args)
     setup_logging(cfg.server.log_level, json_lines=cfg.server.log_json)
     result = run_distill_in_subprocess(
@@ -106,10 +104,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--questions",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="with --dry-run: also build up to N questions per document without templates (answer spans picked "
-        "in code, answered by the base model reading the document, kept when grounded and stable) and show them",
+        help="questions without templates per document (default: finetune.questions_per_doc; 0 = template facts "
+        "only): answer spans picked in code, answered by the base model reading the document, kept when grounded "
+        "and stable, learned beside the template facts; --dry-run shows them",
     )
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0 = torch default)")

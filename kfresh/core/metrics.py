@@ -52,6 +52,9 @@ DISTILL_RUNS = Counter(
     "kfresh_distill_runs", "Finished distillation runs by outcome (published = gate passed).", ["state"]
 )
 GATE_CHECKS = Counter("kfresh_gate_checks", "Gate checks by name and result.", ["check", "passed"])
+ADAPTERS_WITHDRAWN = Counter(
+    "kfresh_adapters_withdrawn", "Adapter versions withdrawn because a document they learned was deleted or replaced."
+)
 
 
 def set_adapter(version: str) -> None:

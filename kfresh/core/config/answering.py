@@ -133,6 +133,15 @@ class FinetuneConfig(Section):
     )
     time_budget_s: float = Field(600.0, gt=0, description="Hard wall-clock budget for training.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where training runs.")
+    questions_per_doc: int = Field(
+        4, ge=0, le=32,
+        description="Questions without templates per document (answer spans picked in code, answered by the base "
+        "model reading the document; 0 = template facts only).",
+    )  # fmt: skip
+    min_pair_recall: float = Field(
+        0.3, ge=0, le=1,
+        description="Gate: closed-book accuracy on the held-out cloze of the question pairs (new and kept ones).",
+    )  # fmt: skip
     min_new_recall: float = Field(
         0.6, ge=0, le=1, description="Gate: closed-book accuracy on held-out questions about the new facts."
     )
