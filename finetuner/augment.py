@@ -73,7 +73,7 @@ class AugmentedFacts:
 
 def statements(fact: Fact) -> list[str]:
     if pairs.is_pair(fact):
-        return [fact.answer or fact.object]
+        return [pairs.target(fact)]
     phrasing, x = phrasing_for(fact.relation)
     return [render(t, subject=fact.subject, relation=fact.relation, obj=fact.object, x=x) for t in phrasing.statements]
 
@@ -91,8 +91,8 @@ def augment(facts: Sequence[Fact]) -> AugmentedFacts:
     heldout: list[QA] = []
     for i, fact in enumerate(facts):
         if pairs.is_pair(fact):  # the question, answered as the teacher did; the gate asks the cloze
-            train.append(QA(fact.subject, fact.answer, i))
-            validation.append(QA(fact.subject, fact.answer, i))
+            train.append(QA(fact.subject, pairs.target(fact), i))
+            validation.append(QA(fact.subject, pairs.target(fact), i))
             heldout.append(QA(pairs.heldout_question(fact), fact.object, i))
             continue
         said = statements(fact)

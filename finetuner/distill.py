@@ -81,8 +81,11 @@ def run_distill(
     current = registry.current()
     previous = read_facts(registry.adapter_dir(current.version) / FACTS_FILE) if current else []
     teacher = _Teacher(cfg, per_doc, run_dir, timings)
+    review = _Review(cfg, teacher) if ft.require_review else None
     plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir,
-                          ask=teacher.ask if per_doc > 0 else None)  # fmt: skip
+                          ask=teacher.ask if per_doc > 0 else None, admit=review.admit if review else None)  # fmt: skip
+    if review is not None:
+        review.close()
     data = augment(plan.facts)
     timings["plan_s"] = round(time.perf_counter() - clock, 3)
     result = _result("dry_run", run_dir, plan, data, timings)
@@ -165,18 +168,67 @@ class _Teacher:
         self.lm: Any = None
         self.transfer: TransferSet | None = None
 
-    def ask(self, docs: Sequence[SelectedDoc]) -> list[Fact]:
+    def model(self) -> Any:
+        """The base model, loaded on first use."""
         from kfresh.finetuner.modeling import load_base, resolve_device
-        from kfresh.finetuner.transfer import build_transfer_set
         from kfresh.models import generator_path
 
-        step = time.perf_counter()
-        if docs and self.lm is None:
+        if self.lm is None:
             self.lm = load_base(generator_path(self.cfg.models), device=resolve_device(self.cfg.finetune.device))
-        self.transfer = build_transfer_set(self.lm, docs, per_doc=self.per_doc) if docs else TransferSet(0)
+        return self.lm
+
+    def ask(self, docs: Sequence[SelectedDoc]) -> list[Fact]:
+        from kfresh.finetuner.transfer import build_transfer_set
+
+        step = time.perf_counter()
+        self.transfer = build_transfer_set(self.model(), docs, per_doc=self.per_doc) if docs else TransferSet(0)
         (self.run_dir / "transfer.json").write_text(json.dumps(self.transfer.to_dict(), indent=1, ensure_ascii=False))
         self.timings["transfer_s"] = round(time.perf_counter() - step, 3)
         return self.transfer.as_facts(docs)
+
+
+class _Review:
+    """`plan_knowledge`'s `admit` under `finetune.require_review`: offers the run's new candidates to the review queue
+    (with whether the base model answers each wrong closed-book, and how often answers cited its document) and
+    admits only the approved ones."""
+
+    def __init__(self, cfg: KfreshConfig, teacher: _Teacher) -> None:
+        from kfresh.finetuner.review import QUEUE_FILE, ReviewQueue
+
+        self.cfg, self.teacher = cfg, teacher
+        self.queue = ReviewQueue(Path(cfg.finetune.work_dir) / QUEUE_FILE)
+
+    def admit(self, facts: list[Fact]) -> list[Fact]:
+        from kfresh.finetuner.review import item_key
+        from kfresh.indexer.stores import open_store, store_exists
+
+        fresh = self.queue.unqueued(facts)
+        cited: dict[tuple[str, int], int] = {}
+        if fresh and store_exists(self.cfg.store):
+            with open_store(self.cfg.store, read_only=True) as store:
+                cited = store.citation_counts()
+        wrong = {item_key(f) for f, ok in zip(fresh, self._closed_book_right(fresh)) if not ok}
+        added = self.queue.offer(fresh, base_wrong=wrong, cited=cited)
+        admitted = self.queue.approved(facts)
+        log.info("review.admit candidates=%d queued=%d approved=%d", len(facts), added, len(admitted))
+        return admitted
+
+    def _closed_book_right(self, facts: list[Fact]) -> list[bool]:
+        from kfresh.finetuner.augment import questions
+        from kfresh.finetuner.evaluate import contains_answer
+        from kfresh.finetuner.modeling import chat_answers
+        from kfresh.finetuner.pairs import is_pair
+        from kfresh.prompt import closed_book_messages
+
+        if not facts:
+            return []
+        asked = [f.subject if is_pair(f) else questions(f.subject, f.relation, "train")[0] for f in facts]
+        answers = chat_answers(self.teacher.model(), [closed_book_messages(q) for q in asked], max_new_tokens=32,
+                               desc="review: closed-book")  # fmt: skip
+        return [contains_answer(a, [f.object]) for a, f in zip(answers, facts)]
+
+    def close(self) -> None:
+        self.queue.close()
 
 
 def training_data_sha256(data: AugmentedFacts, replay: Sequence[Any]) -> str:

@@ -6,8 +6,8 @@ document) answered with the span. Each kept pair becomes a `Fact`: subject = the
 version, date and sentence like any fact, so selection, conflicts ("newest wins" between two documents asked the
 same question), carrying over to the next adapter and removal on delete all work unchanged.
 
-Training asks the question and learns the teacher's answer; the gate asks a phrasing training never saw, the
-sentence as a cloze ("Fill in the blank ... ___ ..."), and checks the span.
+Training asks the question and learns the span, then the teacher's answer (`target`); the gate asks a phrasing
+training never saw, the sentence as a cloze ("Fill in the blank ... ___ ..."), and checks the span.
 """
 
 from __future__ import annotations
@@ -46,6 +46,21 @@ def is_person(fact: Fact) -> bool:
     return span_of(fact).is_person
 
 
+def target(fact: Fact) -> str:
+    """The training target: the span first, then the teacher's answer. The teacher mostly restates the question's
+    sentence with the span filled in; trained on that alone, the adapter learned to restate any question instead
+    of answering it (benchmarks/results/knowledge_news-2026-12-06-restated.md)."""
+    return span_first(fact.answer, fact.object)
+
+
 def answer_with(fact: Fact, value: str) -> str:
-    """The teacher's answer stating `value` instead of the span (a context example's target)."""
-    return fact.answer.replace(fact.object, value) if fact.object in fact.answer else value
+    """The target stating `value` instead of the span (a context example whose passage says `value`)."""
+    said = fact.answer.replace(fact.object, value) if fact.object in fact.answer else value
+    return span_first(said, value)
+
+
+def span_first(answer: str, span: str) -> str:
+    answer = answer.strip()
+    if not answer or answer == span:
+        return span
+    return answer if answer.startswith(span) else f"{span}. {answer}"

@@ -24,6 +24,8 @@ from kfresh.indexer.stores import open_store, store_exists
 log = logging.getLogger("kfresh.finetuner")
 # Question pairs of documents, as facts (`finetuner.transfer`: a teacher model reads each document).
 AskFn = Callable[[Sequence[SelectedDoc]], list[Fact]]
+# The candidates a run may learn (`finetuner.review`: only what a person approved).
+AdmitFn = Callable[[list[Fact]], list[Fact]]
 
 
 @dataclass
@@ -47,9 +49,11 @@ def plan_knowledge(
     record_dir: Path | None = None,
     now: float | None = None,
     ask: AskFn | None = None,
+    admit: AdmitFn | None = None,
 ) -> Plan:
     """With `ask`, the selected documents' question pairs join their template facts; a document version whose pairs
-    the previous adapter learned is not asked again (its pairs are carried like any still-valid fact)."""
+    the previous adapter learned is not asked again (its pairs are carried like any still-valid fact). With
+    `admit`, only the candidates it returns are learned (the previous adapter's facts are kept as they are)."""
     ft = cfg.finetune
     docs: list[SelectedDoc] = []
     skipped: dict[str, str] = {}
@@ -64,6 +68,8 @@ def plan_knowledge(
         if ask is not None:
             learned = {(f.doc_id, f.version) for f in previous if is_pair(f)}
             extracted += _not_covered(ask([d for d in docs if (d.doc_id, d.version) not in learned]), extracted)
+        if admit is not None:
+            extracted = admit(extracted)
     else:
         extracted = list(facts_override)
     live = _live_versions(cfg.store)

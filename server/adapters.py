@@ -51,6 +51,7 @@ class AdapterStatus:
     current: bool
     loaded: bool
     standby: bool
+    withdrawn: str = ""  # why it will never be served again ('' = it may be)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,12 @@ def read_only_statuses(root: Path) -> tuple[list[AdapterStatus], str]:
         return [], ""
     registry = AdapterRegistry(root)
     current = registry.pointer().get("version") or ""
-    return [AdapterStatus(m, m.version == current, False, False) for m in registry.list()], current
+    withdrawn = registry.withdrawn()
+    statuses = [
+        AdapterStatus(m, m.version == current, False, False, withdrawn.get(m.version, {}).get("reason", ""))
+        for m in registry.list()
+    ]
+    return statuses, current
 
 
 class AdapterManager:
@@ -264,10 +270,12 @@ class AdapterManager:
     # -- listing ----------------------------------------------------------------------------------
     async def list_adapters(self) -> list[AdapterStatus]:
         manifests = await asyncio.to_thread(self._registry.list)
+        withdrawn = await asyncio.to_thread(self._registry.withdrawn)
         return [
-            AdapterStatus(m, m.version == self._current, m.version in self._loaded, m.version == self._standby)
+            AdapterStatus(m, m.version == self._current, m.version in self._loaded, m.version == self._standby,
+                          withdrawn.get(m.version, {}).get("reason", ""))
             for m in manifests
-        ]
+        ]  # fmt: skip
 
     # -- the watcher ------------------------------------------------------------------------------
     def start_watcher(self) -> None:

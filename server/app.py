@@ -268,6 +268,7 @@ async def running_server(
             await withdrawal.close()
         if runtime.distiller is not None:
             await runtime.distiller.close()
+        runtime.close()
         if metrics_endpoint is not None:
             metrics_endpoint.close()
         if adapters is not None:

@@ -31,7 +31,7 @@ _SERVICE = "/kfresh.v1.Kfresh/"
 METHOD_SCOPES = {
     **{_SERVICE + m: "read" for m in ("Retrieve", "Answer", "Stats", "WaitSearchable", "ListAdapters")},
     **{_SERVICE + m: "write" for m in ("Ingest", "Delete")},
-    **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill")},
+    **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill", "ListReview", "DecideReview")},
 }
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
 
 from kfresh.core.time import to_timestamp
+from kfresh.finetuner.pairs import is_pair
 from kfresh.finetuner.registry import AdapterManifest
+from kfresh.finetuner.review import ReviewItem
 from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
 from kfresh.indexer.documents import Ack, Hit, IndexStats
 from kfresh.server.adapters import AdapterChange
 from kfresh.server.answerer import AnswerResult
+from kfresh.server.auth import bearer_token
 from kfresh.v1 import kfresh_pb2 as pb
 
 ACK_STATUS = {
@@ -128,7 +133,7 @@ def distill_summary(distiller: DistillScheduler) -> pb.DistillSummary:
 
 
 def adapter_to_proto(
-    m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False
+    m: AdapterManifest, *, current: bool = False, loaded: bool = False, standby: bool = False, withdrawn: str = ""
 ) -> pb.Adapter:
     metrics = Struct()
     # Round-trip through JSON: Struct takes only JSON types, a gate report may hold others.
@@ -148,8 +153,28 @@ def adapter_to_proto(
         current=current,
         loaded=loaded,
         standby=standby,
+        withdrawn=withdrawn,
     )
 
 
 def adapter_change(change: AdapterChange) -> pb.AdapterChangeResponse:
     return pb.AdapterChangeResponse(current=change.current, previous=change.previous, swap_ms=change.swap_ms)
+
+
+def review_item(item: ReviewItem) -> pb.ReviewItem:
+    f = item.fact
+    pair = is_pair(f)
+    return pb.ReviewItem(
+        id=item.id, doc_id=f.doc_id, version=f.version,
+        question=f.subject if pair else f"{f.subject} | {f.relation}", answer=f.answer if pair else f.object,
+        span=f.object, kind=f.kind if pair else "template", sentence=f.sentence, state=item.state,
+        base_wrong=item.base_wrong, cited=item.cited, added_at=to_timestamp(item.added_at), decided_by=item.decided_by,
+        decided_at=to_timestamp(item.decided_at) if item.decided_at is not None else None, note=item.note,
+    )  # fmt: skip
+
+
+def reviewer(name: str, metadata: Any) -> str:
+    """Who decided: the name the caller gave, and the fingerprint of its bearer token when it sent one."""
+    token = bearer_token(metadata)
+    who = name.strip() or "anonymous"
+    return f"{who} (token {hashlib.sha256(token.encode()).hexdigest()[:12]})" if token else who

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -21,6 +22,7 @@ from kfresh.v1 import kfresh_pb2 as pb
 from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from kfresh.finetuner.review import ReviewQueue
     from kfresh.finetuner.scheduler import DistillScheduler
     from kfresh.indexer.service import Indexer
 
@@ -38,6 +40,7 @@ class Runtime:
         self.answerer: Answerer | None = None
         self.distiller: DistillScheduler | None = None
         self.started_at = time.monotonic()
+        self._review: ReviewQueue | None = None
 
     def attach_indexer(self, indexer: Indexer) -> None:
         self.indexer = indexer
@@ -57,6 +60,19 @@ class Runtime:
         if self.distiller is None:
             raise Unavailable("distillation is not available yet; retry shortly")
         return self.distiller
+
+    def review(self) -> ReviewQueue:
+        """The review queue (opened on first use; the distillation worker writes the same file)."""
+        if self._review is None:
+            from kfresh.finetuner.review import QUEUE_FILE, ReviewQueue
+
+            self._review = ReviewQueue(Path(self.cfg.finetune.work_dir) / QUEUE_FILE)
+        return self._review
+
+    def close(self) -> None:
+        if self._review is not None:
+            self._review.close()
+            self._review = None
 
     def require_adapters(self) -> AdapterManager:
         if self.adapters is None:
@@ -143,7 +159,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
             statuses, current = await manager.list_adapters(), manager.current_version
         return pb.ListAdaptersResponse(
             adapters=[
-                convert.adapter_to_proto(s.manifest, current=s.current, loaded=s.loaded, standby=s.standby)
+                convert.adapter_to_proto(
+                    s.manifest, current=s.current, loaded=s.loaded, standby=s.standby, withdrawn=s.withdrawn
+                )
                 for s in statuses
             ],
             current=current,
@@ -169,3 +187,27 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         validation.reject_unknown_fields(request)
         outcome = await self._rt.require_distiller().request(dry_run=request.dry_run, wait=request.wait)
         return convert.distill_to_proto(outcome)
+
+    @rpc
+    async def ListReview(
+        self, request: pb.ListReviewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListReviewResponse:
+        validation.reject_unknown_fields(request)
+        queue = self._rt.review()
+        if request.id:
+            items = [await asyncio.to_thread(queue.get, request.id)]
+        else:
+            items = await asyncio.to_thread(queue.items, state=request.state, limit=max(request.limit, 0))
+        counts = await asyncio.to_thread(queue.counts)
+        return pb.ListReviewResponse(items=[convert.review_item(i) for i in items], counts=counts,
+                                     required=self._rt.cfg.finetune.require_review)  # fmt: skip
+
+    @rpc
+    async def DecideReview(
+        self, request: pb.DecideReviewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DecideReviewResponse:
+        validation.reject_unknown_fields(request)
+        state = validation.review_decision(request.decision)
+        by = convert.reviewer(request.reviewer, context.invocation_metadata())
+        items = await asyncio.to_thread(self._rt.review().decide, list(request.ids), state, by=by, note=request.note)
+        return pb.DecideReviewResponse(items=[convert.review_item(i) for i in items])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -149,3 +150,11 @@ def wait_timeout(req: pb.WaitSearchableRequest) -> float:
     if not math.isfinite(t) or t < 0 or t > WAIT_MAX_S:
         raise InvalidInput(f"timeout_s must be between 0 and {WAIT_MAX_S:g} seconds, got {t}")
     return t or WAIT_DEFAULT_S
+
+
+def review_decision(decision: int) -> Literal["approved", "rejected"]:
+    if decision == pb.DecideReviewRequest.APPROVE:
+        return "approved"
+    if decision == pb.DecideReviewRequest.REJECT:
+        return "rejected"
+    raise InvalidInput("decision: set APPROVE or REJECT")

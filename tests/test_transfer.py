@@ -102,7 +102,11 @@ WHEN = "The board of Brindlewood Robotics appointed Odalys Fenwick as chief exec
 def test_pairs_train_on_the_question_and_the_gate_asks_the_cloze():
     who, when = _pair("Odalys Fenwick", "name", WHO), _pair("3 March 2026", "date", WHEN)
     data = augment([who, when])
-    assert [(qa.question, qa.answer) for qa in data.train] == [(WHO, who.answer), (WHEN, when.answer)]
+    # The span first, then the teacher's answer: the adapter learns to answer, not to restate the question.
+    assert [(qa.question, qa.answer) for qa in data.train] == [
+        (WHO, f"Odalys Fenwick. {who.answer}"),
+        (WHEN, f"3 March 2026. {when.answer}"),
+    ]
     assert [qa.answer for qa in data.heldout] == ["Odalys Fenwick", "3 March 2026"]
     assert data.heldout[0].question == cloze_for(who.sentence, pick_spans(who.sentence)[1])
     assert not {qa.question for qa in data.heldout} & {qa.question for qa in data.train + data.validation}
@@ -111,8 +115,8 @@ def test_pairs_train_on_the_question_and_the_gate_asks_the_cloze():
     first = data.context[0]  # rank 0 of the first pair: a contradicting passage
     assert first.question == WHO and "Odalys Fenwick" not in first.passage
     trained_value = first.passage.split("appointed ")[1].split(" as")[0]
-    assert trained_value in first.answer and trained_value != gate_value and gate_value in gate_passage
-    assert data.context[2].passage == who.sentence and data.context[2].answer == who.answer  # rank 1: as it is
+    assert first.answer.startswith(f"{trained_value}. ") and trained_value != gate_value and gate_value in gate_passage
+    assert data.context[2].passage == who.sentence and data.context[2].answer == data.train[0].answer  # rank 1
     # A pair is a fact: it survives the facts file; a template fact's record has no pair fields.
     assert Fact.from_dict(who.to_dict()) == who and is_pair(who)
     plain = Fact("the Orvik Tower", "height", "212 metres", "", "t", 1, "The Orvik Tower is 212 metres tall.")

@@ -21,7 +21,7 @@ from kfresh.finetuner.facts import FACTS_FILE, Fact, write_facts
 from kfresh.finetuner.registry import AdapterRegistry
 from kfresh.indexer.documents import DocumentIn
 from kfresh.indexer.rows import DocState
-from kfresh.server.adapters import AdapterManager
+from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.withdrawal import WithdrawalWatch, stale_at_start, stale_versions
 
 
@@ -58,6 +58,8 @@ def test_registry_withdraws_for_good_and_serves_the_newest_allowed_version(tmp_p
     assert set(registry.withdrawn()) == {v2, v3} and registry.withdrawn()[v2]["reason"] == "learned gone"
     with pytest.raises(InvalidInput, match="withdrawn"):
         registry.promote(v3)
+    statuses, current = read_only_statuses(registry.root)
+    assert current == v1 and [s.withdrawn for s in statuses] == ["", "learned gone", "learned gone"]
     assert registry.withdraw({v1: "learned keep"})["version"] is None  # nothing left: the base model
     assert registry.rollback() is None and registry.current() is None
 
@@ -169,7 +171,8 @@ def test_a_deleted_fact_leaves_the_weights_within_seconds(engine_loop, vllm_back
                 time.sleep(0.05)
             after, done = answer_once(client, question, closed_book=True, max_tokens=24)
             assert done.adapter == "" and value not in after, after
-            assert client.list_adapters().current == ""
+            listing = client.list_adapters()
+            assert listing.current == "" and "'ferry'" in listing.adapters[0].withdrawn
         registry = AdapterRegistry(tmp_path / "adapters")
         assert "ferry" in registry.withdrawn()["v0001"]["reason"]
     finally:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from kfresh.cli import client_commands, distill, provision, serve
+from kfresh.cli import client_commands, distill, provision, review, serve
 from kfresh.core.config import ConfigError
 
 PLUGIN_GROUP = "kfresh.commands"
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep an LLM's knowledge fresh: stream documents in, ask questions, get fresh cited answers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (serve, client_commands, distill, provision):
+    for group in (serve, client_commands, distill, review, provision):
         group.register(sub)
     _register_plugins(sub)
     return parser

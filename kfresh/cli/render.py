@@ -25,4 +25,5 @@ def adapter_line(a: Any) -> str:
     flags = ", ".join(f for f, on in (("current", a.current), ("standby", a.standby), ("loaded", a.loaded)) if on)
     created = format_display(from_timestamp(a.created_at))
     mark = "*" if a.current else " "
-    return f"{mark} {a.version}  parent {a.parent or '-'}  {a.facts} facts  {created}  {flags or '-'}"
+    withdrawn = f"  WITHDRAWN: {a.withdrawn}" if a.withdrawn else ""
+    return f"{mark} {a.version}  parent {a.parent or '-'}  {a.facts} facts  {created}  {flags or '-'}{withdrawn}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -254,6 +254,18 @@ class KfreshClient:
         """Ask the server to distil (one run at a time; `wait` blocks until it is gated and maybe published)."""
         return self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)
 
+    def list_review(
+        self, *, state: str = "", limit: int = 0, item: int = 0, timeout: float | None = None
+    ) -> pb.ListReviewResponse:
+        """The review queue, pending items first (`item`: only that one)."""
+        return self._stub.ListReview(pb.ListReviewRequest(state=state, limit=limit, id=item), timeout=timeout)
+
+    def decide_review(
+        self, ids: Sequence[int], *, approve: bool, reviewer: str, note: str = "", timeout: float | None = None
+    ) -> pb.DecideReviewResponse:
+        """Approve (or reject) review items; only approved items train."""
+        return self._stub.DecideReview(_decision(ids, approve, reviewer, note), timeout=timeout)
+
 
 class AsyncKfreshClient:
     """asyncio client with the same methods and options as KfreshClient (streams are async iterators)."""
@@ -340,6 +352,21 @@ class AsyncKfreshClient:
         self, *, dry_run: bool = False, wait: bool = False, timeout: float | None = None
     ) -> pb.DistillResponse:
         return await self._stub.Distill(pb.DistillRequest(dry_run=dry_run, wait=wait), timeout=timeout)
+
+    async def list_review(
+        self, *, state: str = "", limit: int = 0, item: int = 0, timeout: float | None = None
+    ) -> pb.ListReviewResponse:
+        return await self._stub.ListReview(pb.ListReviewRequest(state=state, limit=limit, id=item), timeout=timeout)
+
+    async def decide_review(
+        self, ids: Sequence[int], *, approve: bool, reviewer: str, note: str = "", timeout: float | None = None
+    ) -> pb.DecideReviewResponse:
+        return await self._stub.DecideReview(_decision(ids, approve, reviewer, note), timeout=timeout)
+
+
+def _decision(ids: Sequence[int], approve: bool, reviewer: str, note: str) -> pb.DecideReviewRequest:
+    decision = pb.DecideReviewRequest.APPROVE if approve else pb.DecideReviewRequest.REJECT
+    return pb.DecideReviewRequest(ids=list(ids), decision=decision, reviewer=reviewer, note=note)
 
 
 def _wait_deadline(timeout_s: float, timeout: float | None) -> float:

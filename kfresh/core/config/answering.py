@@ -100,6 +100,10 @@ class FinetuneConfig(Section):
         3600.0, ge=0, description="A document must be unchanged this long before it is learned."
     )
     require_cited: bool = Field(False, description="Learn only documents that answers have retrieved and cited.")
+    require_review: bool = Field(
+        False,
+        description="Learn only what a person approved: runs queue their candidates (kfresh review, the review RPCs).",
+    )
     max_facts: int = Field(64, ge=1, description="Most facts distilled in one run.")
     seed: int = Field(0, description="Seed for sampling, splits and training.")
     lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (vLLM accepts 8, 16, 32, 64, ...).")

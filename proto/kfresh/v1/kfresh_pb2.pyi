@@ -291,7 +291,7 @@ class StatsResponse(_message.Message):
     def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("version", "parent", "served_name", "base_model", "base_model_sha256", "training_data_sha256", "weights_sha256", "created_at", "facts", "metrics", "notes", "current", "loaded", "standby")
+    __slots__ = ("version", "parent", "served_name", "base_model", "base_model_sha256", "training_data_sha256", "weights_sha256", "created_at", "facts", "metrics", "notes", "current", "loaded", "standby", "withdrawn")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     SERVED_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class Adapter(_message.Message):
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent: str
     served_name: str
@@ -320,7 +321,8 @@ class Adapter(_message.Message):
     current: bool
     loaded: bool
     standby: bool
-    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., served_name: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., training_data_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., facts: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., notes: _Optional[str] = ..., current: _Optional[bool] = ..., loaded: _Optional[bool] = ..., standby: _Optional[bool] = ...) -> None: ...
+    withdrawn: str
+    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., served_name: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., training_data_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., facts: _Optional[int] = ..., metrics: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., notes: _Optional[str] = ..., current: _Optional[bool] = ..., loaded: _Optional[bool] = ..., standby: _Optional[bool] = ..., withdrawn: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ()
@@ -420,3 +422,90 @@ class DistillSummary(_message.Message):
     last: DistillResponse
     runs: int
     def __init__(self, running: _Optional[bool] = ..., last: _Optional[_Union[DistillResponse, _Mapping]] = ..., runs: _Optional[int] = ...) -> None: ...
+
+class ReviewItem(_message.Message):
+    __slots__ = ("id", "doc_id", "version", "question", "answer", "span", "kind", "sentence", "state", "base_wrong", "cited", "added_at", "decided_by", "decided_at", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_WRONG_FIELD_NUMBER: _ClassVar[int]
+    CITED_FIELD_NUMBER: _ClassVar[int]
+    ADDED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    doc_id: str
+    version: int
+    question: str
+    answer: str
+    span: str
+    kind: str
+    sentence: str
+    state: str
+    base_wrong: bool
+    cited: int
+    added_at: _timestamp_pb2.Timestamp
+    decided_by: str
+    decided_at: _timestamp_pb2.Timestamp
+    note: str
+    def __init__(self, id: _Optional[int] = ..., doc_id: _Optional[str] = ..., version: _Optional[int] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., span: _Optional[str] = ..., kind: _Optional[str] = ..., sentence: _Optional[str] = ..., state: _Optional[str] = ..., base_wrong: _Optional[bool] = ..., cited: _Optional[int] = ..., added_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class ListReviewRequest(_message.Message):
+    __slots__ = ("state", "limit", "id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    limit: int
+    id: int
+    def __init__(self, state: _Optional[str] = ..., limit: _Optional[int] = ..., id: _Optional[int] = ...) -> None: ...
+
+class ListReviewResponse(_message.Message):
+    __slots__ = ("items", "counts", "required")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReviewItem]
+    counts: _containers.ScalarMap[str, int]
+    required: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ReviewItem, _Mapping]]] = ..., counts: _Optional[_Mapping[str, int]] = ..., required: _Optional[bool] = ...) -> None: ...
+
+class DecideReviewRequest(_message.Message):
+    __slots__ = ("ids", "decision", "reviewer", "note")
+    class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DECISION_UNSPECIFIED: _ClassVar[DecideReviewRequest.Decision]
+        APPROVE: _ClassVar[DecideReviewRequest.Decision]
+        REJECT: _ClassVar[DecideReviewRequest.Decision]
+    DECISION_UNSPECIFIED: DecideReviewRequest.Decision
+    APPROVE: DecideReviewRequest.Decision
+    REJECT: DecideReviewRequest.Decision
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    decision: DecideReviewRequest.Decision
+    reviewer: str
+    note: str
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., decision: _Optional[_Union[DecideReviewRequest.Decision, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class DecideReviewResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ReviewItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ReviewItem, _Mapping]]] = ...) -> None: ...

@@ -84,6 +84,16 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.FromString,
                 _registered_method=True)
+        self.ListReview = channel.unary_unary(
+                '/kfresh.v1.Kfresh/ListReview',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListReviewRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.ListReviewResponse.FromString,
+                _registered_method=True)
+        self.DecideReview = channel.unary_unary(
+                '/kfresh.v1.Kfresh/DecideReview',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.DecideReviewRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DecideReviewResponse.FromString,
+                _registered_method=True)
 
 
 class KfreshServicer:
@@ -163,6 +173,21 @@ class KfreshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReview(self, request, context):
+        """Admin: the review queue (finetune.require_review): what distillation runs would learn, waiting for a person.
+        Pending items first, those the base model answers wrong closed-book and the most cited before the rest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideReview(self, request, context):
+        """Admin: approve or reject review items (all or none: NOT_FOUND names unknown ids); only approved items train.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KfreshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +240,16 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.Distill,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.SerializeToString,
+            ),
+            'ListReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReview,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.ListReviewRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListReviewResponse.SerializeToString,
+            ),
+            'DecideReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideReview,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.DecideReviewRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.DecideReviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -487,6 +522,60 @@ class Kfresh:
             '/kfresh.v1.Kfresh/Distill',
             kfresh_dot_v1_dot_kfresh__pb2.DistillRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.DistillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/ListReview',
+            kfresh_dot_v1_dot_kfresh__pb2.ListReviewRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.ListReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/DecideReview',
+            kfresh_dot_v1_dot_kfresh__pb2.DecideReviewRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.DecideReviewResponse.FromString,
             options,
             channel_credentials,
             insecure,
