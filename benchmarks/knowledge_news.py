@@ -2,8 +2,8 @@
 
 A slice of RealTimeQA evidence (about 100 documents from consecutive weeks of October-December, written by
 nobody here and never trained or tuned on) is ingested with the real Indexer and distilled by `run_distill` with
-the finetuner's CURRENT defaults (only `stable_for_s` is 0: the documents were just written): the template
-extractor and the question pairs without templates, trained, gated. The slice's quiz questions are the test:
+the finetuner's CURRENT defaults plus question pairs (`questions_per_doc` 4; `stable_for_s` 0: the documents
+were just written): the template extractor and the question pairs without templates, trained, gated. The slice's quiz questions are the test:
 no pair is built from them, and they are asked as free text, right when the right choice appears and no other
 does (`realtimeqa.is_right`), in four settings (greedy, float32, transformers + peft):
   (a) base model, closed-book        (b) base model + retrieval
@@ -41,7 +41,8 @@ class NewsKnowledgeOptions(SuiteOptions):
     documents: int = Field(100, ge=1, description="Evidence documents in the slice, in date order from `start`.")
     seed: int = Field(0, description="finetune.seed.")
     finetune: dict[str, Any] = Field(
-        default_factory=dict, description="finetune.* overrides (empty = the current defaults)."
+        default_factory=lambda: {"questions_per_doc": 4},
+        description="finetune.* overrides of the current defaults (question pairs on: 4 per document).",
     )
 
     @classmethod
