@@ -68,9 +68,10 @@ def run_distill(
 ) -> DistillResult:
     """Distil validated knowledge into a gated LoRA adapter; publish it only if the gate passes.
 
-    Every selected document is asked up to `questions_per_doc` questions without templates (default
-    `finetune.questions_per_doc`; span-picked questions answered by the base model reading the document,
-    `finetuner.transfer`); the kept pairs are learned beside the template facts. A dry run shows them.
+    With `questions_per_doc` > 0 (default `finetune.questions_per_doc`, 0 = off), every selected document is asked
+    up to that many questions without templates (span-picked, answered by the base model reading the document,
+    `finetuner.transfer`); the kept pairs are learned beside the template facts. A dry run shows them. With
+    `finetune.require_review`, new candidates go to the review queue and only approved ones are learned.
     """
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -82,10 +83,12 @@ def run_distill(
     previous = read_facts(registry.adapter_dir(current.version) / FACTS_FILE) if current else []
     teacher = _Teacher(cfg, per_doc, run_dir, timings)
     review = _Review(cfg, teacher) if ft.require_review else None
-    plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir,
-                          ask=teacher.ask if per_doc > 0 else None, admit=review.admit if review else None)  # fmt: skip
-    if review is not None:
-        review.close()
+    try:
+        plan = plan_knowledge(cfg, previous=previous, facts_override=facts_override, record_dir=run_dir,
+                              ask=teacher.ask if per_doc > 0 else None, admit=review.admit if review else None)  # fmt: skip
+    finally:
+        if review is not None:
+            review.close()
     data = augment(plan.facts)
     timings["plan_s"] = round(time.perf_counter() - clock, 3)
     result = _result("dry_run", run_dir, plan, data, timings)

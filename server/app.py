@@ -120,6 +120,11 @@ async def _load_model(
         if not await _start_backend(backend):
             return
         log.info("model_ready backend=%s model=%s", backend.name, backend.model)
+    if withdrawal is not None:  # first: an adapter that learned a document deleted while down is never served
+        try:
+            await withdrawal.start()
+        except Exception:
+            log.exception("adapter_withdrawal_start_failed: deleted documents do not withdraw adapters")
     if adapters is not None:
         try:
             version = await adapters.sync()
@@ -127,11 +132,6 @@ async def _load_model(
         except Exception:
             log.exception("adapter_sync_failed; serving the base model")
         adapters.start_watcher()
-    if withdrawal is not None:
-        try:
-            await withdrawal.start()
-        except Exception:
-            log.exception("adapter_withdrawal_start_failed: deleted documents do not withdraw adapters")
     await health_servicer.set("", SERVING)
 
 

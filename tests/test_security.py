@@ -128,12 +128,15 @@ CALLS = {
     "Delete": lambda c: c.delete("sec-never-existed", timeout=10),
     "PromoteAdapter": lambda c: c.promote_adapter("v0001", timeout=10),
     "RollbackAdapter": lambda c: c.rollback_adapter(timeout=10),
+    "ListReview": lambda c: c.list_review(timeout=10),
+    "DecideReview": lambda c: c.decide_review([424242], approve=True, reviewer="sec", timeout=10),
 }
 # What an authorised call returns on this server (LoRA off, empty registry): anything but an auth error.
 AUTHORISED = {
     "Delete": grpc.StatusCode.NOT_FOUND,
     "PromoteAdapter": grpc.StatusCode.INVALID_ARGUMENT,
     "RollbackAdapter": grpc.StatusCode.INVALID_ARGUMENT,
+    "DecideReview": grpc.StatusCode.NOT_FOUND,
 }
 
 
@@ -141,7 +144,8 @@ def test_method_scope_table_and_default_deny() -> None:
     assert {m.rsplit("/", 1)[1]: s for m, s in METHOD_SCOPES.items()} == {
         "Retrieve": "read", "Answer": "read", "Stats": "read", "WaitSearchable": "read", "ListAdapters": "read",
         "Ingest": "write", "Delete": "write",
-        "PromoteAdapter": "admin", "RollbackAdapter": "admin", "Distill": "admin",
+        "PromoteAdapter": "admin", "RollbackAdapter": "admin", "Distill": "admin", "ListReview": "admin",
+        "DecideReview": "admin",
     }  # fmt: skip
     assert required_scope("/kfresh.v1.Kfresh/SomethingAddedLater") == "admin"
     assert required_scope("/grpc.health.v1.Health/Check") is None

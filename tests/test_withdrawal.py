@@ -132,7 +132,11 @@ def test_a_delete_made_while_the_server_was_down_withdraws_at_start(tmp_path, em
             await watch.close()
             return manager.current_version
 
+        from prometheus_client import REGISTRY
+
+        before = REGISTRY.get_sample_value("kfresh_adapters_withdrawn_total") or 0.0
         assert asyncio.run(start()) == "" and version in registry.withdrawn()
+        assert REGISTRY.get_sample_value("kfresh_adapters_withdrawn_total") == before + 1
 
 
 @pytest.mark.slow
