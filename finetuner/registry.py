@@ -78,13 +78,12 @@ class AdapterRegistry:
         self._lock = threading.Lock()
 
     # -- reads -------------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Published versions, oldest first (names only: no manifest is read)."""
+        return [f.name for f in sorted(self.root.glob("v[0-9]*")) if (f / "manifest.json").is_file()]
+
     def list(self) -> list[AdapterManifest]:
-        out = []
-        for folder in sorted(self.root.glob("v[0-9]*")):
-            manifest = folder / "manifest.json"
-            if manifest.is_file():
-                out.append(AdapterManifest(**json.loads(manifest.read_text())))
-        return out
+        return [self.get(version) for version in self.versions()]
 
     def get(self, version: str) -> AdapterManifest:
         manifest = self.root / version / "manifest.json"

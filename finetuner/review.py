@@ -5,7 +5,7 @@ An item is one fact of a document version: a question pair from any text or a te
 (dry runs too) offer their new candidates; offering the same fact again changes nothing. People decide with
 `kfresh review approve|reject` or the `DecideReview` admin RPC; every decision is kept with who made it, when,
 and a note, and a later decision overrides an earlier one (both stay in the history). The queue lists what helps
-most first: items the served model answers wrong closed-book, then documents cited most often by answers, then
+most first: items the base model answers wrong closed-book, then documents cited most often by answers, then
 the oldest. One SQLite file (`finetune.work_dir/review.sqlite`, WAL) shared by the server and the distillation
 worker process.
 """
@@ -62,7 +62,7 @@ class ReviewItem:
     id: int
     fact: Fact
     state: State
-    base_wrong: bool  # the served model answered it wrong closed-book when it was offered
+    base_wrong: bool  # the base model answered it wrong closed-book when it was offered
     cited: int  # answers that cited the document version, when it was offered
     added_at: float
     decided_by: str = ""
@@ -101,8 +101,9 @@ class ReviewQueue:
         """Queue the facts not queued before (pending); returns how many were new. `base_wrong`: keys of the facts
         the served model answers wrong closed-book."""
         wrong, counts, now = set(base_wrong), cited or {}, time.time()
-        rows = [(item_key(f), f.doc_id, f.version, json.dumps(f.to_dict(), ensure_ascii=False),
-                 int(item_key(f) in wrong), counts.get((f.doc_id, f.version), 0), now) for f in facts]  # fmt: skip
+        keyed = [(item_key(f), f) for f in facts]
+        rows = [(key, f.doc_id, f.version, json.dumps(f.to_dict(), ensure_ascii=False), int(key in wrong),
+                 counts.get((f.doc_id, f.version), 0), now) for key, f in keyed]  # fmt: skip
         with self._lock:
             before = self._count()
             self._db.executemany(

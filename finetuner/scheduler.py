@@ -87,7 +87,6 @@ def due(
 
 def unlearned_documents(cfg: KfreshConfig) -> frozenset[DocKey]:
     """Validated (selected) document versions that the served adapter's facts do not come from."""
-    from kfresh.finetuner.facts import FACTS_FILE, read_facts
     from kfresh.finetuner.registry import AdapterRegistry
     from kfresh.finetuner.selection import select_documents
     from kfresh.indexer.stores import store_exists
@@ -98,7 +97,7 @@ def unlearned_documents(cfg: KfreshConfig) -> frozenset[DocKey]:
     current = registry.current()
     learned: set[DocKey] = set()
     if current is not None:
-        learned = {(f.doc_id, f.version) for f in read_facts(registry.adapter_dir(current.version) / FACTS_FILE)}
+        learned = set(registry.learned(current.version).items())
     selected = select_documents(cfg.finetune, cfg.store)
     return frozenset((d.doc_id, d.version) for d in selected.docs) - learned
 

@@ -51,6 +51,11 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+def token_fingerprint(token: str) -> str:
+    """A short, non-secret name for a token (the start of its sha256): what audit records may keep."""
+    return _digest(token).hex()[:12]
+
+
 class TokenTable:
     """sha256(token) -> granted scopes (expanded: admin ⊇ write ⊇ read)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -16,7 +15,7 @@ from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
 from kfresh.indexer.documents import Ack, Hit, IndexStats
 from kfresh.server.adapters import AdapterChange
 from kfresh.server.answerer import AnswerResult
-from kfresh.server.auth import bearer_token
+from kfresh.server.auth import bearer_token, token_fingerprint
 from kfresh.v1 import kfresh_pb2 as pb
 
 ACK_STATUS = {
@@ -177,4 +176,4 @@ def reviewer(name: str, metadata: Any) -> str:
     """Who decided: the name the caller gave, and the fingerprint of its bearer token when it sent one."""
     token = bearer_token(metadata)
     who = name.strip() or "anonymous"
-    return f"{who} (token {hashlib.sha256(token.encode()).hexdigest()[:12]})" if token else who
+    return f"{who} (token {token_fingerprint(token)})" if token else who

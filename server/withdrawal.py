@@ -120,7 +120,7 @@ class WithdrawalWatch:
     def _refresh_learned(self) -> None:
         """What every allowed registry version learned (versions are immutable: each is read once)."""
         withdrawn = self._registry.withdrawn()
-        versions = [m.version for m in self._registry.list() if m.version not in withdrawn]
+        versions = [v for v in self._registry.versions() if v not in withdrawn]
         self._learned = {v: self._learned[v] if v in self._learned else self._registry.learned(v) for v in versions}
 
     async def _withdraw(self, stale: dict[str, str]) -> None:
