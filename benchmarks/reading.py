@@ -43,7 +43,9 @@ class Variant(BaseModel):
     k: int = Field(0, ge=0, description="Passages per Answer; 0 = the server's answer.default_k.")
 
 
-PREVIOUS = {"answer.prompt_format": "system", "answer.prompt_passages": 0, "answer.quote": False}
+PREVIOUS = {
+    "answer.prompt_format": "system", "answer.prompt_passages": 0, "answer.quote": False, "answer.rerank_weight": 0
+}  # fmt: skip
 
 
 def default_variants() -> list[Variant]:
@@ -52,6 +54,8 @@ def default_variants() -> list[Variant]:
         Variant(name="default"),
         Variant(name="before: system prompt, all k passages, no quote", settings=PREVIOUS),
         Variant(name="no quote", settings={"answer.quote": False}),
+        Variant(name="no rerank (embedder order)", settings={"answer.rerank_weight": 0}),
+        Variant(name="rerank within k (pool=3)", settings={"answer.rerank_pool": 3}),
         Variant(name="format=system", settings={"answer.prompt_format": "system"}),
         Variant(name="format=user", settings={"answer.prompt_format": "user"}),
         Variant(name="prompt_passages=all (3)", settings={"answer.prompt_passages": 0}),

@@ -164,27 +164,33 @@ class Answerer:
             adapter=adapter.version, request_id=f"answer-{uuid.uuid4().hex}",
         )  # fmt: skip
 
+    def _retrieve(self, query: AnswerQuery) -> list[tuple[Hit, float]]:
+        """The k passages to answer from with their reading scores, best first: a wider pool is fetched and
+        reranked (answer.rerank_weight) so a passage naming the question's rare words can move up into k."""
+        k = query.k or self._cfg.default_k
+        pool = min(self._cfg.rerank_pool, self._indexer.cfg.retrieval.max_k)
+        # A k the request got wrong goes to the indexer as it is, which rejects it (the one place k is checked).
+        fetch = pool if self._cfg.rerank_weight and 0 <= query.k <= pool and k < pool else query.k
+        hits = self._indexer.search(
+            query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k
+        )
+        return reading.rerank(query.question, hits, self._cfg.rerank_weight)[:k]
+
     async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:
         start = time.perf_counter()
         passages: list[Hit] = []
         superseded: list[Hit] = []
         primary: Hit | None = None
         if not query.closed_book:
-            hits = await asyncio.to_thread(
-                self._indexer.search,
-                query.question,
-                query.k,
-                query.filters or None,
-                with_vectors=True,
-                default_k=self._cfg.default_k,
-            )
+            ranked = await asyncio.to_thread(self._retrieve, query)
+            reading_score = {id(h): s for h, s in ranked}
             resolved = resolve_conflicts(
-                hits,
+                [h for h, _ in ranked],
                 similarity=self._cfg.conflict_similarity,
                 min_score=self._cfg.min_score,
                 score_margin=self._cfg.score_margin,
             )
-            passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages)
+            passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages, lambda h: reading_score[id(h)])
             superseded, primary = resolved.superseded, resolved.primary
         retrieval_ms = (time.perf_counter() - start) * 1000
         if not query.closed_book and not passages and self._cfg.refuse_without_passages:

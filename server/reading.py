@@ -6,24 +6,57 @@ answer more often than the model's free answer does, and fewer passages read bet
 model is shown the best passage(s) only (`answer.prompt_passages`), and after its answer the sentence of
 those passages that best matches the question is quoted verbatim (`answer.quote`), picked by the embedder:
 the reader sees the model's words and the source's words side by side.
+
+Which passage is "best" is decided by `rerank`: the embedder's cosine plus a bonus for covering the
+question's rare words. MiniLM often ranks a story on the same subject from another week above the one that
+names the question's people and places; on January-September questions the bonus lifted the evidence to
+the top from 0.679 to 0.713 of questions (`kfresh bench reading` reports it on October-December).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from kfresh.core.text import split_sentences
+from kfresh.core.text import content_words, split_sentences
 from kfresh.indexer.documents import Hit
 
 
-def shown_passages(kept: Sequence[Hit], n: int) -> list[Hit]:
-    """The `n` best-scoring passages that survived conflict resolution, back in their display order (oldest
-    first). Measured on real news: SmolLM2-135M reads one good passage better than three."""
+def coverage(question: str, passages: Sequence[str]) -> list[float]:
+    """How much of the question's rare words each passage holds, in [0, 1]: the IDF-weighted share of the
+    question's content words it contains. IDF comes from `passages` themselves (the retrieved neighbourhood),
+    so a word every neighbour shares ("Ukraine" in a pool of Ukraine stories) counts little and the name
+    that tells them apart counts much; no corpus statistics to keep in step with ingest."""
+    asked = content_words(question)
+    held = [content_words(p) for p in passages]
+    if not asked or not held:
+        return [0.0] * len(passages)
+    n = len(held)
+    idf = {w: math.log((n + 1) / (sum(w in h for h in held) + 0.5)) for w in asked}
+    total = sum(idf.values())
+    return [sum(idf[w] for w in asked if w in h) / total if total > 0 else 0.0 for h in held]
+
+
+def rerank(question: str, hits: Sequence[Hit], weight: float) -> list[tuple[Hit, float]]:
+    """(hit, reading score) best first: cosine + `weight` x coverage of the question's rare words. The pool
+    should be wider than k (answer.rerank_pool) so the IDF sees the neighbourhood; weight 0 keeps the order."""
+    if weight <= 0 or not hits:
+        return [(h, h.score) for h in hits]
+    bonus = coverage(question, [h.text for h in hits])
+    scored = [(h, h.score + weight * b) for h, b in zip(hits, bonus, strict=True)]
+    return sorted(scored, key=lambda pair: -pair[1])
+
+
+def shown_passages(kept: Sequence[Hit], n: int, score: Callable[[Hit], float] | None = None) -> list[Hit]:
+    """The `n` best passages (by `score`, default the retrieval score) that survived conflict resolution, back
+    in their display order (oldest first). Measured on real news: SmolLM2-135M reads one good passage better
+    than three."""
     if n <= 0 or len(kept) <= n:
         return list(kept)
-    best = sorted(kept, key=lambda h: -h.score)[:n]
+    key = score or (lambda h: h.score)
+    best = sorted(kept, key=lambda h: -key(h))[:n]
     return [h for h in kept if any(h is b for b in best)]
 
 

@@ -6,9 +6,9 @@ import numpy as np
 
 from kfresh import prompt
 from kfresh.core.config import AnswerConfig
-from kfresh.core.text import split_sentences
+from kfresh.core.text import content_words, split_sentences
 from kfresh.indexer.documents import Hit
-from kfresh.server.reading import format_quote, pick_quote, quote_candidates, shown_passages
+from kfresh.server.reading import coverage, format_quote, pick_quote, quote_candidates, rerank, shown_passages
 
 
 def _hit(doc_id: str, text: str, *, score: float, valid_from: float = 0.0) -> Hit:
@@ -45,6 +45,46 @@ def test_the_model_reads_the_best_passages_in_display_order() -> None:
     assert shown_passages(kept, 1) == [best]
     assert shown_passages(kept, 2) == [best, newer]
     assert shown_passages(kept, 0) == kept and shown_passages(kept, 5) == kept
+
+
+def test_content_words_drop_function_words_and_possessives() -> None:
+    assert content_words("What is Biden's plan for the Gaza ceasefire this week?") == {
+        "biden",
+        "plan",
+        "gaza",
+        "ceasefire",
+    }
+    assert content_words("Who was it?") == set()
+
+
+def test_coverage_weights_the_word_that_tells_neighbours_apart() -> None:
+    question = "Which bakery chain is Peltry Foods buying?"
+    pool = [
+        "Harbor Foods is buying a dairy in Avel.",  # shares the common word only
+        "Peltry Foods agreed to buy the bakery chain Crumbhouse.",  # names the company the question names
+        "Foods prices rose in March.",
+    ]
+    cov = coverage(question, pool)
+    assert cov[1] > cov[0] > 0 and cov[1] > cov[2]
+    assert min(cov) >= 0 and max(cov) <= 1
+    assert coverage("Who was it?", pool) == [0.0, 0.0, 0.0]  # nothing to cover: the embedder's order stands
+    assert coverage(question, []) == []
+
+
+def test_rerank_lifts_the_passage_naming_the_question_over_a_close_cosine() -> None:
+    near = _hit("near", "Harbor Foods is buying a dairy in Avel.", score=0.62)
+    named = _hit("named", "Peltry Foods agreed to buy the bakery chain Crumbhouse.", score=0.58)
+    far = _hit("far", "Peltry Foods was founded in 1901.", score=0.10)
+    question = "Which bakery chain is Peltry Foods buying?"
+    ranked = rerank(question, [near, named, far], 0.3)
+    assert [h.doc_id for h, _ in ranked][:2] == ["named", "near"]
+    assert ranked[0][1] > named.score  # the reading score, not the cosine, orders them
+    assert named.score == 0.58  # the hit keeps its cosine (citations report it)
+    assert [h.doc_id for h, _ in rerank(question, [near, named, far], 0.0)] == ["near", "named", "far"]
+    # shown_passages reads by the reading score when given one
+    reading_score = {id(h): s for h, s in ranked}
+    assert shown_passages([near, named], 1, lambda h: reading_score[id(h)]) == [named]
+    assert shown_passages([near, named], 1) == [near]
 
 
 def test_the_quote_is_the_sentence_closest_to_the_question() -> None:

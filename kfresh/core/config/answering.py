@@ -36,6 +36,16 @@ class AnswerConfig(Section):
         description="How many of the retrieved passages (the best-scoring ones that survive conflict resolution) the model "
         "reads; 0 = all k. A small model reads one good passage better than several.",
     )  # fmt: skip
+    rerank_weight: float = Field(
+        0.3, ge=0, le=2,
+        description="Which passages are read: cosine + this x the share of the question's rare words a passage holds "
+        "(IDF over the retrieved pool); 0 = the embedder's order. Chosen on January-September news, measured by "
+        "`kfresh bench reading`.",
+    )  # fmt: skip
+    rerank_pool: int = Field(
+        16, ge=1, le=1024,
+        description="Passages fetched for reranking before the best k are kept (at most retrieval.max_k).",
+    )  # fmt: skip
     quote: bool = Field(
         True,
         description="After the model's answer, quote the sentence of the passages shown that best matches the question, "
