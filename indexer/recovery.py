@@ -15,6 +15,7 @@ from tqdm import tqdm
 from kfresh.core.config import IndexConfig
 from kfresh.indexer.docmap import DocMap
 from kfresh.indexer.embedding.embedder import Embedder
+from kfresh.indexer.metaindex import MetaIndex
 from kfresh.indexer.snapshot import load_snapshot
 from kfresh.indexer.state import IndexState
 from kfresh.indexer.stores import DocumentStore
@@ -45,7 +46,8 @@ def recover_index(store: DocumentStore, cfg: IndexConfig, embedder: Embedder) ->
         index, docmap = snap.index, snap.docmap
         replay(store, index, docmap, snap.applied_seq)
     index.maintain()
-    return Recovered(IndexState(index=index, docmap=docmap), rebuilt=snap is None)
+    meta = MetaIndex.of(store.metadata_of([(d, docmap.version(d)) for d in docmap]).items())
+    return Recovered(IndexState(index=index, docmap=docmap, meta=meta), rebuilt=snap is None)
 
 
 def rebuild(store: DocumentStore, cfg: IndexConfig, dim: int) -> tuple[VectorIndex, DocMap]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kfresh.indexer.docmap import DocMap
+from kfresh.indexer.metaindex import MetaIndex
 from kfresh.indexer.rwlock import RWLock
 from kfresh.indexer.vectors import VectorIndex
 
@@ -19,7 +20,7 @@ log = logging.getLogger("kfresh.indexer")
 
 @dataclass
 class IndexState:
-    """Everything a search must see consistently. `lock` guards index, docmap and unsaved together.
+    """Everything a search must see consistently. `lock` guards index, docmap, meta and unsaved together.
 
     hidden: doc_id -> version of an acknowledged delete; chunks of older versions are invisible to searches
     until the worker has removed them. unsaved: vectors made searchable whose store write may still be in
@@ -28,6 +29,7 @@ class IndexState:
 
     index: VectorIndex
     docmap: DocMap
+    meta: MetaIndex = field(default_factory=MetaIndex)  # the indexed versions' metadata, for filter planning
     lock: RWLock = field(default_factory=RWLock)
     hidden: dict[str, int] = field(default_factory=dict)
     hidden_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -197,6 +197,8 @@ class Worker:
 
     def _swap(self, plans: list[_Plan]) -> None:
         st = self.state
+        # Read before the lock: searches wait on the write lock, not on the store.
+        metadata = self.store.metadata_of([(p.item.doc_id, p.item.version) for p in plans if not p.delete])
         with st.lock.write():
             old = [st.docmap.ids(p.item.doc_id) for p in plans]
             if old:
@@ -208,8 +210,10 @@ class Worker:
             for p in plans:
                 if p.delete:
                     st.docmap.pop(p.item.doc_id)
+                    st.meta.pop(p.item.doc_id)
                 else:
                     st.docmap.set(p.item.doc_id, p.item.version, p.ids)
+                    st.meta.put(p.item.doc_id, metadata.get(p.item.doc_id, {}))
                 st.unhide_upto(p.item.doc_id, p.item.version)
 
     # -- background chores -------------------------------------------------------------------------

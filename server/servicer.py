@@ -13,6 +13,7 @@ import grpc
 from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
+from kfresh.indexer.validation import check_k
 from kfresh.server import convert, ingest_stream, validation
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
@@ -113,7 +114,10 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         hits = await asyncio.to_thread(indexer.search, query.query, query.k, query.filters or None)
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics.RETRIEVE_DURATION.observe(elapsed_ms / 1000)
-        return pb.RetrieveResponse(chunks=[convert.hit_to_chunk(h) for h in hits], retrieval_ms=elapsed_ms)
+        k = check_k(query.k, self._rt.cfg.retrieval)  # already accepted by the search: this only resolves 0
+        return pb.RetrieveResponse(
+            chunks=[convert.hit_to_chunk(h) for h in hits], retrieval_ms=elapsed_ms, all_matches=len(hits) < k
+        )
 
     @rpc
     async def Answer(

@@ -104,6 +104,11 @@ class DocumentStore(abc.ABC):
         """The chunk rows of one version, in order, with their embeddings where saved."""
 
     @abc.abstractmethod
+    def metadata_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, dict[str, str]]:
+        """doc_id -> metadata of the given version of each (doc_id, version) whose attributes are still stored
+        (every indexed version's are): what the metadata index of filtered search is built from."""
+
+    @abc.abstractmethod
     def save_applied(self, applied: Sequence[Applied]) -> None:
         """Persist a micro-batch the worker made searchable: embeddings, indexed_at/lag, stale rows gone."""
 

@@ -138,6 +138,20 @@ class SqlStore(DocumentStore):
         return [ChunkRow(int(r[0]), int(r[1]), r[2], vec_from_blob(r[3])) for r in rows]
 
     @_shared
+    def metadata_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, dict[str, str]]:
+        wanted = dict(versions)
+        out: dict[str, dict[str, str]] = {}
+        ids = list(wanted)
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join([self._p] * len(part))
+            query = f"SELECT doc_id, version, metadata FROM versions WHERE doc_id IN ({marks})"
+            for doc_id, version, metadata in self._fetchall(query, part):
+                if wanted[doc_id] == int(version):
+                    out[doc_id] = json.loads(metadata)
+        return out
+
+    @_shared
     def docs_changed_since(self, seq: int) -> list[str]:
         return [
             r[0]

@@ -72,6 +72,17 @@ class FlatIndex(VectorIndex):
             scores, ids = self._index.search(q, k)
         return scores, ids
 
+    def search_subset(self, vecs: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        q = as_vecs(vecs, self.dim)
+        ids = as_ids(ids)
+        if self._index.ntotal == 0 or k <= 0 or not len(ids):
+            return self._empty(len(q), max(k, 0))
+        selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))  # ids stays referenced until the search returns
+        with threads_for(len(q)):
+            return self._index.search(q, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
+
     @property
     def ntotal(self) -> int:
         return int(self._index.ntotal)

@@ -70,6 +70,23 @@ class IvfIndex(VectorIndex):
         with threads_for(len(q)):
             return self._ivf.search(q, k)
 
+    def search_subset(self, vecs: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every list is probed (only members are scored), so the result is exact, not bounded by nprobe: a
+        small matching set may sit in lists the query's nearest centroids never reach."""
+        if self._ivf is None:
+            assert self._flat is not None
+            return self._flat.search_subset(vecs, k, ids)
+        import faiss
+
+        q = as_vecs(vecs, self.dim)
+        ids = as_ids(ids)
+        if self._ivf.ntotal == 0 or k <= 0 or not len(ids):
+            return self._empty(len(q), max(k, 0))
+        selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=self._ivf.nlist)  # type: ignore[call-arg]  # SWIG kwargs
+        with threads_for(len(q)):
+            return self._ivf.search(q, k, params=params)
+
     @property
     def ntotal(self) -> int:
         if self._ivf is not None:

@@ -79,7 +79,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     for c in reply.chunks:
         snippet = c.text.replace("\n", " ")[:100]
         print(f"{c.score:.3f}  {c.doc_id} v{c.version}#{c.ordinal}  {snippet}")
-    print(f"({len(reply.chunks)} chunks in {reply.retrieval_ms:.1f} ms)")
+    every = "; that is every chunk that matches" if reply.all_matches else ""
+    print(f"({len(reply.chunks)} chunks in {reply.retrieval_ms:.1f} ms{every})")
     return 0
 
 

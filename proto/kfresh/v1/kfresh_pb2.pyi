@@ -132,12 +132,14 @@ class Chunk(_message.Message):
     def __init__(self, doc_id: _Optional[str] = ..., version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., ordinal: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("chunks", "retrieval_ms")
+    __slots__ = ("chunks", "retrieval_ms", "all_matches")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ALL_MATCHES_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     retrieval_ms: float
-    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ...) -> None: ...
+    all_matches: bool
+    def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ..., all_matches: _Optional[bool] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
     __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter")
