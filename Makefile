@@ -12,7 +12,7 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-quick clean help
+.PHONY: setup demo test test-fast lint proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-filters bench-quick clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
@@ -24,7 +24,7 @@ help:
 	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
 	@echo "make bench-adapters - what enable_lora and an active adapter cost; hot-swap and rollback times"
 	@echo "make bench  - every benchmark suite at full size (kfresh bench all; ~1-2 h on 2 cores), results in benchmarks/results"
-	@echo "make bench-SUITE - one suite: bench-ingest, -freshness, -retrieval, -answer, -knowledge, -backends, -replicas, -reading, -transfer, -knowledge_news"
+	@echo "make bench-SUITE - one suite: bench-ingest, -freshness, -retrieval, -answer, -knowledge, -backends, -replicas, -reading, -transfer, -knowledge_news, -filters"
 	@echo "make bench-quick - every suite in --quick mode (tiny sizes; a smoke test, not a measurement)"
 
 setup: $(STAMP)
@@ -73,7 +73,7 @@ bench-adapters: models
 	$(PY) benchmarks/adapters.py
 
 # `kfresh bench SUITE` (benchmarks/cli.py); each run writes <suite>-<date>.json/.md/.png to benchmarks/results.
-BENCH_SUITES := ingest freshness retrieval answer knowledge backends replicas reading transfer knowledge_news
+BENCH_SUITES := ingest freshness retrieval answer knowledge backends replicas reading transfer knowledge_news filters
 
 bench: models
 	$(VENV)/bin/kfresh bench all

@@ -24,11 +24,13 @@ SUITES = (
     "reading",
     "transfer",
     "knowledge_news",
+    "filters",
 )
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
             "replicas": "ReplicasOptions", "reading": "ReadingOptions",
-            "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions"}  # fmt: skip
+            "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions",
+            "filters": "FiltersOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:

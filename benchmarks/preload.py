@@ -33,7 +33,11 @@ def row_of(doc: str) -> int:
     return int(doc[1:]) if doc.startswith("c") and doc[1:].isdigit() else -1
 
 
-def build_store(path: Path, vectors: np.ndarray, text_of: Callable[[int], str], *, batch: int = 20_000) -> Path:
+MetadataOf = Callable[[int], dict[str, str]]
+
+
+def build_store(path: Path, vectors: np.ndarray, text_of: Callable[[int], str], *, batch: int = 20_000,
+                metadata_of: MetadataOf | None = None) -> Path:  # fmt: skip
     """Write an embedded store of len(vectors) one-chunk documents to `path` (replaced if present)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".building")
@@ -42,7 +46,7 @@ def build_store(path: Path, vectors: np.ndarray, text_of: Callable[[int], str], 
     with SqliteStore(tmp) as store:
         store.ensure_embedder(*EMBEDDER)
         # durable=False: a cache file being built, no fsync until the load's last checkpoint
-        store.bulk_load(_documents(vectors, text_of), now=ACKED_AT, batch=batch, durable=False)
+        store.bulk_load(_documents(vectors, text_of, metadata_of), now=ACKED_AT, batch=batch, durable=False)
     Path(f"{tmp}-wal").unlink(missing_ok=True)
     Path(f"{tmp}-shm").unlink(missing_ok=True)
     tmp.rename(path)
@@ -50,21 +54,27 @@ def build_store(path: Path, vectors: np.ndarray, text_of: Callable[[int], str], 
 
 
 def _documents(
-    vectors: np.ndarray, text_of: Callable[[int], str]
+    vectors: np.ndarray, text_of: Callable[[int], str], metadata_of: MetadataOf | None = None
 ) -> Iterator[tuple[DocumentIn, tuple[str], np.ndarray]]:
     """Document `c<i>` for each row i of `vectors`: one chunk, its whole text, with that row as its embedding."""
     for i in range(len(vectors)):
         text = text_of(i)
-        yield DocumentIn(doc_id(i), text, source="bench", valid_from=ACKED_AT), (text,), vectors[i : i + 1]
+        meta = metadata_of(i) if metadata_of else {}
+        yield (
+            DocumentIn(doc_id(i), text, source="bench", valid_from=ACKED_AT, metadata=meta),
+            (text,),
+            vectors[i : i + 1],
+        )
 
 
-def cached_store(name: str, vectors: np.ndarray, text_of: Callable[[int], str], *, cache_dir: Path = CACHE_DIR) -> Path:
-    """The cached store file for corpus `name` (built on first use)."""
+def cached_store(name: str, vectors: np.ndarray, text_of: Callable[[int], str], *, cache_dir: Path = CACHE_DIR,
+                 metadata_of: MetadataOf | None = None) -> Path:  # fmt: skip
+    """The cached store file for corpus `name` (built on first use; a corpus with metadata needs its own name)."""
     path = cache_dir / f"store-{VERSION}-{name}-{len(vectors)}.db"
     meta = path.with_suffix(".json")
     if not path.is_file() or not meta.is_file():
         started = time.perf_counter()
-        build_store(path, vectors, text_of)
+        build_store(path, vectors, text_of, metadata_of=metadata_of)
         meta.write_text(json.dumps({"docs": len(vectors), "build_s": round(time.perf_counter() - started, 1)}))
     return path
 

@@ -61,6 +61,8 @@ def search_index(
             else:  # a common value: about total/len(ids) candidates per match
                 first = math.ceil(k * OVERSAMPLE * total / len(ids))
                 hits = _post_filter(state, store, q, k, filters, hidden, with_vectors, first=first, limit=total)
+                if len(hits) < k:  # an approximate index (IVF) saw only part of the matches: score them all
+                    hits = _pre_filter(state, store, q, k, ids, filters, hidden, with_vectors)
     hits.sort(key=lambda h: -h.score)
     return hits[:k]
 

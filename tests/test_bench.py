@@ -63,6 +63,19 @@ def test_index_suites_quick(suite, tmp_path):
         assert all(0.0 <= s["systems"]["server"]["recall"] <= 1.0 for s in sizes)
 
 
+@pytest.mark.slow
+def test_filters_quick_is_exact_at_every_selectivity_and_flags_short_replies(tmp_path):
+    data = assert_well_formed(run_suite("filters", quick=True, out=tmp_path), "filters")
+    runs = {r["kind"]: r for r in data["raw"]["runs"]}
+    assert set(runs) == {"flat", "ivf"}
+    for kind, run in runs.items():
+        for name, f in run["filters"].items():
+            if kind == "flat" or name not in ("none", "50%"):  # IVF's unfiltered and common-value searches approximate
+                assert f["recall"] == 1.0, (kind, name)
+            # 400 documents: a 1%, 0.01% or single-document filter matches fewer than k=10; the reply says so
+            assert f["short_replies"] == f["expected_short"] == f["all_matches_flag"], (kind, name)
+
+
 def test_ingest_compares_every_backend_with_plain_sentence_transformers():
     from kfresh.benchmarks.ingest import _versus_sentence_transformers
 
