@@ -298,6 +298,10 @@ class Indexer:
     def document_state(self, doc_id: str) -> DocState | None:
         return self._require_started()[0].current(doc_id)
 
+    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The acknowledged metadata of each live document among `doc_ids` (deleted and unknown ones are absent)."""
+        return self._require_started()[0].live_metadata(doc_ids)
+
     def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
         return self._require_started()[0].supersedes_of(doc_ids)
 

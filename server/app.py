@@ -97,9 +97,8 @@ def check_exposure(srv: ServerConfig, *, auth: bool) -> None:
         )
 
 
-def _interceptors(srv: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+def _interceptors(srv: ServerConfig, tokens: TokenTable) -> list[grpc.aio.ServerInterceptor]:
     """Authentication (when tokens are configured) first, then the malformed-request guard."""
-    tokens = TokenTable.from_config(srv)
     check_exposure(srv, auth=len(tokens) > 0)
     guard: list[grpc.aio.ServerInterceptor] = [MalformedRequestGuard()]
     if not tokens:
@@ -210,12 +209,13 @@ async def running_server(
     from kfresh.indexer.service import Indexer
     from kfresh.server.generation.factory import create_backend
 
-    interceptors = _interceptors(cfg.server)  # security settings fail before anything heavy starts
+    tokens = TokenTable.from_config(cfg.server)
+    interceptors = _interceptors(cfg.server, tokens)  # security settings fail before anything heavy starts
     credentials = server_credentials(cfg.server)
     owns_backend = backend is None
     backend = backend or create_backend(cfg)
     adapters = _adapter_manager(cfg, backend)
-    runtime = Runtime(cfg, backend, adapters=adapters)
+    runtime = Runtime(cfg, backend, adapters=adapters, tokens=tokens if len(tokens) else None)
     server = grpc.aio.server(options=_grpc_options(cfg), interceptors=interceptors)
     kfresh_pb2_grpc.add_KfreshServicer_to_server(KfreshServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()

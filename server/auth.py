@@ -4,9 +4,10 @@ Each token grants scopes; `admin` implies `write` implies `read`. Methods not in
 `admin` (deny by default), so a new RPC is locked down until someone decides otherwise. Health checks
 and reflection stay open so probes and `grpcurl list` work without a token.
 
-Tokens come from `server.auth_tokens_file` and/or `server.auth_tokens`, entries `TOKEN SCOPE[,SCOPE]`
+Tokens come from `server.auth_tokens_file` and/or `server.auth_tokens`, entries `TOKEN SCOPE[,SCOPE] [KEY=VALUE ...]`
 (one per line, or `;`-separated inline). Only their sha256 digests are kept, compared in constant time;
-a token never reaches a log line or an error message.
+a token never reaches a log line or an error message. KEY=VALUE pairs bind the token to a tenant: the
+server adds them to every filter and stamps them on every document written with it (server/tenancy.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -56,33 +57,53 @@ def token_fingerprint(token: str) -> str:
     return _digest(token).hex()[:12]
 
 
-class TokenTable:
-    """sha256(token) -> granted scopes (expanded: admin ⊇ write ⊇ read)."""
+class Grant(NamedTuple):
+    """What one token may do: its scopes (expanded) and the tenant binding every request with it carries."""
 
-    def __init__(self, grants: Iterable[tuple[str, Iterable[str]]]) -> None:
-        self._grants: list[tuple[bytes, frozenset[str]]] = []
-        for token, scopes in grants:
+    scopes: frozenset[str]
+    binding: Mapping[str, str]
+
+
+class TokenTable:
+    """sha256(token) -> its Grant (scopes expanded: admin ⊇ write ⊇ read)."""
+
+    def __init__(self, grants: Iterable[Sequence[Any]]) -> None:
+        """`grants`: (token, scopes) or (token, scopes, binding) entries."""
+        self._grants: list[tuple[bytes, Grant]] = []
+        for token, scopes, *rest in grants:
             expanded: set[str] = set()
             for scope in scopes:
                 expanded |= IMPLIED[scope]
-            self._grants.append((_digest(token), frozenset(expanded)))
+            binding = dict(rest[0]) if rest else {}
+            self._grants.append((_digest(token), Grant(frozenset(expanded), binding)))
 
     def __len__(self) -> int:
         return len(self._grants)
 
-    def scopes(self, token: str) -> frozenset[str] | None:
-        """Scopes of `token`, None when unknown; every entry is compared so timing does not reveal which."""
+    def grant(self, token: str) -> Grant | None:
+        """The Grant of `token`, None when unknown; every entry is compared so timing does not reveal which."""
         presented = _digest(token)
-        found: frozenset[str] | None = None
-        for digest, scopes in self._grants:
+        found: Grant | None = None
+        for digest, grant in self._grants:
             if hmac.compare_digest(presented, digest):
-                found = scopes
+                found = grant
         return found
+
+    def scopes(self, token: str) -> frozenset[str] | None:
+        grant = self.grant(token)
+        return grant.scopes if grant is not None else None
+
+    def binding(self, metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+        """The tenant binding of the request's bearer token ({} without one: the interceptor has already
+        refused unknown tokens when authentication is on)."""
+        token = bearer_token(metadata)
+        grant = self.grant(token) if token is not None else None
+        return dict(grant.binding) if grant is not None else {}
 
     @classmethod
     def from_config(cls, cfg: ServerConfig) -> TokenTable:
         """Tokens from the file and the inline setting; ConfigError (naming the setting and line, never the token)."""
-        grants: list[tuple[str, list[str]]] = []
+        grants: list[tuple[str, list[str], dict[str, str]]] = []
         if cfg.auth_tokens_file is not None:
             try:
                 text = Path(cfg.auth_tokens_file).read_text(encoding="utf-8")
@@ -90,25 +111,30 @@ class TokenTable:
                 raise ConfigError(
                     f"server.auth_tokens_file: cannot read {cfg.auth_tokens_file}: {exc.__class__.__name__}"
                 ) from None
-            grants = parse_tokens(text.splitlines(), f"server.auth_tokens_file {cfg.auth_tokens_file}")
+            grants = parse_grants(text.splitlines(), f"server.auth_tokens_file {cfg.auth_tokens_file}")
             if not grants:  # an emptied file must not silently turn authentication off
                 raise ConfigError(f"server.auth_tokens_file {cfg.auth_tokens_file} holds no tokens")
         inline = cfg.auth_tokens.get_secret_value()
         if inline.strip():
-            grants += parse_tokens(inline.replace(";", "\n").splitlines(), "server.auth_tokens entry")
+            grants += parse_grants(inline.replace(";", "\n").splitlines(), "server.auth_tokens entry")
         return cls(grants)
 
 
 def parse_tokens(lines: Iterable[str], where: str) -> list[tuple[str, list[str]]]:
-    """`TOKEN SCOPE[,SCOPE]` entries; blank lines and `#` comments are skipped."""
+    """(token, scopes) of `TOKEN SCOPE[,SCOPE] [KEY=VALUE ...]` entries (bindings: parse_grants)."""
+    return [(token, scopes) for token, scopes, _ in parse_grants(lines, where)]
+
+
+def parse_grants(lines: Iterable[str], where: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """`TOKEN SCOPE[,SCOPE] [KEY=VALUE ...]` entries; blank lines and `#` comments are skipped."""
     grants = []
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 2:
-            raise ConfigError(f"{where} line {number}: expected 'TOKEN SCOPE[,SCOPE]'")
+        if len(parts) < 2:
+            raise ConfigError(f"{where} line {number}: expected 'TOKEN SCOPE[,SCOPE] [KEY=VALUE ...]'")
         token, scopes = parts[0], [s.strip() for s in parts[1].split(",") if s.strip()]
         if len(token) < MIN_TOKEN_CHARS:
             raise ConfigError(f"{where} line {number}: tokens must be at least {MIN_TOKEN_CHARS} characters")
@@ -117,7 +143,13 @@ def parse_tokens(lines: Iterable[str], where: str) -> list[tuple[str, list[str]]
             raise ConfigError(
                 f"{where} line {number}: scopes must be among {', '.join(SCOPES)}; got {unknown or 'none'}"
             )
-        grants.append((token, scopes))
+        binding: dict[str, str] = {}
+        for pair in parts[2:]:
+            key, eq, value = pair.partition("=")
+            if not eq or not key or not value or key in binding:
+                raise ConfigError(f"{where} line {number}: a tenant binding is KEY=VALUE, each key once; got {pair!r}")
+            binding[key] = value
+        grants.append((token, scopes, binding))
     return grants
 
 

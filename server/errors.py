@@ -13,13 +13,14 @@ from typing import Any
 import grpc
 
 from kfresh.core import metrics
-from kfresh.core.errors import InvalidInput, KfreshError, NotFound, Overloaded, StorageFull, Unavailable
+from kfresh.core.errors import Forbidden, InvalidInput, KfreshError, NotFound, Overloaded, StorageFull, Unavailable
 
 log = logging.getLogger("kfresh.server")
 
 STATUS_OF: dict[type[KfreshError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,  # disk full: gRPC's own example of this code
     Unavailable: grpc.StatusCode.UNAVAILABLE,

@@ -4,6 +4,8 @@ A reader task drains the request stream into a bounded buffer while the previous
 load each transaction (one durable flush, one thread hop) carries many documents, and a lone document
 still commits at once. Acks keep the stream's order. A message that fails validation ends the stream with
 INVALID_ARGUMENT naming its position, after every message before it has been acknowledged, as before.
+With a tenant binding (server/tenancy.py) every document is stamped with it, and a message about a live
+document of another tenant ends the stream the same way, with PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from kfresh.core.errors import InvalidInput
+from kfresh.core.errors import Forbidden, InvalidInput
 from kfresh.indexer.documents import Ack, WriteOp
 from kfresh.indexer.service import Indexer
-from kfresh.server import validation
+from kfresh.server import tenancy, validation
 from kfresh.v1 import kfresh_pb2 as pb
 
 _END = object()
@@ -59,11 +61,11 @@ async def read_groups(
         reader.cancel()
 
 
-def to_op(req: pb.IngestRequest) -> WriteOp:
+def to_op(req: pb.IngestRequest, binding: tenancy.Binding | None = None) -> WriteOp:
     validation.reject_unknown_fields(req)
     op = req.WhichOneof("op")
     if op == "upsert":
-        doc = validation.document_from_proto(req.upsert)
+        doc = tenancy.bind_document(validation.document_from_proto(req.upsert), binding or {})
         return WriteOp(doc.id, doc)
     if op == "delete_id":
         return WriteOp(validation.check_doc_id(req.delete_id, "delete_id"))
@@ -71,19 +73,30 @@ def to_op(req: pb.IngestRequest) -> WriteOp:
 
 
 async def ingest(
-    indexer: Indexer, requests: AsyncIterator[pb.IngestRequest], *, max_group: int
+    indexer: Indexer,
+    requests: AsyncIterator[pb.IngestRequest],
+    *,
+    max_group: int,
+    binding: tenancy.Binding | None = None,
 ) -> AsyncIterator[tuple[WriteOp, Ack]]:
     """(op, ack) per message, in order; each ack only after its group's transaction committed."""
     position = 0
     async for group in read_groups(requests, max_group):
         ops: list[WriteOp] = []
-        bad: InvalidInput | None = None
+        bad: InvalidInput | Forbidden | None = None
         for req in group:
             try:
-                ops.append(to_op(req))
-            except InvalidInput as exc:
-                bad = InvalidInput(f"ingest message #{position + len(ops) + 1}: {exc}")
+                ops.append(to_op(req, binding))
+            except (InvalidInput, Forbidden) as exc:
+                bad = type(exc)(f"ingest message #{position + len(ops) + 1}: {exc}")
                 break
+        if binding:
+            live = await asyncio.to_thread(indexer.live_metadata, [op.doc_id for op in ops])
+            foreign = next((i for i, op in enumerate(ops) if not tenancy.owns(live.get(op.doc_id), binding)), None)
+            if foreign is not None:
+                bad = Forbidden(f"ingest message #{position + foreign + 1}: document {ops[foreign].doc_id!r} "
+                                "belongs to another tenant")  # fmt: skip
+                ops = ops[:foreign]
         async for pair in _commit(indexer, ops, first=position + 1):
             yield pair
         position += len(ops)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,10 @@ from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
 from kfresh.indexer.validation import check_k
-from kfresh.server import convert, ingest_stream, validation
+from kfresh.server import convert, ingest_stream, tenancy, validation
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
+from kfresh.server.auth import TokenTable
 from kfresh.server.errors import rpc
 from kfresh.server.generation.base import GenerationBackend
 from kfresh.v1 import kfresh_pb2 as pb
@@ -32,9 +34,15 @@ class Runtime:
     """What the servicer talks to; the indexer appears once it has loaded (UNAVAILABLE before)."""
 
     def __init__(
-        self, cfg: KfreshConfig, backend: GenerationBackend, *, adapters: AdapterManager | None = None
+        self,
+        cfg: KfreshConfig,
+        backend: GenerationBackend,
+        *,
+        adapters: AdapterManager | None = None,
+        tokens: TokenTable | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tokens = tokens
         self.backend = backend
         self.adapters = adapters
         self.indexer: Indexer | None = None
@@ -46,6 +54,10 @@ class Runtime:
     def attach_indexer(self, indexer: Indexer) -> None:
         self.indexer = indexer
         self.answerer = Answerer(indexer, self.backend, self.cfg.answer, adapters=self.adapters)
+
+    def binding(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
+        """The tenant binding of the caller's token ({} without authentication or for an unbound token)."""
+        return self.tokens.binding(context.invocation_metadata()) if self.tokens else {}
 
     def require_indexer(self) -> Indexer:
         if self.indexer is None:
@@ -91,7 +103,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     ) -> AsyncIterator[pb.IngestResponse]:
         indexer = self._rt.require_indexer()
         async for op, ack in ingest_stream.ingest(
-            indexer, request_iterator, max_group=self._rt.cfg.store.group_commit_max
+            indexer, request_iterator, max_group=self._rt.cfg.store.group_commit_max, binding=self._rt.binding(context)
         ):
             metrics.DOCUMENTS_ACKED.labels(op="delete_id" if op.doc is None else "upsert", status=ack.status).inc()
             yield convert.ack_to_proto(ack)
@@ -100,6 +112,11 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         validation.reject_unknown_fields(request)
         doc_id = validation.check_doc_id(request.id)
+        binding = self._rt.binding(context)
+        if binding:
+            live = await asyncio.to_thread(self._rt.require_indexer().live_metadata, [doc_id])
+            if not tenancy.owns(live.get(doc_id), binding):
+                raise NotFound(f"document {doc_id!r} does not exist")  # another tenant's: as if it did not
         ack = await asyncio.to_thread(self._rt.require_indexer().delete, doc_id)
         if ack.status == "not_found":
             raise NotFound(f"document {doc_id!r} does not exist")
@@ -111,7 +128,8 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         query = validation.retrieve_query(request, self._rt.cfg.retrieval)
         indexer = self._rt.require_indexer()
         start = time.perf_counter()
-        hits = await asyncio.to_thread(indexer.search, query.query, query.k, query.filters or None)
+        filters = tenancy.bind_filters(query.filters, self._rt.binding(context))
+        hits = await asyncio.to_thread(indexer.search, query.query, query.k, filters or None)
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics.RETRIEVE_DURATION.observe(elapsed_ms / 1000)
         k = check_k(query.k, self._rt.cfg.retrieval)  # already accepted by the search: this only resolves 0
@@ -124,6 +142,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnswerResponse]:
         query = validation.answer_query(request, self._rt.cfg.answer, self._rt.cfg.retrieval)
+        query = replace(query, filters=tenancy.bind_filters(query.filters, self._rt.binding(context)))
         async for event in self._rt.require_answerer().answer(query):
             if isinstance(event, AnswerDelta):
                 yield pb.AnswerResponse(delta=event.text)

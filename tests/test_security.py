@@ -168,7 +168,7 @@ def test_token_table_expands_scopes_and_keeps_only_digests() -> None:
         ("short read", "at least 16"),
         (f"{TOKENS['read']} root", "scopes must be among"),
         (f"{TOKENS['read']}", "expected 'TOKEN SCOPE"),
-        (f"{TOKENS['read']} read extra", "expected 'TOKEN SCOPE"),
+        (f"{TOKENS['read']} read extra", "a tenant binding is KEY=VALUE"),
     ],
 )
 def test_bad_token_lines_name_the_line_never_the_token(line: str, needle: str) -> None:

@@ -109,6 +109,10 @@ class DocumentStore(abc.ABC):
         (every indexed version's are): what the metadata index of filtered search is built from."""
 
     @abc.abstractmethod
+    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """doc_id -> metadata of the acknowledged version, for each of `doc_ids` that is stored and not deleted."""
+
+    @abc.abstractmethod
     def save_applied(self, applied: Sequence[Applied]) -> None:
         """Persist a micro-batch the worker made searchable: embeddings, indexed_at/lag, stale rows gone."""
 

@@ -152,6 +152,17 @@ class SqlStore(DocumentStore):
         return out
 
     @_shared
+    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        ids = list(dict.fromkeys(doc_ids))
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join([self._p] * len(part))
+            query = f"SELECT doc_id, metadata FROM documents WHERE NOT deleted AND doc_id IN ({marks})"
+            out.update((doc_id, json.loads(metadata)) for doc_id, metadata in self._fetchall(query, part))
+        return out
+
+    @_shared
     def docs_changed_since(self, seq: int) -> list[str]:
         return [
             r[0]

@@ -15,6 +15,10 @@ class NotFound(KfreshError):
     """The named document or adapter does not exist (-> NOT_FOUND)."""
 
 
+class Forbidden(KfreshError):
+    """The caller's token does not allow this, e.g. a filter outside its tenant (-> PERMISSION_DENIED)."""
+
+
 class Overloaded(KfreshError):
     """A bounded queue or concurrency limit is full; retry later (-> RESOURCE_EXHAUSTED)."""
 

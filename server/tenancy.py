@@ -1,0 +1,49 @@
+"""Tenants that cannot see each other: a token's binding (e.g. tenant=acme, from server/auth.py) applied to
+every request made with it.
+
+- Retrieve and Answer: the binding is added to the request's filter; a filter naming another value for a
+  bound key is refused (PERMISSION_DENIED), so a request can narrow its tenant's view but never widen it.
+  Filtered search is exact (indexer/search.py), so a reply holds only the tenant's chunks, and all of its
+  best ones.
+- Ingest: the binding is stamped on every document's metadata; a document naming another value, or an id
+  that a live document of another tenant holds, is refused.
+- Delete: a document outside the binding is NOT_FOUND, as if it did not exist.
+
+Document ids stay one namespace: two tenants cannot both hold id "faq". The ownership check and the write
+are not one transaction, so two tenants racing to create the same new id may both pass it; the later write wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from kfresh.core.errors import Forbidden
+from kfresh.indexer.documents import DocumentIn
+
+Binding = Mapping[str, str]
+
+
+def bind_filters(filters: Mapping[str, str], binding: Binding) -> dict[str, str]:
+    """The request's filter with the binding added; Forbidden when the request names another value."""
+    for key, value in binding.items():
+        if key in filters and filters[key] != value:
+            raise Forbidden(f"this token is bound to {key}={value}; the filter asks for {key}={filters[key]}")
+    return {**filters, **binding}
+
+
+def bind_document(doc: DocumentIn, binding: Binding) -> DocumentIn:
+    """`doc` with the binding stamped on its metadata; Forbidden when the document names another value."""
+    if not binding:
+        return doc
+    for key, value in binding.items():
+        if key in doc.metadata and doc.metadata[key] != value:
+            raise Forbidden(
+                f"document {doc.id!r}: this token is bound to {key}={value}; the document says {key}={doc.metadata[key]}"
+            )
+    return replace(doc, metadata={**doc.metadata, **binding})
+
+
+def owns(metadata: Mapping[str, str] | None, binding: Binding) -> bool:
+    """Whether a live document with `metadata` (None: no live document) is inside the binding."""
+    return metadata is None or all(metadata.get(k) == v for k, v in binding.items())
