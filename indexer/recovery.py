@@ -46,7 +46,7 @@ def recover_index(store: DocumentStore, cfg: IndexConfig, embedder: Embedder) ->
         index, docmap = snap.index, snap.docmap
         replay(store, index, docmap, snap.applied_seq)
     index.maintain()
-    meta = MetaIndex.of(store.metadata_of([(d, docmap.version(d)) for d in docmap]).items())
+    meta = MetaIndex.of(store.attrs_of([(d, docmap.version(d)) for d in docmap]).items())
     return Recovered(IndexState(index=index, docmap=docmap, meta=meta), rebuilt=snap is None)
 
 

@@ -32,6 +32,15 @@ class DocState:
 
 
 @dataclass(frozen=True)
+class DocAttrs:
+    """What a filter may ask about one document version: its metadata, source and valid_from."""
+
+    metadata: dict[str, str]
+    source: str = ""
+    valid_from: float = 0.0
+
+
+@dataclass(frozen=True)
 class ChunkRow:
     chunk_id: int
     ordinal: int

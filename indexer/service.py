@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -23,6 +23,7 @@ from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
 from kfresh.indexer.embedding.embedder import Embedder, create_embedder
+from kfresh.indexer.filters import Filter, as_filter
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.query_cache import QueryEmbeddings
@@ -255,33 +256,34 @@ class Indexer:
         self,
         query: str,
         k: int,
-        filters: dict[str, str] | None = None,
+        filters: Filter | Mapping[str, str] | None = None,
         *,
         with_vectors: bool = False,
         default_k: int | None = None,
     ) -> list[Hit]:
-        """Top-k chunks for `query` among the newest indexed versions; `filters` match metadata exactly.
+        """Top-k chunks for `query` among the newest indexed versions that `filters` selects (a Filter, or a map
+        of metadata equalities): the exact filtered top k on exact indexes, whatever share matches.
         k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None."""
         self._require_started()
         validation.check_query(query, self.cfg.retrieval)
         k = validation.check_k(k, self.cfg.retrieval, default_k)
-        filters = validation.check_metadata(filters, "filters")
+        chosen = as_filter(filters)
         vec = self.query_embeddings.encode(query)
-        return self._search(vec, k, filters, with_vectors)
+        return self._search(vec, k, chosen, with_vectors)
 
     def search_vector(
-        self, vec: np.ndarray, k: int, filters: dict[str, str] | None = None, *, with_vectors: bool = False
+        self, vec: np.ndarray, k: int, filters: Filter | Mapping[str, str] | None = None, *, with_vectors: bool = False
     ) -> list[Hit]:
         """search() for an already embedded query (unit norm, the embedder's dimension)."""
         self._require_started()
         k = validation.check_k(k, self.cfg.retrieval)
-        filters = validation.check_metadata(filters, "filters")
+        chosen = as_filter(filters)
         q = np.asarray(vec, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.embedder.dim or not np.all(np.isfinite(q)):
             raise InvalidInput(f"vector must hold {self.embedder.dim} finite numbers")
-        return self._search(q, k, filters, with_vectors)
+        return self._search(q, k, chosen, with_vectors)
 
-    def _search(self, q: np.ndarray, k: int, filters: dict[str, str], with_vectors: bool) -> list[Hit]:
+    def _search(self, q: np.ndarray, k: int, filters: Filter, with_vectors: bool) -> list[Hit]:
         store, state = self._require_started()
         try:
             return search_index(state, store, q, k, filters or None, with_vectors=with_vectors)

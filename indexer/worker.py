@@ -19,7 +19,7 @@ from kfresh.core.config import KfreshConfig
 from kfresh.indexer.embedding.embedder import Embedder
 from kfresh.indexer.freshness import LagRing
 from kfresh.indexer.queue import Pending, WorkQueue
-from kfresh.indexer.rows import Applied
+from kfresh.indexer.rows import Applied, DocAttrs
 from kfresh.indexer.snapshot import SnapshotData, SnapshotWriter
 from kfresh.indexer.state import IndexState, SeqTracker
 from kfresh.indexer.stores import DocumentStore
@@ -198,7 +198,7 @@ class Worker:
     def _swap(self, plans: list[_Plan]) -> None:
         st = self.state
         # Read before the lock: searches wait on the write lock, not on the store.
-        metadata = self.store.metadata_of([(p.item.doc_id, p.item.version) for p in plans if not p.delete])
+        attrs = self.store.attrs_of([(p.item.doc_id, p.item.version) for p in plans if not p.delete])
         with st.lock.write():
             old = [st.docmap.ids(p.item.doc_id) for p in plans]
             if old:
@@ -213,7 +213,7 @@ class Worker:
                     st.meta.pop(p.item.doc_id)
                 else:
                     st.docmap.set(p.item.doc_id, p.item.version, p.ids)
-                    st.meta.put(p.item.doc_id, metadata.get(p.item.doc_id, {}))
+                    st.meta.put(p.item.doc_id, attrs.get(p.item.doc_id) or DocAttrs({}))
                 st.unhide_upto(p.item.doc_id, p.item.version)
 
     # -- background chores -------------------------------------------------------------------------

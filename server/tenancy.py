@@ -20,16 +20,22 @@ from dataclasses import replace
 
 from kfresh.core.errors import Forbidden
 from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.filters import Filter
 
 Binding = Mapping[str, str]
 
 
-def bind_filters(filters: Mapping[str, str], binding: Binding) -> dict[str, str]:
-    """The request's filter with the binding added; Forbidden when the request names another value."""
+def bind_filters(filters: Filter | Mapping[str, str], binding: Binding) -> Filter:
+    """The request's filter with the binding added; Forbidden when the request names another value for a bound
+    key (in its equalities or its IN lists)."""
+    chosen = filters if isinstance(filters, Filter) else Filter(equals=dict(filters))
     for key, value in binding.items():
-        if key in filters and filters[key] != value:
-            raise Forbidden(f"this token is bound to {key}={value}; the filter asks for {key}={filters[key]}")
-    return {**filters, **binding}
+        if key in chosen.equals and chosen.equals[key] != value:
+            raise Forbidden(f"this token is bound to {key}={value}; the filter asks for {key}={chosen.equals[key]}")
+        others = sorted(set(chosen.any_of.get(key, ())) - {value})
+        if others:
+            raise Forbidden(f"this token is bound to {key}={value}; the filter asks for {key} in {others}")
+    return chosen.with_equals(binding)
 
 
 def bind_document(doc: DocumentIn, binding: Binding) -> DocumentIn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,7 @@ from kfresh.core.config import AnswerConfig, RetrievalConfig
 from kfresh.core.errors import InvalidInput
 from kfresh.core.time import from_timestamp
 from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.filters import Filter, check_filter
 from kfresh.v1 import kfresh_pb2 as pb
 
 MAX_ID_CHARS = 256
@@ -45,6 +47,22 @@ def _check_filter(filters: dict[str, str], field: str) -> dict[str, str]:
         if not key:
             raise InvalidInput(f"{field} has an empty key")
     return dict(filters)
+
+
+def query_filter(pairs: Mapping[str, str], where: pb.Filter, has_where: bool) -> Filter:
+    """The request's `filter` map and `where` message as one Filter (INVALID_ARGUMENT naming the bad part)."""
+    base = Filter(equals=_check_filter(dict(pairs), "filter"))
+    if not has_where:
+        return base
+    any_of = {key: frozenset(values.values) for key, values in where.any_of.items()}
+    if any(not key for key in any_of):
+        raise InvalidInput("where.any_of has an empty key")
+    extra = Filter(
+        equals={}, any_of=any_of, sources=tuple(where.source),
+        valid_from_min=from_timestamp(where.valid_from_min) if where.HasField("valid_from_min") else None,
+        valid_from_max=from_timestamp(where.valid_from_max) if where.HasField("valid_from_max") else None,
+    )  # fmt: skip
+    return check_filter(extra).with_equals(base.equals).with_equals(_check_filter(dict(where.equals), "where.equals"))
 
 
 def document_from_proto(doc: pb.Document) -> DocumentIn:
@@ -101,7 +119,7 @@ def _check_text(text: str, limit: int, field: str) -> str:
 class RetrieveQuery:
     query: str
     k: int  # as sent (0 = the default): the indexer validates and defaults it (indexer.validation.check_k)
-    filters: dict[str, str]
+    filters: Filter
 
 
 def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQuery:
@@ -109,7 +127,7 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
     return RetrieveQuery(
         query=_check_text(req.query, cfg.max_query_chars, "query"),
         k=req.k,
-        filters=_check_filter(dict(req.filter), "filter"),
+        filters=query_filter(req.filter, req.where, req.HasField("where")),
     )
 
 
@@ -117,7 +135,7 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
 class AnswerQuery:
     question: str
     k: int  # as sent (0 = answer.default_k): the indexer validates and defaults it when the answer retrieves
-    filters: dict[str, str]
+    filters: Filter
     closed_book: bool
     max_tokens: int
     temperature: float
@@ -132,7 +150,7 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
     return AnswerQuery(
         question=_check_text(req.question, retrieval.max_query_chars, "question"),
         k=req.k,
-        filters=_check_filter(dict(req.filter), "filter"),
+        filters=query_filter(req.filter, req.where, req.HasField("where")),
         closed_book=req.closed_book,
         max_tokens=_check_count(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
         temperature=temperature,

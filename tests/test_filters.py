@@ -10,9 +10,12 @@ import pytest
 from indexer_helper import doc_text
 from test_indexer import backend, config, embedder  # noqa: F401  (fixtures)
 
+from kfresh.core.errors import InvalidInput
 from kfresh.indexer import search
 from kfresh.indexer.documents import DocumentIn
+from kfresh.indexer.filters import Filter, as_filter, check_filter
 from kfresh.indexer.metaindex import MetaIndex
+from kfresh.indexer.rows import DocAttrs
 from kfresh.indexer.service import Indexer
 
 N = 400
@@ -111,12 +114,50 @@ def test_the_metadata_index_follows_upserts_deletes_and_restarts(tmp_path, embed
 
 
 def test_meta_index_postings() -> None:
-    meta = MetaIndex.of([("a", {"t": "x", "g": "1"}), ("b", {"t": "x"}), ("c", {"t": "y", "g": "1"})])
+    meta = MetaIndex.of([("a", DocAttrs({"t": "x", "g": "1"}, "faq/a", 10.0)), ("b", DocAttrs({"t": "x"}, "faq/b", 20.0)),
+                         ("c", DocAttrs({"t": "y", "g": "1"}, "news/c", 30.0))])  # fmt: skip
     assert meta.matching({"t": "x"}) == {"a", "b"}
     assert meta.matching({"t": "x", "g": "1"}) == {"a"}
     assert meta.matching({"t": "z"}) == set() and meta.matching({}) == {"a", "b", "c"}
-    meta.put("a", {"t": "y"})
+    assert meta.matching(Filter(any_of={"t": frozenset({"y", "z"})})) == {"c"}
+    assert meta.matching(Filter(sources=("faq/*",))) == {"a", "b"}
+    assert meta.matching(Filter(valid_from_min=20.0)) == {"b", "c"}
+    assert meta.matching(Filter(valid_from_min=10.0, valid_from_max=30.0, sources=("*/b", "*/c"))) == {"b"}
+    meta.put("a", DocAttrs({"t": "y"}))
     assert meta.matching({"t": "x"}) == {"b"} and meta.matching({"g": "1"}) == {"c"}
     meta.pop("c")
     meta.pop("missing")
     assert meta.matching({"t": "y"}) == {"a"} and len(meta) == 2
+
+
+def test_filters_are_checked_and_combined() -> None:
+    with pytest.raises(InvalidInput, match="any_of\\['t'\\] is empty"):
+        check_filter(Filter(any_of={"t": frozenset()}))
+    with pytest.raises(InvalidInput, match="valid_from_min must be before"):
+        check_filter(Filter(valid_from_min=5.0, valid_from_max=5.0))
+    with pytest.raises(InvalidInput, match="asks t=x and t=y"):
+        Filter(equals={"t": "x"}).with_equals({"t": "y"})
+    with pytest.raises(InvalidInput, match="filters keys and values must be strings"):
+        as_filter({"t": 1})  # type: ignore[dict-item]
+    assert not Filter() and Filter(valid_from_max=1.0) and as_filter(None) == Filter()
+
+
+def test_in_lists_source_globs_and_time_ranges(tmp_path, embedder, backend):  # noqa: F811
+    ix = Indexer(config(tmp_path), embedder=embedder)
+    ix.start()
+    try:
+        acks = [ix.upsert(DocumentIn(f"d{i}", doc_text(i), source=f"{'faq' if i % 3 == 0 else 'news'}/{i}",
+                                     metadata=_meta(i), valid_from=1_000.0 + i)) for i in range(60)]  # fmt: skip
+        assert all(ix.wait_until_indexed(a.id, a.version, 60) for a in acks)
+        f = Filter(any_of={"g": frozenset({"3", "4", "50"})}, sources=("faq/*",), valid_from_min=1_003.0,
+                   valid_from_max=1_055.0)  # fmt: skip
+        got = ix.search(QUERY, 10, f)
+        # g in {3, 4, 50} and i % 3 == 0 and 3 <= i < 55: d3 only (d4: news, d50: news)
+        assert [h.doc_id for h in got] == ["d3"]
+        assert sorted(h.doc_id for h in ix.search(QUERY, 60, Filter(sources=("news/1?",)))) == sorted(
+            f"d{i}" for i in range(10, 20) if i % 3
+        )
+        assert len(ix.search(QUERY, 60, Filter(valid_from_min=1_050.0))) == 10
+        assert ix.search(QUERY, 5, Filter(valid_from_max=1_000.0)) == []
+    finally:
+        ix.close()

@@ -18,11 +18,12 @@ from indexer_helper import doc_text
 from server_helper import ServerHandle, server_config
 from test_security import CannedBackend
 
-from kfresh.client import KfreshClient, document
+from kfresh.client import KfreshClient, document, where
 from kfresh.core.config import ConfigError, KfreshConfig
 from kfresh.core.errors import Forbidden
 from kfresh.indexer.documents import DocumentIn
 from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
+from kfresh.indexer.filters import Filter
 from kfresh.indexer.service import Indexer
 from kfresh.server.auth import TokenTable, parse_grants
 from kfresh.server.tenancy import bind_document, bind_filters, owns
@@ -45,10 +46,14 @@ def test_token_lines_carry_a_binding_and_bad_ones_name_the_line() -> None:
 
 
 def test_binding_rules() -> None:
-    assert bind_filters({"lang": "en"}, {"tenant": "acme"}) == {"lang": "en", "tenant": "acme"}
-    assert bind_filters({"tenant": "acme"}, {"tenant": "acme"}) == {"tenant": "acme"}
+    assert bind_filters({"lang": "en"}, {"tenant": "acme"}).equals == {"lang": "en", "tenant": "acme"}
+    assert bind_filters({"tenant": "acme"}, {"tenant": "acme"}).equals == {"tenant": "acme"}
     with pytest.raises(Forbidden, match="bound to tenant=acme"):
         bind_filters({"tenant": "globex"}, {"tenant": "acme"})
+    with pytest.raises(Forbidden, match=r"tenant in \['globex'\]"):  # an IN list cannot widen it either
+        bind_filters(Filter(any_of={"tenant": frozenset({"acme", "globex"})}), {"tenant": "acme"})
+    narrowed = bind_filters(Filter(any_of={"tenant": frozenset({"acme"})}, sources=("faq/*",)), {"tenant": "acme"})
+    assert narrowed.equals == {"tenant": "acme"} and narrowed.sources == ("faq/*",)
     doc = bind_document(DocumentIn("a", "x", metadata={"lang": "en"}), {"tenant": "acme"})
     assert doc.metadata == {"lang": "en", "tenant": "acme"}
     with pytest.raises(Forbidden, match="document 'a'"):
@@ -127,6 +132,41 @@ def test_tenants_see_write_and_delete_only_their_own(tenant_server: ServerHandle
         assert acme.delete("t-acme").id == "t-acme"
 
 
+def test_where_over_grpc_and_the_cli(
+    tenant_server: ServerHandle, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IN lists, source globs and a valid_from range through the proto, the client helper and `kfresh retrieve`."""
+    from kfresh.cli import main
+
+    with _client(tenant_server, GLOBEX) as globex:
+        docs = [document(f"w{i}", f"Ferry timetable {i}: the boat leaves pier {i} at dawn.", source=f"{kind}/{i}",
+                         metadata={"line": line}, valid_from=1_700_000_000.0 + 86_400 * i)
+                for i, (kind, line) in enumerate([("faq", "north"), ("news", "north"), ("faq", "south"), ("faq", "east")])]  # fmt: skip
+        list(globex.ingest(docs))
+        assert globex.wait_searchable(30).searchable
+        ask = "When does the ferry leave the pier?"
+        reply = globex.retrieve(ask, k=10, where=where(any_of={"line": ["north", "south"]}, source=["faq/*"]))
+        assert sorted(c.doc_id for c in reply.chunks) == ["w0", "w2"] and reply.all_matches
+        late = globex.retrieve(
+            ask,
+            k=10,
+            where=where(valid_from_min=1_700_000_000.0 + 86_400 * 2, valid_from_max=1_700_000_000.0 + 86_400 * 10),
+        )
+        assert sorted(c.doc_id for c in late.chunks) == ["w2", "w3"]
+        for bad, needle in ((where(any_of={"line": []}), "any_of['line'] is empty"),
+                            (where(valid_from_min=5.0, valid_from_max=1.0), "valid_from_min must be before")):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                globex.retrieve(ask, where=bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in (err.value.details() or "")
+    capsys.readouterr()
+    monkeypatch.setenv("KFRESH_CLIENT__TOKEN", GLOBEX)
+    code = main(["retrieve", ask, "--addr", f"127.0.0.1:{tenant_server.port}", "--in", "line=north,east",
+                 "--source", "faq/*", "--since", "2023-11-14", "--json"])  # fmt: skip
+    assert code == 0 or code is None
+    out = capsys.readouterr().out
+    assert '"w0"' in out and '"w3"' in out and '"w1"' not in out and '"w2"' not in out
+
+
 # -- the property: a real Indexer, random tenants, filters and bindings ---------------------------------------------
 
 N = 120
@@ -172,5 +212,5 @@ def test_no_reply_crosses_a_tenant_and_every_reply_is_the_exact_filtered_top_k(
     hits = ix.search(query, k, filters)
     assert all(h.metadata["tenant"] == tenant for h in hits)
     ranked = [f"d{i}" for i in np.argsort(-scores[query], kind="stable")]
-    want = [d for d in ranked if all(_meta(int(d[1:]))[a] == b for a, b in filters.items())][:k]
+    want = [d for d in ranked if all(_meta(int(d[1:]))[a] == b for a, b in filters.equals.items())][:k]
     assert [h.doc_id for h in hits] == want

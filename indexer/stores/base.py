@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 
 from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
-from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocRecord, DocState
+from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocAttrs, DocRecord, DocState
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,9 +104,9 @@ class DocumentStore(abc.ABC):
         """The chunk rows of one version, in order, with their embeddings where saved."""
 
     @abc.abstractmethod
-    def metadata_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, dict[str, str]]:
-        """doc_id -> metadata of the given version of each (doc_id, version) whose attributes are still stored
-        (every indexed version's are): what the metadata index of filtered search is built from."""
+    def attrs_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, DocAttrs]:
+        """doc_id -> metadata, source and valid_from of the given version of each (doc_id, version) whose
+        attributes are still stored (every indexed version's are): what filtered search is planned on."""
 
     @abc.abstractmethod
     def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:

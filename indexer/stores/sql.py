@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
 from kfresh.indexer.documents import Ack, WriteOp
-from kfresh.indexer.rows import Applied, ChunkRow, DocRecord, DocState, doc_record, vec_from_blob
+from kfresh.indexer.rows import Applied, ChunkRow, DocAttrs, DocRecord, DocState, doc_record, vec_from_blob
 from kfresh.indexer.stores.base import DocumentStore
 
 log = logging.getLogger("kfresh.indexer")
@@ -138,17 +138,17 @@ class SqlStore(DocumentStore):
         return [ChunkRow(int(r[0]), int(r[1]), r[2], vec_from_blob(r[3])) for r in rows]
 
     @_shared
-    def metadata_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, dict[str, str]]:
+    def attrs_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, DocAttrs]:
         wanted = dict(versions)
-        out: dict[str, dict[str, str]] = {}
+        out: dict[str, DocAttrs] = {}
         ids = list(wanted)
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             marks = ",".join([self._p] * len(part))
-            query = f"SELECT doc_id, version, metadata FROM versions WHERE doc_id IN ({marks})"
-            for doc_id, version, metadata in self._fetchall(query, part):
+            query = f"SELECT doc_id, version, metadata, source, valid_from FROM versions WHERE doc_id IN ({marks})"
+            for doc_id, version, metadata, source, valid_from in self._fetchall(query, part):
                 if wanted[doc_id] == int(version):
-                    out[doc_id] = json.loads(metadata)
+                    out[doc_id] = DocAttrs(json.loads(metadata), source, float(valid_from))
         return out
 
     @_shared

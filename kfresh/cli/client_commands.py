@@ -8,10 +8,12 @@ import sys
 from typing import Any
 
 from kfresh.cli.common import (
+    add_filter_flags,
     client_options,
     client_parser,
     message_dict,
     parse_filters,
+    parse_where,
     print_json,
     server_addr,
 )
@@ -50,7 +52,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     options = {
         "k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": parse_filters(args.filter),
-        "adapter": args.adapter,
+        "adapter": args.adapter, "where": parse_where(args),
     }  # fmt: skip
     with KfreshClient(server_addr(args), **client_options()) as client:
         text: list[str] = []
@@ -72,7 +74,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
     with KfreshClient(server_addr(args), **client_options()) as client:
-        reply = client.retrieve(args.query, k=args.k, filter=parse_filters(args.filter), timeout=args.timeout)
+        reply = client.retrieve(
+            args.query, k=args.k, filter=parse_filters(args.filter), where=parse_where(args), timeout=args.timeout
+        )
     if args.json:
         print_json(message_dict(reply))
         return 0
@@ -160,7 +164,7 @@ def register(sub: Any) -> None:
     p.add_argument("--k", type=int, default=0, help="passages to retrieve (0 = server default)")
     p.add_argument("--closed-book", action="store_true", help="answer from the model's weights only")
     p.add_argument("--max-tokens", type=int, default=0, help="answer length (0 = server default)")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    add_filter_flags(p)
     p.add_argument(
         "--adapter", default="", help="adapter version (e.g. v0003), 'none' for the base model; default: the served one"
     )
@@ -168,7 +172,7 @@ def register(sub: Any) -> None:
     p = client_parser(sub, "retrieve", "show the chunks a query retrieves", cmd_retrieve)
     p.add_argument("query")
     p.add_argument("--k", type=int, default=0, help="chunks to return (0 = server default)")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter (repeatable)")
+    add_filter_flags(p)
 
     p = client_parser(sub, "delete", "delete a document by id", cmd_delete)
     p.add_argument("id")

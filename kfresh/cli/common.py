@@ -82,6 +82,37 @@ def client_parser(sub: Any, name: str, help: str, func: Callable[[argparse.Names
     return p
 
 
+def add_filter_flags(p: argparse.ArgumentParser) -> None:
+    """The filter flags `ask` and `retrieve` share: all of them must hold."""
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata KEY equals VALUE (repeatable)")
+    p.add_argument("--in", dest="any_of", action="append", metavar="KEY=V1,V2",
+                   help="metadata KEY is one of the comma-separated values (repeatable)")  # fmt: skip
+    p.add_argument("--source", action="append", metavar="GLOB", help="the document's source matches GLOB (* ? [...]; "
+                   "repeatable: any of them)")  # fmt: skip
+    p.add_argument("--since", metavar="TIME", help="valid_from at or after TIME (ISO-8601 or unix seconds)")
+    p.add_argument("--until", metavar="TIME", help="valid_from before TIME (ISO-8601 or unix seconds)")
+
+
+def parse_where(args: argparse.Namespace) -> Any:
+    """The `where` Filter message of add_filter_flags' flags, or None when none was given."""
+    from kfresh.client import where
+    from kfresh.client.sources import SourceError, parse_time
+
+    any_of: dict[str, list[str]] = {}
+    for pair in args.any_of or []:
+        key, sep, values = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--in expects KEY=V1,V2, got {pair!r}")
+        any_of.setdefault(key, []).extend(v for v in values.split(",") if v)
+    try:
+        since, until = parse_time(args.since, "--since"), parse_time(args.until, "--until")
+    except SourceError as exc:
+        raise SystemExit(str(exc).replace("valid_from ", "")) from None
+    if not (any_of or args.source or since is not None or until is not None):
+        return None
+    return where(any_of=any_of, source=args.source or (), valid_from_min=since, valid_from_max=until)
+
+
 def parse_filters(pairs: Sequence[str] | None) -> dict[str, str]:
     out = {}
     for pair in pairs or []:

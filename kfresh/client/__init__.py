@@ -14,6 +14,7 @@ from kfresh.client.clients import (
     connect_options,
     document,
     tls_credentials,
+    where,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "connect_options",
     "document",
     "tls_credentials",
+    "where",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,26 @@ def document(
 
 def _ingest_request(item: pb.Document | pb.IngestRequest) -> pb.IngestRequest:
     return item if isinstance(item, pb.IngestRequest) else pb.IngestRequest(upsert=item)
+
+
+def where(
+    *,
+    equals: Mapping[str, str] | None = None,
+    any_of: Mapping[str, Iterable[str]] | None = None,
+    source: Iterable[str] = (),
+    valid_from_min: float | None = None,
+    valid_from_max: float | None = None,
+) -> pb.Filter:
+    """A Filter message for Retrieve/Answer `where=`: metadata equalities and IN lists, source globs, and a
+    valid_from range [min, max) in unix seconds."""
+    out = pb.Filter(equals=dict(equals or {}), source=list(source))
+    for key, values in (any_of or {}).items():
+        out.any_of[key].values.extend(values)
+    if valid_from_min is not None:
+        out.valid_from_min.CopyFrom(to_timestamp(valid_from_min))
+    if valid_from_max is not None:
+        out.valid_from_max.CopyFrom(to_timestamp(valid_from_max))
+    return out
 
 
 def _answer_request(question: str, **kw: Any) -> pb.AnswerRequest:
@@ -218,14 +238,23 @@ class KfreshClient:
         return self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
     def retrieve(
-        self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None
+        self,
+        query: str,
+        *,
+        k: int = 0,
+        filter: dict[str, str] | None = None,
+        where: pb.Filter | None = None,
+        timeout: float | None = None,
     ) -> pb.RetrieveResponse:
-        return self._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filter or {}), timeout=timeout)
+        """The best k chunks among those matching `filter` (metadata equalities) and `where` (see `where()`)."""
+        return self._stub.Retrieve(
+            pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where), timeout=timeout
+        )
 
     def answer(self, question: str, *, timeout: float | None = None, **options: Any) -> Iterator[pb.AnswerResponse]:
         """Stream an answer: events with `delta` text, then one with `done` (citations, timings).
 
-        Options: k, filter, closed_book, max_tokens, temperature, adapter.
+        Options: k, filter, where (see `where()`), closed_book, max_tokens, temperature, adapter.
         """
         return self._stub.Answer(_answer_request(question, **options), timeout=timeout)
 
@@ -320,9 +349,16 @@ class AsyncKfreshClient:
         return await self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
     async def retrieve(
-        self, query: str, *, k: int = 0, filter: dict[str, str] | None = None, timeout: float | None = None
+        self,
+        query: str,
+        *,
+        k: int = 0,
+        filter: dict[str, str] | None = None,
+        where: pb.Filter | None = None,
+        timeout: float | None = None,
     ) -> pb.RetrieveResponse:
-        return await self._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filter or {}), timeout=timeout)
+        request = pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where)
+        return await self._stub.Retrieve(request, timeout=timeout)
 
     def answer(
         self, question: str, *, timeout: float | None = None, **options: Any

@@ -31,7 +31,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
 
-from kfresh.client import DEFAULT_ADDR, AsyncKfreshClient, KfreshClient, document
+from kfresh.client import DEFAULT_ADDR, AsyncKfreshClient, KfreshClient, document, where
 from kfresh.v1 import kfresh_pb2 as pb
 
 
@@ -54,19 +54,28 @@ class KfreshRetriever(BaseRetriever):
     addr: str = DEFAULT_ADDR
     k: int = Field(4, ge=1, description="Chunks per query.")
     filter: dict[str, str] = Field(default_factory=dict, description="Exact-match metadata filter.")
+    where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More conditions, as kfresh.client.where() takes them: any_of, source, valid_from_min/max.",
+    )
     timeout: float | None = 30.0
     client_options: dict[str, Any] = Field(default_factory=dict)
 
+    def _where(self) -> pb.Filter | None:
+        return where(**self.where) if self.where else None
+
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         with KfreshClient(self.addr, **self.client_options) as client:
-            reply = client.retrieve(query, k=self.k, filter=self.filter, timeout=self.timeout)
+            reply = client.retrieve(query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout)
         return [chunk_to_document(c) for c in reply.chunks]
 
     async def _aget_relevant_documents(
         self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
     ) -> list[Document]:
         async with AsyncKfreshClient(self.addr, **self.client_options) as client:
-            reply = await client.retrieve(query, k=self.k, filter=self.filter, timeout=self.timeout)
+            reply = await client.retrieve(
+                query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout
+            )
         return [chunk_to_document(c) for c in reply.chunks]
 
 

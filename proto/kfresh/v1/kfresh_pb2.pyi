@@ -85,8 +85,42 @@ class DeleteResponse(_message.Message):
     version: int
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("equals", "any_of", "source", "valid_from_min", "valid_from_max")
+    class EqualsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class AnyOfEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StringList
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StringList, _Mapping]] = ...) -> None: ...
+    EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_MIN_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_MAX_FIELD_NUMBER: _ClassVar[int]
+    equals: _containers.ScalarMap[str, str]
+    any_of: _containers.MessageMap[str, StringList]
+    source: _containers.RepeatedScalarFieldContainer[str]
+    valid_from_min: _timestamp_pb2.Timestamp
+    valid_from_max: _timestamp_pb2.Timestamp
+    def __init__(self, equals: _Optional[_Mapping[str, str]] = ..., any_of: _Optional[_Mapping[str, StringList]] = ..., source: _Optional[_Iterable[str]] = ..., valid_from_min: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_from_max: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "k", "filter")
+    __slots__ = ("query", "k", "filter", "where")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,10 +131,12 @@ class RetrieveRequest(_message.Message):
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     filter: _containers.ScalarMap[str, str]
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    where: Filter
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("doc_id", "version", "chunk_id", "ordinal", "text", "score", "source", "valid_from", "metadata")
@@ -142,7 +178,7 @@ class RetrieveResponse(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ..., all_matches: _Optional[bool] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter")
+    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter", "where")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +193,7 @@ class AnswerRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     question: str
     k: int
     filter: _containers.ScalarMap[str, str]
@@ -164,7 +201,8 @@ class AnswerRequest(_message.Message):
     max_tokens: int
     temperature: float
     adapter: str
-    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ...) -> None: ...
+    where: Filter
+    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("index", "doc_id", "version", "source", "valid_from", "score", "text", "primary")

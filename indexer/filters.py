@@ -1,0 +1,105 @@
+"""What a search may return: conditions on a document's metadata, source and valid_from, all of which must hold.
+
+- `equals`: metadata key = value (the `filter` map of the proto, as before);
+- `any_of`: metadata key IN values;
+- `sources`: the document's `source` matches one of these globs (`fnmatch`: `*`, `?`, `[...]`, case-sensitive);
+- `valid_from_min` (inclusive) / `valid_from_max` (exclusive): a range of the document's valid_from (unix s).
+
+The search plans a Filter on the metadata index (metaindex.py) and checks every hit against it again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kfresh.core.errors import InvalidInput
+
+MAX_VALUES = 1024  # values in one IN list, globs in `sources`
+
+
+@dataclass(frozen=True)
+class Filter:
+    equals: Mapping[str, str] = field(default_factory=dict)
+    any_of: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+    valid_from_min: float | None = None
+    valid_from_max: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.equals or self.any_of or self.sources) or self.has_range
+
+    @property
+    def has_range(self) -> bool:
+        return self.valid_from_min is not None or self.valid_from_max is not None
+
+    def matches(self, metadata: Mapping[str, str], source: str, valid_from: float) -> bool:
+        if any(metadata.get(k) != v for k, v in self.equals.items()):
+            return False
+        if any(metadata.get(k) not in values for k, values in self.any_of.items()):
+            return False
+        if self.sources and not any(fnmatch.fnmatchcase(source, glob) for glob in self.sources):
+            return False
+        return self.in_range(valid_from)
+
+    def in_range(self, valid_from: float) -> bool:
+        if self.valid_from_min is not None and valid_from < self.valid_from_min:
+            return False
+        return self.valid_from_max is None or valid_from < self.valid_from_max
+
+    def with_equals(self, extra: Mapping[str, str]) -> Filter:
+        """This filter and `extra` equalities both (InvalidInput when one key is asked two different values)."""
+        for key, value in extra.items():
+            if key in self.equals and self.equals[key] != value:
+                raise InvalidInput(f"filter asks {key}={self.equals[key]} and {key}={value} at once")
+        return Filter({**self.equals, **extra}, self.any_of, self.sources, self.valid_from_min, self.valid_from_max)
+
+    def describe(self) -> dict[str, Any]:
+        """A plain-JSON picture of the filter (logs, errors)."""
+        out: dict[str, Any] = {}
+        if self.equals:
+            out["equals"] = dict(self.equals)
+        if self.any_of:
+            out["any_of"] = {k: sorted(v) for k, v in self.any_of.items()}
+        if self.sources:
+            out["sources"] = list(self.sources)
+        if self.has_range:
+            out["valid_from"] = [self.valid_from_min, self.valid_from_max]
+        return out
+
+
+def as_filter(value: Filter | Mapping[str, str] | None) -> Filter:
+    """A Filter from a Filter, an equality map (validated) or None."""
+    if value is None:
+        return Filter()
+    if isinstance(value, Filter):
+        return check_filter(value)
+    if not isinstance(value, Mapping):
+        raise InvalidInput("filters must be a map of strings to strings")
+    for key, v in value.items():
+        if not isinstance(key, str) or not isinstance(v, str):
+            raise InvalidInput(f"filters keys and values must be strings (got {key!r}: {type(v).__name__})")
+    return Filter(equals=dict(value))
+
+
+def check_filter(f: Filter) -> Filter:
+    """InvalidInput naming the part of `f` that cannot be used."""
+    for key, values in f.any_of.items():
+        if not values:
+            raise InvalidInput(f"filter any_of[{key!r}] is empty: it would match nothing")
+        if len(values) > MAX_VALUES:
+            raise InvalidInput(f"filter any_of[{key!r}] has {len(values)} values; at most {MAX_VALUES} are allowed")
+    if len(f.sources) > MAX_VALUES:
+        raise InvalidInput(f"filter source has {len(f.sources)} globs; at most {MAX_VALUES} are allowed")
+    if any(not glob for glob in f.sources):
+        raise InvalidInput("filter source: a glob is empty")
+    for name in ("valid_from_min", "valid_from_max"):
+        bound = getattr(f, name)
+        if bound is not None and not math.isfinite(bound):
+            raise InvalidInput(f"filter {name} must be a finite time")
+    if f.valid_from_min is not None and f.valid_from_max is not None and f.valid_from_min >= f.valid_from_max:
+        raise InvalidInput("filter valid_from_min must be before valid_from_max")
+    return f
