@@ -66,7 +66,9 @@ def search_index(
                 # Two widenings at most: conditions that each match much but rarely together fall through to
                 # the exact path below instead of resolving the whole index row by row.
                 limit = min(total, first * OVERSAMPLE * OVERSAMPLE)
-                hits = _post_filter(state, store, q, k, filters, hidden, with_vectors, first=first, limit=limit)
+                # An approximate index probes 1/share as deep: the filtered top k lie that much further down.
+                hits = _post_filter(state, store, q, k, filters, hidden, with_vectors, first=first, limit=limit,
+                                    depth=1 / share)  # fmt: skip
             if len(hits) < k:  # a selective filter, or an approximate index (IVF) saw only part of the matches
                 ids = matching_ids(state, filters)
                 if len(ids) == 0:
@@ -93,10 +95,11 @@ def _post_filter(
     *,
     first: int,
     limit: int,
+    depth: float = 1.0,
 ) -> list[Hit]:
     fetch = min(limit, max(first, k))
     while True:
-        scores, ids = state.index.search(q, fetch)
+        scores, ids = state.index.search_deeper(q, fetch, depth) if depth > 1 else state.index.search(q, fetch)
         hits = _resolve(state, store, scores[0], ids[0], filters, hidden, with_vectors)
         if len(hits) >= k or fetch >= limit:
             return hits

@@ -76,6 +76,11 @@ class VectorIndex(ABC):
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n, k), best first; missing results have id -1."""
 
+    def search_deeper(self, vecs: np.ndarray, k: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+        """search() with `factor` times the usual effort where the kind has a knob for it (IVF: nprobe), for a
+        post-filtered search whose matches lie deeper in the ranking; exact kinds just search."""
+        return self.search(vecs, k)
+
     def search_subset(self, vecs: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """search() restricted to `ids` and exact over them, or None when this kind cannot restrict a search
         (the caller then scores the stored vectors of `ids`)."""

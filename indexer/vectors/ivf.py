@@ -70,6 +70,18 @@ class IvfIndex(VectorIndex):
         with threads_for(len(q)):
             return self._ivf.search(q, k)
 
+    def search_deeper(self, vecs: np.ndarray, k: int, factor: float) -> tuple[np.ndarray, np.ndarray]:
+        if self._ivf is None or factor <= 1.0:
+            return self.search(vecs, k)
+        import faiss
+
+        q = as_vecs(vecs, self.dim)
+        if self._ivf.ntotal == 0 or k <= 0:
+            return self._empty(len(q), max(k, 0))
+        nprobe = min(self._ivf.nlist, max(self._ivf.nprobe, round(self._ivf.nprobe * factor)))
+        with threads_for(len(q)):
+            return self._ivf.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))  # type: ignore[call-arg]  # SWIG kwargs
+
     def search_subset(self, vecs: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every list is probed (only members are scored), so the result is exact, not bounded by nprobe: a
         small matching set may sit in lists the query's nearest centroids never reach."""
