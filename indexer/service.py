@@ -300,6 +300,14 @@ class Indexer:
     def document_state(self, doc_id: str) -> DocState | None:
         return self._require_started()[0].current(doc_id)
 
+    def count_matching(self, filters: Filter | Mapping[str, str]) -> tuple[int, int]:
+        """(documents, chunks) in the index that `filters` selects (from the metadata index: no search)."""
+        _, state = self._require_started()
+        chosen = as_filter(filters)
+        with state.lock.read():
+            docs = state.meta.matching(chosen)
+            return len(docs), sum(len(state.docmap.ids(d)) for d in docs)
+
     def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """The acknowledged metadata of each live document among `doc_ids` (deleted and unknown ones are absent)."""
         return self._require_started()[0].live_metadata(doc_ids)

@@ -159,8 +159,10 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         validation.reject_unknown_fields(request)
-        stats = await asyncio.to_thread(self._rt.require_indexer().stats)
-        return convert.stats_to_proto(
+        indexer = self._rt.require_indexer()
+        stats = await asyncio.to_thread(indexer.stats)
+        binding = self._rt.binding(context)
+        reply = convert.stats_to_proto(
             stats,
             model=self._rt.backend.model,
             backend=self._rt.backend.name,
@@ -169,6 +171,10 @@ class KfreshServicer(pb_grpc.KfreshServicer):
             adapter=self._rt.adapters.current_version if self._rt.adapters else "",
             distiller=self._rt.distiller,
         )
+        if binding:
+            docs, chunks = await asyncio.to_thread(indexer.count_matching, binding)
+            reply.tenant.CopyFrom(pb.TenantStats(binding=binding, documents=docs, chunks=chunks))
+        return reply
 
     @rpc
     async def ListAdapters(

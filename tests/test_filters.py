@@ -17,6 +17,8 @@ from kfresh.indexer.filters import Filter, as_filter, check_filter
 from kfresh.indexer.metaindex import MetaIndex
 from kfresh.indexer.rows import DocAttrs
 from kfresh.indexer.service import Indexer
+from kfresh.indexer.vectors import flat as flat_module
+from kfresh.indexer.vectors import ivf as ivf_module
 
 N = 400
 QUERY = "Which lighthouse keeper logged ships passing the reef?"
@@ -54,10 +56,14 @@ FILTERS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["default", "ivf"])
-def test_filtered_search_is_the_exact_filtered_top_k(tmp_path, embedder, backend, kind):  # noqa: F811
-    if kind == "ivf" and backend != "sqlite+faiss":
-        pytest.skip("the IVF variant runs on the default store")
+@pytest.mark.parametrize("kind", ["default", "ivf", "ivf-selector", "flat-selector"])
+def test_filtered_search_is_the_exact_filtered_top_k(tmp_path, embedder, backend, kind, monkeypatch):  # noqa: F811
+    if kind != "default" and backend != "sqlite+faiss":
+        pytest.skip("the IVF and selector variants run on the default store")
+    if kind.endswith("-selector"):  # every subset through FAISS's IDSelector, not the few-ids reconstruction
+        monkeypatch.setattr(flat_module, "FEW_IDS", 0)
+        monkeypatch.setattr(ivf_module, "FEW_IDS", 0)
+        kind = kind.removesuffix("-selector")
     sections = {"index": {"kind": "ivf", "ivf_nlist": 8, "ivf_nprobe": 1, "ivf_train_min": 64}} if kind == "ivf" else {}
     ix = _start(tmp_path, embedder, **sections)
     try:

@@ -129,6 +129,11 @@ def test_tenants_see_write_and_delete_only_their_own(tenant_server: ServerHandle
             "The Varn lighthouse keeper is Ilse Maro."
         ]
         assert {c.doc_id for c in admin.retrieve("Varn lighthouse keeper", k=10).chunks} >= {"t-acme", "t-globex"}
+        # Stats: a bound token also sees its tenant's share of the index; an unbound one has no tenant part
+        mine = globex.stats().tenant
+        assert dict(mine.binding) == {"tenant": "globex"}
+        assert mine.documents == mine.chunks == len(globex.retrieve("lighthouse", k=50).chunks) >= 2
+        assert not admin.stats().HasField("tenant")
         assert acme.delete("t-acme").id == "t-acme"
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs, threads_for
+from kfresh.indexer.vectors.base import FEW_IDS, SnapshotParts, VectorIndex, as_ids, as_vecs, exact_top, threads_for
 
 
 def serialize(index: Any) -> bytes:
@@ -79,6 +79,8 @@ class FlatIndex(VectorIndex):
         ids = as_ids(ids)
         if self._index.ntotal == 0 or k <= 0 or not len(ids):
             return self._empty(len(q), max(k, 0))
+        if len(q) == 1 and len(ids) <= FEW_IDS:
+            return exact_top(q[0], self._index.reconstruct_batch(ids), ids, k)
         selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))  # ids stays referenced until the search returns
         with threads_for(len(q)):
             return self._index.search(q, k, params=faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.vectors.base import SnapshotParts, VectorIndex, as_ids, as_vecs, threads_for
+from kfresh.indexer.vectors.base import FEW_IDS, SnapshotParts, VectorIndex, as_ids, as_vecs, exact_top, threads_for
 from kfresh.indexer.vectors.flat import FaissStream, FlatIndex, deserialize, serialize
 
 log = logging.getLogger("kfresh.indexer")
@@ -94,6 +94,8 @@ class IvfIndex(VectorIndex):
         ids = as_ids(ids)
         if self._ivf.ntotal == 0 or k <= 0 or not len(ids):
             return self._empty(len(q), max(k, 0))
+        if len(q) == 1 and len(ids) <= FEW_IDS:  # the hashtable direct map reconstructs by id
+            return exact_top(q[0], self._ivf.reconstruct_batch(ids), ids, k)
         selector = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
         params = faiss.SearchParametersIVF(sel=selector, nprobe=self._ivf.nlist)  # type: ignore[call-arg]  # SWIG kwargs
         with threads_for(len(q)):

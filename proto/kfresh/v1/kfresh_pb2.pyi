@@ -297,7 +297,7 @@ class LagPercentiles(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors", "distill")
+    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors", "distill", "tenant")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,7 @@ class StatsResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     INDEXED_VECTORS_FIELD_NUMBER: _ClassVar[int]
     DISTILL_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     documents: int
     chunks: int
     pending: int
@@ -328,7 +329,25 @@ class StatsResponse(_message.Message):
     deleted: int
     indexed_vectors: int
     distill: DistillSummary
-    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ...) -> None: ...
+    tenant: TenantStats
+    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ..., tenant: _Optional[_Union[TenantStats, _Mapping]] = ...) -> None: ...
+
+class TenantStats(_message.Message):
+    __slots__ = ("binding", "documents", "chunks")
+    class BindingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    binding: _containers.ScalarMap[str, str]
+    documents: int
+    chunks: int
+    def __init__(self, binding: _Optional[_Mapping[str, str]] = ..., documents: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("version", "parent", "served_name", "base_model", "base_model_sha256", "training_data_sha256", "weights_sha256", "created_at", "facts", "metrics", "notes", "current", "loaded", "standby", "withdrawn")
