@@ -14,9 +14,9 @@ import fnmatch
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from kfresh.core.errors import InvalidInput
+from kfresh.indexer.validation import check_metadata
 
 MAX_VALUES = 1024  # values in one IN list, globs in `sources`
 
@@ -57,19 +57,6 @@ class Filter:
                 raise InvalidInput(f"filter asks {key}={self.equals[key]} and {key}={value} at once")
         return Filter({**self.equals, **extra}, self.any_of, self.sources, self.valid_from_min, self.valid_from_max)
 
-    def describe(self) -> dict[str, Any]:
-        """A plain-JSON picture of the filter (logs, errors)."""
-        out: dict[str, Any] = {}
-        if self.equals:
-            out["equals"] = dict(self.equals)
-        if self.any_of:
-            out["any_of"] = {k: sorted(v) for k, v in self.any_of.items()}
-        if self.sources:
-            out["sources"] = list(self.sources)
-        if self.has_range:
-            out["valid_from"] = [self.valid_from_min, self.valid_from_max]
-        return out
-
 
 def as_filter(value: Filter | Mapping[str, str] | None) -> Filter:
     """A Filter from a Filter, an equality map (validated) or None."""
@@ -77,12 +64,7 @@ def as_filter(value: Filter | Mapping[str, str] | None) -> Filter:
         return Filter()
     if isinstance(value, Filter):
         return check_filter(value)
-    if not isinstance(value, Mapping):
-        raise InvalidInput("filters must be a map of strings to strings")
-    for key, v in value.items():
-        if not isinstance(key, str) or not isinstance(v, str):
-            raise InvalidInput(f"filters keys and values must be strings (got {key!r}: {type(v).__name__})")
-    return Filter(equals=dict(value))
+    return Filter(equals=check_metadata(value, "filters"))
 
 
 def check_filter(f: Filter) -> Filter:

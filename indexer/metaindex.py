@@ -69,9 +69,6 @@ class MetaIndex:
         sizes += [sum(len(self._postings.get((key, v), ())) for v in values) for key, values in f.any_of.items()]
         return min(sizes, default=len(self._docs))
 
-    def attrs(self, doc_id: str) -> DocAttrs | None:
-        return self._docs.get(doc_id)
-
     @classmethod
     def of(cls, entries: Iterable[tuple[str, DocAttrs]]) -> MetaIndex:
         out = cls()

@@ -215,7 +215,7 @@ async def running_server(
     owns_backend = backend is None
     backend = backend or create_backend(cfg)
     adapters = _adapter_manager(cfg, backend)
-    runtime = Runtime(cfg, backend, adapters=adapters, tokens=tokens if len(tokens) else None)
+    runtime = Runtime(cfg, backend, adapters=adapters, tokens=tokens)
     server = grpc.aio.server(options=_grpc_options(cfg), interceptors=interceptors)
     kfresh_pb2_grpc.add_KfreshServicer_to_server(KfreshServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()

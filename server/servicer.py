@@ -57,7 +57,7 @@ class Runtime:
 
     def binding(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
         """The tenant binding of the caller's token ({} without authentication or for an unbound token)."""
-        return self.tokens.binding(context.invocation_metadata()) if self.tokens else {}
+        return self.tokens.binding(context.invocation_metadata()) if self.tokens else {}  # an empty table: no auth
 
     def require_indexer(self) -> Indexer:
         if self.indexer is None:

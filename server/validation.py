@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,11 +48,12 @@ def _check_filter(filters: dict[str, str], field: str) -> dict[str, str]:
     return dict(filters)
 
 
-def query_filter(pairs: Mapping[str, str], where: pb.Filter, has_where: bool) -> Filter:
+def query_filter(req: pb.RetrieveRequest | pb.AnswerRequest) -> Filter:
     """The request's `filter` map and `where` message as one Filter (INVALID_ARGUMENT naming the bad part)."""
-    base = Filter(equals=_check_filter(dict(pairs), "filter"))
-    if not has_where:
+    base = Filter(equals=_check_filter(dict(req.filter), "filter"))
+    if not req.HasField("where"):
         return base
+    where = req.where
     any_of = {key: frozenset(values.values) for key, values in where.any_of.items()}
     if any(not key for key in any_of):
         raise InvalidInput("where.any_of has an empty key")
@@ -127,7 +127,7 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
     return RetrieveQuery(
         query=_check_text(req.query, cfg.max_query_chars, "query"),
         k=req.k,
-        filters=query_filter(req.filter, req.where, req.HasField("where")),
+        filters=query_filter(req),
     )
 
 
@@ -150,7 +150,7 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
     return AnswerQuery(
         question=_check_text(req.question, retrieval.max_query_chars, "question"),
         k=req.k,
-        filters=query_filter(req.filter, req.where, req.HasField("where")),
+        filters=query_filter(req),
         closed_book=req.closed_book,
         max_tokens=_check_count(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
         temperature=temperature,

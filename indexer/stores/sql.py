@@ -63,6 +63,16 @@ class SqlStore(DocumentStore):
     def _fetchall(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """All rows of one read on a reader connection."""
 
+    def _fetch_in(self, query: str, keys: Sequence[Any], *, batch: int = 500) -> list[tuple[Any, ...]]:
+        """The rows of `query` for distinct `keys`, `batch` at a time: the query's `{marks}` becomes one
+        placeholder per key of the batch (`... IN ({marks})`)."""
+        keys = list(dict.fromkeys(keys))
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(keys), batch):
+            part = keys[start : start + batch]
+            rows += self._fetchall(query.format(marks=",".join([self._p] * len(part))), part)
+        return rows
+
     # -- writes (their SQL: the backend's `_writes` module) ----------------------------------------
     @_shared
     def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
@@ -140,27 +150,17 @@ class SqlStore(DocumentStore):
     @_shared
     def attrs_of(self, versions: Sequence[tuple[str, int]]) -> dict[str, DocAttrs]:
         wanted = dict(versions)
-        out: dict[str, DocAttrs] = {}
-        ids = list(wanted)
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            marks = ",".join([self._p] * len(part))
-            query = f"SELECT doc_id, version, metadata, source, valid_from FROM versions WHERE doc_id IN ({marks})"
-            for doc_id, version, metadata, source, valid_from in self._fetchall(query, part):
-                if wanted[doc_id] == int(version):
-                    out[doc_id] = DocAttrs(json.loads(metadata), source, float(valid_from))
-        return out
+        query = "SELECT doc_id, version, metadata, source, valid_from FROM versions WHERE doc_id IN ({marks})"
+        return {
+            doc_id: DocAttrs(json.loads(metadata), source, float(valid_from))
+            for doc_id, version, metadata, source, valid_from in self._fetch_in(query, list(wanted))
+            if wanted[doc_id] == int(version)
+        }
 
     @_shared
     def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        ids = list(dict.fromkeys(doc_ids))
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            marks = ",".join([self._p] * len(part))
-            query = f"SELECT doc_id, metadata FROM documents WHERE NOT deleted AND doc_id IN ({marks})"
-            out.update((doc_id, json.loads(metadata)) for doc_id, metadata in self._fetchall(query, part))
-        return out
+        query = "SELECT doc_id, metadata FROM documents WHERE NOT deleted AND doc_id IN ({marks})"
+        return {doc_id: json.loads(metadata) for doc_id, metadata in self._fetch_in(query, doc_ids)}
 
     @_shared
     def docs_changed_since(self, seq: int) -> list[str]:
@@ -210,15 +210,10 @@ class SqlStore(DocumentStore):
 
     @_shared
     def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        ids = list(dict.fromkeys(doc_ids))
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            marks = ",".join([self._p] * len(part))
-            query = f"SELECT doc_id, supersedes FROM documents WHERE NOT deleted AND supersedes <> '[]' AND doc_id IN ({marks})"
-            for doc_id, supersedes in self._fetchall(query, part):
-                out[doc_id] = list(json.loads(supersedes))
-        return out
+        query = (
+            "SELECT doc_id, supersedes FROM documents WHERE NOT deleted AND supersedes <> '[]' AND doc_id IN ({marks})"
+        )
+        return {doc_id: list(json.loads(supersedes)) for doc_id, supersedes in self._fetch_in(query, doc_ids)}
 
     @_shared
     def cited_versions(self) -> set[tuple[str, int]]:
