@@ -41,6 +41,20 @@ class DocAttrs:
 
 
 @dataclass(frozen=True)
+class ChangeRow:
+    """One logged change whose version is still the document's current row (what Watch streams)."""
+
+    seq: int
+    doc_id: str
+    version: int
+    op: str
+    acked_at: float
+    indexed_at: float | None
+    lag_ms: float | None
+    attrs: DocAttrs
+
+
+@dataclass(frozen=True)
 class ChunkRow:
     chunk_id: int
     ordinal: int

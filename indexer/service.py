@@ -29,7 +29,7 @@ from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
-from kfresh.indexer.rows import DocState
+from kfresh.indexer.rows import ChangeRow, DocState
 from kfresh.indexer.search import search_index
 from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
 from kfresh.indexer.state import IndexState, SeqTracker
@@ -296,6 +296,12 @@ class Indexer:
 
     def last_change(self) -> int:
         return self._require_started()[0].max_seq()
+
+    def searchable_changes(self, after_seq: int, *, limit: int = 512) -> list[ChangeRow]:
+        """Changes after `after_seq` that the index has applied and whose version is still current, seq order
+        (what Watch streams; a version replaced since is skipped, as the index skipped or dropped it)."""
+        store = self._require_started()[0]
+        return store.current_changes(after_seq, self.applied_seq(), limit)
 
     def document_state(self, doc_id: str) -> DocState | None:
         return self._require_started()[0].current(doc_id)

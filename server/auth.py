@@ -30,7 +30,7 @@ IMPLIED = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "writ
 MIN_TOKEN_CHARS = 16
 _SERVICE = "/kfresh.v1.Kfresh/"
 METHOD_SCOPES = {
-    **{_SERVICE + m: "read" for m in ("Retrieve", "Answer", "Stats", "WaitSearchable", "ListAdapters")},
+    **{_SERVICE + m: "read" for m in ("Retrieve", "Answer", "Stats", "WaitSearchable", "Watch", "ListAdapters")},
     **{_SERVICE + m: "write" for m in ("Ingest", "Delete")},
     **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill", "ListReview", "DecideReview")},
 }

@@ -15,7 +15,7 @@ from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
 from kfresh.indexer.validation import check_k
-from kfresh.server import convert, ingest_stream, tenancy, validation
+from kfresh.server import convert, ingest_stream, tenancy, validation, watch
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answerer import AnswerDelta, Answerer
 from kfresh.server.auth import TokenTable
@@ -155,6 +155,13 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     ) -> pb.WaitSearchableResponse:
         timeout_s = validation.wait_timeout(request)
         return await ingest_stream.wait_searchable(self._rt.require_indexer(), timeout_s)
+
+    @rpc
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Change]:
+        validation.reject_unknown_fields(request)
+        indexer = self._rt.require_indexer()
+        async for change in watch.watch(indexer, watch.start_seq(request, indexer), self._rt.binding(context)):
+            yield change
 
     @rpc
     async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:

@@ -123,6 +123,7 @@ CALLS = {
     "Answer": lambda c: c.answer("Who keeps the lighthouse?", timeout=10),
     "Stats": lambda c: c.stats(timeout=10),
     "WaitSearchable": lambda c: c.wait_searchable(5.0, timeout=10),
+    "Watch": lambda c: list(c.watch(from_now=True, timeout=1)),
     "ListAdapters": lambda c: c.list_adapters(timeout=10),
     "Ingest": lambda c: c.ingest([document("sec-1", "The Varn lighthouse keeper is Ilse Maro.")], timeout=10),
     "Delete": lambda c: c.delete("sec-never-existed", timeout=10),
@@ -137,12 +138,14 @@ AUTHORISED = {
     "PromoteAdapter": grpc.StatusCode.INVALID_ARGUMENT,
     "RollbackAdapter": grpc.StatusCode.INVALID_ARGUMENT,
     "DecideReview": grpc.StatusCode.NOT_FOUND,
+    "Watch": grpc.StatusCode.DEADLINE_EXCEEDED,  # a watch runs until the client stops it
 }
 
 
 def test_method_scope_table_and_default_deny() -> None:
     assert {m.rsplit("/", 1)[1]: s for m, s in METHOD_SCOPES.items()} == {
-        "Retrieve": "read", "Answer": "read", "Stats": "read", "WaitSearchable": "read", "ListAdapters": "read",
+        "Retrieve": "read", "Answer": "read", "Stats": "read", "WaitSearchable": "read", "Watch": "read",
+        "ListAdapters": "read",
         "Ingest": "write", "Delete": "write",
         "PromoteAdapter": "admin", "RollbackAdapter": "admin", "Distill": "admin", "ListReview": "admin",
         "DecideReview": "admin",

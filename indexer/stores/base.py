@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar
 import numpy as np
 
 from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
-from kfresh.indexer.rows import Applied, ChunkHitRow, ChunkRow, DocAttrs, DocRecord, DocState
+from kfresh.indexer.rows import Applied, ChangeRow, ChunkHitRow, ChunkRow, DocAttrs, DocRecord, DocState
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -140,6 +140,11 @@ class DocumentStore(abc.ABC):
     @abc.abstractmethod
     def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
         """(seq, doc_id, version, op) of every change after `seq`, in seq (= commit) order."""
+
+    @abc.abstractmethod
+    def current_changes(self, after_seq: int, upto_seq: int, limit: int) -> list[ChangeRow]:
+        """Changes with after_seq < seq <= upto_seq whose version is still current (at most `limit`, seq order),
+        with that version's ack time, index time and lag, source, metadata and valid_from (a delete: the last ones)."""
 
     @abc.abstractmethod
     def unembedded(self) -> list[tuple[DocState, int]]:

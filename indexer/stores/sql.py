@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
 from kfresh.indexer.documents import Ack, WriteOp
-from kfresh.indexer.rows import Applied, ChunkRow, DocAttrs, DocRecord, DocState, doc_record, vec_from_blob
+from kfresh.indexer.rows import Applied, ChangeRow, ChunkRow, DocAttrs, DocRecord, DocState, doc_record, vec_from_blob
 from kfresh.indexer.stores.base import DocumentStore
 
 log = logging.getLogger("kfresh.indexer")
@@ -175,6 +175,19 @@ class SqlStore(DocumentStore):
     def changes_since(self, seq: int) -> list[tuple[int, str, int, str]]:
         rows = self._fetchall(f"SELECT seq, doc_id, version, op FROM changes WHERE seq>{self._p} ORDER BY seq", (seq,))
         return [(int(r[0]), r[1], int(r[2]), r[3]) for r in rows]
+
+    @_shared
+    def current_changes(self, after_seq: int, upto_seq: int, limit: int) -> list[ChangeRow]:
+        rows = self._fetchall(
+            "SELECT c.seq, c.doc_id, c.version, c.op, d.acked_at, d.indexed_at, d.lag_ms, d.metadata, d.source,"
+            " d.valid_from FROM changes c JOIN documents d ON d.doc_id=c.doc_id AND d.version=c.version"
+            f" WHERE c.seq>{self._p} AND c.seq<={self._p} ORDER BY c.seq LIMIT {self._p}",
+            (after_seq, upto_seq, limit),
+        )
+        return [
+            ChangeRow(int(r[0]), r[1], int(r[2]), r[3], r[4], r[5], r[6], DocAttrs(json.loads(r[7]), r[8], float(r[9])))
+            for r in rows
+        ]
 
     @_shared
     def unembedded(self) -> list[tuple[DocState, int]]:

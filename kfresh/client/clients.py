@@ -267,6 +267,11 @@ class KfreshClient:
             pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout)
         )
 
+    def watch(self, *, after_seq: int = 0, from_now: bool = False, timeout: float | None = None) -> Iterator[pb.Change]:
+        """Stream each document change once it is searchable (seq, id, version, op, lag_ms, ...): the change log
+        after `after_seq` (0 = all of it; `from_now` = only new ones), then live. Cancel the call to stop."""
+        return self._stub.Watch(pb.WatchRequest(after_seq=after_seq, from_now=from_now), timeout=timeout)
+
     def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         """Adapter versions in the server's registry; which is served, loaded, the rollback target."""
         return self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)
@@ -374,6 +379,11 @@ class AsyncKfreshClient:
         return await self._stub.WaitSearchable(
             pb.WaitSearchableRequest(timeout_s=timeout_s), timeout=_wait_deadline(timeout_s, timeout)
         )
+
+    def watch(
+        self, *, after_seq: int = 0, from_now: bool = False, timeout: float | None = None
+    ) -> AsyncIterator[pb.Change]:
+        return self._stub.Watch(pb.WatchRequest(after_seq=after_seq, from_now=from_now), timeout=timeout)
 
     async def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
         return await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout)

@@ -282,6 +282,45 @@ class WaitSearchableResponse(_message.Message):
     waited_ms: float
     def __init__(self, searchable: _Optional[bool] = ..., target_seq: _Optional[int] = ..., applied_seq: _Optional[int] = ..., waited_ms: _Optional[float] = ...) -> None: ...
 
+class WatchRequest(_message.Message):
+    __slots__ = ("after_seq", "from_now")
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FROM_NOW_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    from_now: bool
+    def __init__(self, after_seq: _Optional[int] = ..., from_now: _Optional[bool] = ...) -> None: ...
+
+class Change(_message.Message):
+    __slots__ = ("seq", "id", "version", "op", "acked_at", "searchable_at", "lag_ms", "source", "metadata", "valid_from")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
+    SEARCHABLE_AT_FIELD_NUMBER: _ClassVar[int]
+    LAG_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    VALID_FROM_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    id: str
+    version: int
+    op: str
+    acked_at: _timestamp_pb2.Timestamp
+    searchable_at: _timestamp_pb2.Timestamp
+    lag_ms: float
+    source: str
+    metadata: _containers.ScalarMap[str, str]
+    valid_from: _timestamp_pb2.Timestamp
+    def __init__(self, seq: _Optional[int] = ..., id: _Optional[str] = ..., version: _Optional[int] = ..., op: _Optional[str] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., searchable_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lag_ms: _Optional[float] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class LagPercentiles(_message.Message):
     __slots__ = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "count")
     P50_MS_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kfresh.v1.Kfresh/Watch',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.Change.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/kfresh.v1.Kfresh/ListAdapters',
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.SerializeToString,
@@ -138,6 +143,16 @@ class KfreshServicer:
         """Returns once every change this server had acknowledged when the call arrived is searchable
         (read-your-writes after a bulk load), or when timeout_s passes (searchable false). A replica
         counts the other replicas' changes it has read from the shared store too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Each document change once it is searchable, in seq order: the change log after `after_seq`, then live
+        changes as the index applies them, with the lag the server measured (acknowledged -> searchable). A version
+        replaced before it was indexed is skipped, as the index skips it. With a tenant-bound token, only the
+        tenant's documents. Runs until the client cancels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +235,11 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.WaitSearchable,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.Change.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -414,6 +434,33 @@ class Kfresh:
             '/kfresh.v1.Kfresh/WaitSearchable',
             kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.WaitSearchableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/Watch',
+            kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.Change.FromString,
             options,
             channel_credentials,
             insecure,

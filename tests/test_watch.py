@@ -1,0 +1,134 @@
+"""Watch: document changes streamed once searchable, over real gRPC, the real indexer, store and embedder."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from server_helper import ServerHandle, server_config
+from test_security import CannedBackend
+
+from kfresh.client import KfreshClient, document
+from kfresh.v1 import kfresh_pb2 as pb
+
+ACME = "acme-7c2e9f4a1b6d8e03f5a2"
+GLOBEX = "globex-3b8d1e6f9a2c4e70d1b5"
+
+
+@pytest.fixture(scope="module")
+def watch_server(engine_loop: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    tmp = tmp_path_factory.mktemp("watch")
+    tokens = tmp / "tokens"
+    tokens.write_text(f"{ACME} read,write tenant=acme\n{GLOBEX} read,write tenant=globex\n")
+    handle = ServerHandle(engine_loop, server_config(tmp, server__auth_tokens_file=tokens), CannedBackend())
+    yield handle
+    handle.stop()
+
+
+def _client(server: ServerHandle, token: str) -> KfreshClient:
+    return KfreshClient(f"127.0.0.1:{server.port}", token=token)
+
+
+class _Collector:
+    """Reads a Watch stream on a thread; `take(n)` waits for the next n changes."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.items: queue.Queue[pb.Change] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for change in self.stream:
+                self.items.put(change)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.CANCELLED, exc
+
+    def take(self, n: int, timeout: float = 15.0) -> list[pb.Change]:
+        deadline = time.monotonic() + timeout
+        return [self.items.get(timeout=max(deadline - time.monotonic(), 0.01)) for _ in range(n)]
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self._thread.join(10)
+
+
+def test_live_changes_arrive_once_searchable_with_their_lag(watch_server: ServerHandle) -> None:
+    with _client(watch_server, ACME) as client:
+        live = _Collector(client.watch(from_now=True))
+        try:
+            acks = list(
+                client.ingest([document("w-kettle", "The Aurora kettle costs 49 euros.", source="shop/prices")])
+            )
+            (change,) = live.take(1)
+            assert (change.id, change.version, change.op, change.seq) == ("w-kettle", 1, "upsert", acks[0].seq)
+            assert change.source == "shop/prices" and change.metadata["tenant"] == "acme"
+            assert 0 <= change.lag_ms < 10_000
+            assert change.searchable_at.ToNanoseconds() >= change.acked_at.ToNanoseconds()
+            # sent only once a search can find it
+            assert any(c.doc_id == "w-kettle" and c.version == 1 for c in client.retrieve("Aurora kettle price").chunks)
+
+            list(client.ingest([document("w-kettle", "The Aurora kettle costs 59 euros.", source="shop/prices")]))
+            (updated,) = live.take(1)
+            assert (updated.version, updated.op) == (2, "upsert")
+            client.delete("w-kettle")
+            (deleted,) = live.take(1)
+            assert (deleted.id, deleted.version, deleted.op) == ("w-kettle", 3, "delete")
+            assert updated.seq < deleted.seq
+        finally:
+            live.close()
+
+
+def test_the_log_replays_current_versions_and_resumes_after_a_seq(watch_server: ServerHandle) -> None:
+    with _client(watch_server, ACME) as client:
+        docs = [document(f"w-log-{i}", f"Opening hours of store number {i}: 9 to 17.") for i in range(3)]
+        acks = list(client.ingest(docs))
+        list(client.ingest([document("w-log-0", "Opening hours of store number 0: 8 to 20.")]))
+        assert client.wait_searchable(10).searchable
+        replay = _Collector(client.watch(after_seq=acks[0].seq - 1))
+        try:
+            got = replay.take(3)
+        finally:
+            replay.close()
+        # w-log-0 version 1 was replaced: only its current version is in the log's replay, at its own seq
+        assert [(c.id, c.version) for c in got] == [("w-log-1", 1), ("w-log-2", 1), ("w-log-0", 2)]
+        assert [c.seq for c in got] == sorted(c.seq for c in got)
+        resumed = _Collector(client.watch(after_seq=got[1].seq))
+        try:
+            assert [(c.id, c.version) for c in resumed.take(1)] == [("w-log-0", 2)]
+        finally:
+            resumed.close()
+
+
+def test_a_tenant_watches_only_its_own_documents(watch_server: ServerHandle) -> None:
+    with _client(watch_server, ACME) as acme, _client(watch_server, GLOBEX) as globex:
+        seen = _Collector(globex.watch(from_now=True))
+        try:
+            list(acme.ingest([document("w-acme-secret", "Acme's supplier discount is 31 percent.")]))
+            list(globex.ingest([document("w-globex-news", "Globex opens a store in Turin.")]))
+            (change,) = seen.take(1)
+            assert change.id == "w-globex-news"
+            assert acme.wait_searchable(10).searchable
+            time.sleep(1.0)  # the stream's next recheck has read past the acme change
+            assert seen.items.empty()
+        finally:
+            seen.close()
+
+
+@pytest.mark.parametrize(
+    ("request_", "needle"),
+    [
+        (pb.WatchRequest(after_seq=-1), "after_seq must be >= 0"),
+        (pb.WatchRequest(after_seq=3, from_now=True), "not both"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(watch_server: ServerHandle, request_: pb.WatchRequest, needle: str) -> None:
+    with _client(watch_server, ACME) as client, pytest.raises(grpc.RpcError) as err:
+        list(client._stub.Watch(request_, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
