@@ -17,6 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
 	@echo "make test   - set up, then run the whole test suite"
+	@echo "make chatbot - the customer-service chat example in your browser (examples/chatbot/README.md)"
 	@echo "make lint   - ruff (lint + format check), mypy on the package as installed; CI runs it before the tests"
 	@echo "make reliability - the long fault/load/injection suite (~16 min on 2 cores); figures in benchmarks/results/reliability-*"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
@@ -48,6 +49,15 @@ models: $(STAMP)
 
 demo: models
 	$(VENV)/bin/kfresh demo
+
+# The customer-service chat example (examples/chatbot): a kfresh server, the shop's documents, the web app.
+.PHONY: chatbot chatbot-measure
+chatbot: models
+	$(PY) examples/chatbot/run.py
+
+# Its figures (start to first answer, change to page, 20 concurrent chats), in benchmarks/results/chatbot-*.
+chatbot-measure: models
+	$(PY) examples/chatbot/measure.py
 
 test: models
 	$(PY) -m pytest -q
