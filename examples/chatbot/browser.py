@@ -31,7 +31,8 @@ class ShownAnswer:
 
 
 class ChatPage:
-    def __init__(self, url: str, *, width: int = 1280, height: int = 900) -> None:
+    def __init__(self, url: str | None, *, width: int = 1280, height: int = 900) -> None:
+        """A browser on `url` (None: a blank tab, for `open` later)."""
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -44,6 +45,10 @@ class ChatPage:
                     f"--window-size={width},{height}"):  # fmt: skip
             options.add_argument(arg)
         self.driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1]))
+        if url is not None:
+            self.open(url)
+
+    def open(self, url: str) -> None:
         self.driver.get(url)
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
     python examples/chatbot/run.py                 # its own kfresh server (embedded defaults), port 8080
     python examples/chatbot/run.py --kfresh-addr 127.0.0.1:50051 --token-file token   # an existing server
 
-Without --kfresh-addr it provisions the packaged models (once), starts `kfresh serve` with its data in a
+Without --kfresh-addr it starts `kfresh serve` (which converts the packaged model on its first start) with its data in a
 temporary folder and `answer.min_score` 0.38 (a shop assistant should say it does not know rather than
 answer a stove question from the tent price list), loads shop/documents.jsonl, then serves the page and
 prints its URL. Ctrl-C stops everything. `--feedback` prints the stored answers and votes and exits.
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -49,12 +50,9 @@ def kfresh(args: argparse.Namespace) -> Iterator[str]:
         yield args.kfresh_addr
         return
     from kfresh.core.config import load_config
-    from kfresh.provisioning import provision
     from kfresh.testing.servers import kfresh_server
 
-    cfg = load_config()
-    print("chatbot: models (converted once, then cached)...", flush=True)
-    provision(cfg)
+    cfg = load_config()  # the server converts the packaged model on its first start (`make models` did already)
     print("chatbot: starting kfresh serve (the vLLM engine takes ~30-60 s on 2 CPU cores)...", flush=True)
     settings = {"answer.min_score": MIN_SCORE, "models.cache_dir": cfg.models.cache_dir.resolve(),
                 "server.log_level": "INFO"}  # fmt: skip
@@ -81,7 +79,10 @@ def serve(addr: str, args: argparse.Namespace) -> None:
         kfresh_addr=addr, token=connect.token(args), tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name,
         feedback_db=args.data / "feedback.db",
     )  # fmt: skip
-    config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    # Open knowledge streams (server-sent events) never end by themselves: on Ctrl-C/SIGTERM they get 3 s.
+    config = uvicorn.Config(
+        create_app(settings), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3
+    )
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -111,6 +112,9 @@ def print_feedback(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the kfresh server started here is stopped too (uvicorn re-raises the
+    # signal after its own graceful shutdown; the default action would end this process and orphan the server).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.feedback:
         return print_feedback(args)

@@ -46,7 +46,7 @@ async function* readEvents(response) {
 
 function citationLine(c) {
   const li = el("li");
-  li.append(el("span", "cite-id", `[${c.index}] ${c.doc_id} v${c.version}`));
+  li.append(el("span", "cite-id", `${c.index ? `[${c.index}] ` : ""}${c.doc_id} v${c.version}`));
   const when = c.valid_from ? `, valid from ${c.valid_from.slice(0, 10)}` : "";
   li.append(document.createTextNode(` ${c.source}${when}`));
   li.title = c.text;
@@ -74,7 +74,7 @@ function renderDone(bubble, done) {
     done.superseded.forEach((c) => list.append(citationLine(c)));
     meta.append(list);
   }
-  meta.append(el("div", "timing", `first words after ${Math.round(done.ttft_ms)} ms, ${done.model}${done.adapter ? " + " + done.adapter : ""}`));
+  if (!done.not_found) meta.append(el("div", "timing", `first words after ${Math.round(done.ttft_ms)} ms, ${done.model}${done.adapter ? " + " + done.adapter : ""}`));
   const votes = el("div", "votes");
   for (const [vote, label] of [["up", "Helpful"], ["down", "Not helpful"]]) {
     const button = el("button", `vote-${vote}`, label);
