@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "retrieve",
     "delete",
     "stats",
+    "watch",
     "adapters",
     "demo",
     "distill",

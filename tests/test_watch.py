@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -132,3 +133,22 @@ def test_bad_requests_are_invalid_argument(watch_server: ServerHandle, request_:
     with _client(watch_server, ACME) as client, pytest.raises(grpc.RpcError) as err:
         list(client._stub.Watch(request_, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+
+
+def test_kfresh_watch_prints_the_log(
+    watch_server: ServerHandle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kfresh.cli import main
+
+    monkeypatch.setenv("KFRESH_CLIENT__TOKEN", GLOBEX)
+    with _client(watch_server, GLOBEX) as client:
+        acks = list(client.ingest([document("w-cli", "The Turin store opens at nine.", source="globex/stores")]))
+        assert client.wait_searchable(10).searchable
+    addr = f"127.0.0.1:{watch_server.port}"
+    assert main(["watch", "--addr", addr, "--after-seq", str(acks[0].seq - 1), "--count", "1", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    got = json.loads(line)
+    assert (got["id"], got["version"], got["op"], got["source"]) == ("w-cli", "1", "upsert", "globex/stores")
+    assert main(["watch", "--addr", addr, "--after-seq", str(acks[0].seq - 1), "--count", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "upsert w-cli v1  searchable" in out and "globex/stores" in out

@@ -1,4 +1,4 @@
-"""Client commands: ingest, ask, retrieve, delete, stats, adapters (a running server at --addr)."""
+"""Client commands: ingest, ask, retrieve, delete, stats, watch, adapters (a running server at --addr)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+    from kfresh.core.time import format_iso, from_timestamp
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        stream = client.watch(after_seq=args.after_seq, from_now=args.from_now, timeout=args.timeout)
+        for n, change in enumerate(stream, start=1):
+            if args.json:
+                print_json(message_dict(change))
+            else:
+                where = f"  {change.source}" if change.source else ""
+                print(f"{change.seq:>8}  {change.op:<6} {change.id} v{change.version}  searchable "
+                      f"{change.lag_ms:.0f} ms after ack (acked {format_iso(from_timestamp(change.acked_at))}){where}", flush=True)  # fmt: skip
+            if args.count and n >= args.count:
+                break  # closing the client cancels the stream
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
@@ -178,6 +196,15 @@ def register(sub: Any) -> None:
     p.add_argument("id")
 
     client_parser(sub, "stats", "counters, freshness lag percentiles, model and adapter in use", cmd_stats)
+
+    p = client_parser(
+        sub, "watch", "print each document change once it is searchable, with its lag (the change log, then live)",
+        cmd_watch,
+    )  # fmt: skip
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--after-seq", type=int, default=0, metavar="SEQ", help="changes after SEQ (default 0: all)")
+    start.add_argument("--from-now", action="store_true", help="only changes acknowledged from now on")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="stop after N changes (default: run until Ctrl-C)")
 
     p = sub.add_parser(
         "adapters",
