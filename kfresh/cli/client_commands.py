@@ -24,13 +24,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kfresh.client import KfreshClient
-    from kfresh.client.sources import count_records, read_source
+    from kfresh.client.sources import Source
     from kfresh.v1 import kfresh_pb2 as pb
 
+    source = Source(args.source)
+    valid, problems = source.check()  # the whole source, before anything is sent
+    for problem in problems:
+        print(f"kfresh: {problem}", file=sys.stderr)
+    if problems and (not args.skip_invalid or not valid):
+        what = "nothing valid to ingest" if args.skip_invalid else "nothing was ingested"
+        print(f"kfresh: {len(problems)} invalid record(s) in {args.source}; {what}"
+              + ("" if args.skip_invalid else " (--skip-invalid ingests the valid ones)"), file=sys.stderr)  # fmt: skip
+        return 2
     counts: dict[str, int] = {}
     with KfreshClient(server_addr(args), **client_options()) as client:
-        acks = client.ingest(read_source(args.source))
-        bar = tqdm(acks, total=count_records(args.source), unit="doc", disable=args.json or args.quiet, file=sys.stderr)
+        acks = client.ingest(source.requests())
+        bar = tqdm(acks, total=valid, unit="doc", disable=args.json or args.quiet, file=sys.stderr)
         for ack in bar:
             status = pb.AckStatus.Name(ack.status)
             counts[status] = counts.get(status, 0) + 1
@@ -41,6 +50,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(
             "acknowledged: "
             + ", ".join(f"{k.removeprefix('ACK_STATUS_').lower()}={v}" for k, v in sorted(counts.items()))
+            + (f"; skipped {len(problems)} invalid record(s), listed above" if problems else "")
         )
         if waited is not None:
             print(f"searchable: {'yes' if waited.searchable else 'not yet'} after {waited.waited_ms / 1000:.2f} s")
@@ -169,6 +179,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("source", help="JSONL file, '-' (stdin) or a folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="ingest the valid records and list the invalid ones (default: any invalid record = nothing sent, exit 2)",
+    )
     p.add_argument(
         "--wait",
         type=float,

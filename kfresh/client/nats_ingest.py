@@ -20,7 +20,6 @@ Message payload: one JSON object as in `kfresh ingest` JSONL: {"id", "text", "so
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections import Counter
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from kfresh.client.sources import SourceError, record_to_request
+from kfresh.client.sources import SourceError, jsonl_record
 from kfresh.core.config import NatsConfig
 from kfresh.v1 import kfresh_pb2 as pb
 
@@ -60,12 +59,10 @@ class ConsumeStats:
 def parse_message(data: bytes, where: str) -> pb.IngestRequest:
     """One message -> an IngestRequest; SourceError names what is wrong."""
     try:
-        record = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise SourceError(f"{where}: expected a JSON object")
-    return record_to_request(record, where)
+        line = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{where}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") from None
+    return jsonl_record(line, where)
 
 
 class NatsIngestor:
