@@ -15,7 +15,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from kfresh.core.errors import Forbidden, InvalidInput
+from kfresh.core.errors import Forbidden, InvalidInput, Unavailable
 from kfresh.indexer.documents import Ack, WriteOp
 from kfresh.indexer.service import Indexer
 from kfresh.server import tenancy, validation
@@ -122,8 +122,8 @@ async def _commit(indexer: Indexer, ops: list[WriteOp], *, first: int) -> AsyncI
         done += len(acks)
 
 
-async def wait_searchable(indexer: Indexer, timeout_s: float, *, recheck_s: float = 0.1) -> pb.WaitSearchableResponse:
-    """Wait until the in-memory watermark reaches the newest change acknowledged at the moment of the call.
+async def wait_applied(indexer: Indexer, target: int, timeout_s: float, *, recheck_s: float = 0.1) -> int:
+    """Wait until the in-memory watermark reaches `target` or `timeout_s` passes; returns the watermark.
     The worker wakes this coroutine after each applied batch (no polling: a 5 ms poll loop took the GIL 200
     times a second from the embedding worker); `recheck_s` only bounds a missed wake-up."""
     loop = asyncio.get_running_loop()
@@ -133,7 +133,6 @@ async def wait_searchable(indexer: Indexer, timeout_s: float, *, recheck_s: floa
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             loop.call_soon_threadsafe(wake.set)
 
-    target = indexer.acked_seq()
     start = time.monotonic()
     with indexer.applied_listener(on_applied):
         while True:
@@ -141,12 +140,34 @@ async def wait_searchable(indexer: Indexer, timeout_s: float, *, recheck_s: floa
             applied = indexer.applied_seq()
             left = timeout_s - (time.monotonic() - start)
             if applied >= target or left <= 0:
-                break
+                return applied
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), min(left, recheck_s))
+
+
+async def wait_searchable(indexer: Indexer, timeout_s: float) -> pb.WaitSearchableResponse:
+    """Wait until the watermark reaches the newest change acknowledged at the moment of the call."""
+    target = indexer.acked_seq()
+    start = time.monotonic()
+    applied = await wait_applied(indexer, target, timeout_s)
     return pb.WaitSearchableResponse(
         searchable=applied >= target,
         target_seq=target,
         applied_seq=max(applied, 0),
         waited_ms=(time.monotonic() - start) * 1000,
     )
+
+
+async def require_applied(indexer: Indexer, min_seq: int, timeout_s: float) -> None:
+    """Read your writes: return once every change up to `min_seq` is in this replica's index; InvalidInput for a
+    negative one, Unavailable (with how far this replica is) when it is not there within `timeout_s`."""
+    if min_seq < 0:
+        raise InvalidInput(f"min_seq must be >= 0; got {min_seq}")
+    if min_seq == 0 or indexer.applied_seq() >= min_seq:
+        return
+    applied = await wait_applied(indexer, min_seq, timeout_s)
+    if applied < min_seq:
+        raise Unavailable(
+            f"this replica has applied the changes up to seq {applied}, not yet seq {min_seq} (waited "
+            f"{timeout_s:g} s); retry in a moment or on another replica"
+        )

@@ -121,12 +121,13 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         if ack.status == "not_found":
             raise NotFound(f"document {doc_id!r} does not exist")
         metrics.DOCUMENTS_ACKED.labels(op="delete_id", status=ack.status).inc()
-        return pb.DeleteResponse(id=ack.id, version=ack.version)
+        return pb.DeleteResponse(id=ack.id, version=ack.version, seq=ack.seq)
 
     @rpc
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
         query = validation.retrieve_query(request, self._rt.cfg.retrieval)
         indexer = self._rt.require_indexer()
+        await ingest_stream.require_applied(indexer, request.min_seq, self._rt.cfg.retrieval.min_seq_wait_s)
         start = time.perf_counter()
         filters = tenancy.bind_filters(query.filters, self._rt.binding(context))
         hits = await asyncio.to_thread(indexer.search, query.query, query.k, filters or None)
@@ -143,6 +144,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     ) -> AsyncIterator[pb.AnswerResponse]:
         query = validation.answer_query(request, self._rt.cfg.answer, self._rt.cfg.retrieval)
         query = replace(query, filters=tenancy.bind_filters(query.filters, self._rt.binding(context)))
+        if request.min_seq:
+            indexer = self._rt.require_indexer()
+            await ingest_stream.require_applied(indexer, request.min_seq, self._rt.cfg.retrieval.min_seq_wait_s)
         async for event in self._rt.require_answerer().answer(query):
             if isinstance(event, AnswerDelta):
                 yield pb.AnswerResponse(delta=event.text)

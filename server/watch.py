@@ -2,7 +2,8 @@
 
 The stream reads the store's change log (every writer's changes, as WaitSearchable counts them) up to the
 index's applied watermark, so a change is sent only after a search can find it. The worker wakes the stream
-after each applied batch; `recheck_s` bounds a missed wake-up (and picks up another replica's changes).
+after each applied batch (ingest_stream.wait_applied); `recheck_s` bounds the wait, so another replica's changes
+that this replica's watermark already covers are read too.
 A version replaced before the stream read it is skipped, as the index skips it; a client that resumes with
 `after_seq` = the last seq it saw misses nothing that is still current.
 """
@@ -10,14 +11,13 @@ A version replaced before the stream read it is skipped, as the index skips it; 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from kfresh.core.errors import InvalidInput
 from kfresh.core.time import to_timestamp
 from kfresh.indexer.rows import ChangeRow
 from kfresh.indexer.service import Indexer
-from kfresh.server import tenancy
+from kfresh.server import ingest_stream, tenancy
 from kfresh.v1 import kfresh_pb2 as pb
 
 
@@ -50,22 +50,13 @@ def change_to_proto(row: ChangeRow) -> pb.Change:
 async def watch(
     indexer: Indexer, after_seq: int, binding: tenancy.Binding, *, recheck_s: float = 0.5, batch: int = 512
 ) -> AsyncIterator[pb.Change]:
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-
-    def on_applied() -> None:  # the worker thread
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            loop.call_soon_threadsafe(wake.set)
-
     seen = after_seq
-    with indexer.applied_listener(on_applied):
-        while True:
-            wake.clear()  # before the read: a batch applied after it sets the event again
-            rows = await asyncio.to_thread(indexer.searchable_changes, seen, limit=batch)
-            for row in rows:
-                seen = row.seq
-                if tenancy.owns(row.attrs.metadata, binding):
-                    yield change_to_proto(row)
-            if len(rows) < batch:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), recheck_s)
+    while True:
+        mark = indexer.applied_seq()  # before the read: a batch applied after it ends the wait below at once
+        rows = await asyncio.to_thread(indexer.searchable_changes, seen, limit=batch)
+        for row in rows:
+            seen = row.seq
+            if tenancy.owns(row.attrs.metadata, binding):
+                yield change_to_proto(row)
+        if len(rows) < batch:
+            await ingest_stream.wait_applied(indexer, mark + 1, recheck_s)

@@ -244,17 +244,19 @@ class KfreshClient:
         k: int = 0,
         filter: dict[str, str] | None = None,
         where: pb.Filter | None = None,
+        min_seq: int = 0,
         timeout: float | None = None,
     ) -> pb.RetrieveResponse:
-        """The best k chunks among those matching `filter` (metadata equalities) and `where` (see `where()`)."""
+        """The best k chunks among those matching `filter` (metadata equalities) and `where` (see `where()`).
+        `min_seq`: wait until the server has applied that change (an ack's seq; see `Session`)."""
         return self._stub.Retrieve(
-            pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where), timeout=timeout
+            pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq), timeout=timeout
         )
 
     def answer(self, question: str, *, timeout: float | None = None, **options: Any) -> Iterator[pb.AnswerResponse]:
         """Stream an answer: events with `delta` text, then one with `done` (citations, timings).
 
-        Options: k, filter, where (see `where()`), closed_book, max_tokens, temperature, adapter.
+        Options: k, filter, where (see `where()`), closed_book, max_tokens, temperature, adapter, min_seq.
         """
         return self._stub.Answer(_answer_request(question, **options), timeout=timeout)
 
@@ -299,6 +301,42 @@ class KfreshClient:
     ) -> pb.DecideReviewResponse:
         """Approve (or reject) review items; only approved items train."""
         return self._stub.DecideReview(_decision(ids, approve, reviewer, note), timeout=timeout)
+
+
+class Session:
+    """Read your own writes on any replica: remembers the newest seq this session's writes were acknowledged
+    with, and makes its reads wait (`min_seq`, bounded by the server's retrieval.min_seq_wait_s) until the
+    replica that serves them has applied it.
+
+        session = Session()
+        list(session.ingest(replica_a, [document("faq", "...")]))
+        session.retrieve(replica_b, "faq")  # sees the write, or UNAVAILABLE with how far replica_b is
+    """
+
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
+
+    def note(self, seq: int) -> None:
+        """Count a write made elsewhere (its ack's seq)."""
+        self.seq = max(self.seq, seq)
+
+    def ingest(
+        self, client: KfreshClient, items: Iterable[pb.Document | pb.IngestRequest], **kw: Any
+    ) -> Iterator[pb.IngestResponse]:
+        for ack in client.ingest(items, **kw):
+            self.note(ack.seq)
+            yield ack
+
+    def delete(self, client: KfreshClient, doc_id: str, **kw: Any) -> pb.DeleteResponse:
+        reply = client.delete(doc_id, **kw)
+        self.note(reply.seq)
+        return reply
+
+    def retrieve(self, client: KfreshClient, query: str, **kw: Any) -> pb.RetrieveResponse:
+        return client.retrieve(query, min_seq=self.seq, **kw)
+
+    def answer(self, client: KfreshClient, question: str, **kw: Any) -> Iterator[pb.AnswerResponse]:
+        return client.answer(question, min_seq=self.seq, **kw)
 
 
 class AsyncKfreshClient:
@@ -360,9 +398,10 @@ class AsyncKfreshClient:
         k: int = 0,
         filter: dict[str, str] | None = None,
         where: pb.Filter | None = None,
+        min_seq: int = 0,
         timeout: float | None = None,
     ) -> pb.RetrieveResponse:
-        request = pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where)
+        request = pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq)
         return await self._stub.Retrieve(request, timeout=timeout)
 
     def answer(

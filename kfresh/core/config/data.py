@@ -187,6 +187,11 @@ class RetrievalConfig(Section):
     default_k: int = Field(4, ge=1, description="Chunks returned when a request leaves k at 0.")
     max_k: int = Field(100, ge=1, description="Largest k a request may ask for.")
     max_query_chars: int = Field(4_000, ge=1, description="Longer queries are rejected with INVALID_ARGUMENT.")
+    min_seq_wait_s: float = Field(
+        5.0, ge=0, le=60,
+        description="How long a Retrieve/Answer with min_seq waits for this replica to apply that change before "
+        "UNAVAILABLE (read your writes across replicas).",
+    )  # fmt: skip
     query_cache_size: int = Field(
         4_096,
         ge=0,

@@ -78,12 +78,14 @@ class DeleteRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("id", "version")
+    __slots__ = ("id", "version", "seq")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class StringList(_message.Message):
     __slots__ = ("values",)
@@ -120,7 +122,7 @@ class Filter(_message.Message):
     def __init__(self, equals: _Optional[_Mapping[str, str]] = ..., any_of: _Optional[_Mapping[str, StringList]] = ..., source: _Optional[_Iterable[str]] = ..., valid_from_min: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_from_max: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "k", "filter", "where")
+    __slots__ = ("query", "k", "filter", "where", "min_seq")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,11 +134,13 @@ class RetrieveRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     filter: _containers.ScalarMap[str, str]
     where: Filter
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    min_seq: int
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("doc_id", "version", "chunk_id", "ordinal", "text", "score", "source", "valid_from", "metadata")
@@ -178,7 +182,7 @@ class RetrieveResponse(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ..., all_matches: _Optional[bool] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter", "where")
+    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter", "where", "min_seq")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +198,7 @@ class AnswerRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
     question: str
     k: int
     filter: _containers.ScalarMap[str, str]
@@ -202,7 +207,8 @@ class AnswerRequest(_message.Message):
     temperature: float
     adapter: str
     where: Filter
-    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+    min_seq: int
+    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("index", "doc_id", "version", "source", "valid_from", "score", "text", "primary")
