@@ -31,6 +31,11 @@ class IngestOptions(SuiteOptions):
     backends: list[Literal["torch", "onnx", "onnx-int8"]] = Field(
         ["torch", "onnx"], description="Embedding backends (embedder.backend), each against its own raw encode."
     )
+    watchers: list[int] = Field(
+        default_factory=lambda: [0],
+        description="Watch streams (from_now) held open on the server during a level, e.g. [0, 20]: each value is "
+        "its own level, side by side (what a page of live dashboards or chat knowledge panels costs ingest).",
+    )
 
     @classmethod
     def quick(cls) -> IngestOptions:
@@ -55,11 +60,21 @@ def encode_rate(encode: Any, texts: list[str], batch_size: int) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) -> dict[str, Any]:
+async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str, watchers: int = 0) -> dict[str, Any]:
     from kfresh.client import document
     from kfresh.testing.servers import aclient
 
     async with aclient(addr) as client:
+        events = 0
+
+        async def watch() -> None:
+            nonlocal events
+            async for _ in client.watch(from_now=True):
+                events += 1
+
+        watching = [asyncio.create_task(watch()) for _ in range(watchers)]
+        if watchers:
+            await asyncio.sleep(0.5)  # every stream open and waiting before the clock starts
         parts = [[(f"{prefix}-{i}", t) for i, t in enumerate(texts) if i % streams == s] for s in range(streams)]
 
         async def one(part: list[tuple[str, str]]) -> int:
@@ -74,10 +89,16 @@ async def ingest_rate(addr: str, texts: list[str], streams: int, prefix: str) ->
         waited = await client.wait_searchable(900.0)
         searchable_at = time.perf_counter()
         assert waited.searchable, f"not searchable after {waited.waited_ms / 1000:.0f} s"
+        if watchers:
+            await asyncio.sleep(1.0)  # the streams' last reads
+        for task in watching:
+            task.cancel()
+        await asyncio.gather(*watching, return_exceptions=True)
     assert acked == len(texts), f"{acked} of {len(texts)} acknowledged"
     searchable_s, drain_s = searchable_at - start, searchable_at - drain_from
     return {"ack_docs_per_s": acked / acked_s, "docs_per_s": len(texts) / searchable_s, "wall_s": searchable_s,
-            "pending_at_last_ack": int(pending), "drain_docs_per_s": pending / drain_s if pending and drain_s > 0 else None}  # fmt: skip
+            "pending_at_last_ack": int(pending), "drain_docs_per_s": pending / drain_s if pending and drain_s > 0 else None,
+            "watchers": watchers, "watch_events": events}  # fmt: skip
 
 
 def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, command: str = "") -> Result:
@@ -96,10 +117,12 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
         with kfresh_server({**NO_GENERATION, "embedder.backend": backend}, addr=addr) as target:
             warm = documents(32, opts.words, seed=99)
             asyncio.run(ingest_rate(target.addr, warm, 1, f"warm-{run_id}-{backend}"))
-            for level, streams in enumerate(opts.concurrency):
+            for level, (streams, watchers) in enumerate((s, w) for s in opts.concurrency for w in opts.watchers):
                 texts = documents(opts.docs, opts.words, seed=level)
                 before = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
-                measured = asyncio.run(ingest_rate(target.addr, texts, streams, f"ing-{run_id}-{backend}-{level}"))
+                measured = asyncio.run(
+                    ingest_rate(target.addr, texts, streams, f"ing-{run_id}-{backend}-{level}", watchers)
+                )
                 after = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
                 baseline = (before + after) / 2  # bracketing the level halves the drift of a shared box
                 drain = measured["drain_docs_per_s"]
@@ -113,22 +136,20 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
         suite="ingest", title="Ingest throughput vs raw encode", command=command, quick=quick, settings=opts.model_dump(),
         env=env, raw={"levels": levels},
     )  # fmt: skip
-    result.summary = {f"ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["ratio"], 3) for lv in levels}
-    result.summary.update(
-        {f"docs_per_s_{lv['backend']}_{lv['streams']}_streams": round(lv["docs_per_s"], 1) for lv in levels}
-    )
-    result.summary.update({f"drain_ratio_{lv['backend']}_{lv['streams']}_streams": round(lv["drain_ratio"], 3)
+    result.summary = {f"ratio_{_key(lv)}": round(lv["ratio"], 3) for lv in levels}
+    result.summary.update({f"docs_per_s_{_key(lv)}": round(lv["docs_per_s"], 1) for lv in levels})
+    result.summary.update({f"drain_ratio_{_key(lv)}": round(lv["drain_ratio"], 3)
                            for lv in levels if lv.get("drain_ratio")})  # fmt: skip
-    result.summary.update({f"ratio_vs_sentence_transformers_{lv['backend']}_{lv['streams']}_streams": round(lv["st_ratio"], 3)
+    result.summary.update({f"ratio_vs_sentence_transformers_{_key(lv)}": round(lv["st_ratio"], 3)
                            for lv in levels if lv["backend"] != "torch" and lv.get("st_ratio")})  # fmt: skip
     result.summary["target_ratio"] = TARGET_RATIO
     result.summary["meets_target"] = all(lv["ratio"] >= TARGET_RATIO for lv in levels)
     result.tables.append(Table(
         f"{opts.docs} documents of {opts.words} words per level; clock stops when all are searchable",
-        ["backend", "streams", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline: before / after)",
+        ["backend", "streams", "watchers (changes they received)", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline: before / after)",
          "ratio", f"target >= {TARGET_RATIO}", "after the last ack: docs left, docs/s (ratio)",
          "ingest / sentence-transformers encode", "load average after"],
-        [[lv["backend"], lv["streams"], lv["docs_per_s"], lv["ack_docs_per_s"], _baseline_cell(lv), round(lv["ratio"], 3),
+        [[lv["backend"], lv["streams"], _watch_cell(lv), lv["docs_per_s"], lv["ack_docs_per_s"], _baseline_cell(lv), round(lv["ratio"], 3),
           "met" if lv["ratio"] >= TARGET_RATIO else "missed", _drain_cell(lv),
           round(lv["st_ratio"], 3) if lv.get("st_ratio") else "-", lv.get("load_1m_after")] for lv in levels],
     ))  # fmt: skip
@@ -150,6 +171,15 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
         "The suite itself keeps both cores busy (server and client: a load average near 2); well above 2 means other work on the box."
     )
     return result
+
+
+def _key(lv: dict[str, Any]) -> str:
+    watchers = lv.get("watchers", 0)
+    return f"{lv['backend']}_{lv['streams']}_streams" + (f"_{watchers}_watchers" if watchers else "")
+
+
+def _watch_cell(lv: dict[str, Any]) -> str:
+    return f"{lv['watchers']} ({lv['watch_events']})" if lv.get("watchers") else "0"
 
 
 def _versus_sentence_transformers(levels: list[dict[str, Any]]) -> None:
@@ -175,7 +205,8 @@ def _baseline_cell(lv: dict[str, Any]) -> str:
 def plot(result: Result, fig: Any) -> None:
     from kfresh.benchmarks.report import series_axes
 
-    levels = result.raw["levels"]
+    fewest = min((lv.get("watchers", 0) for lv in result.raw["levels"]), default=0)
+    levels = [lv for lv in result.raw["levels"] if lv.get("watchers", 0) == fewest]  # the table has the others
     ax1, ax2 = series_axes(fig, 2)
     backends = list(dict.fromkeys(lv.get("backend", "torch") for lv in levels))
     streams = list(dict.fromkeys(lv["streams"] for lv in levels))

@@ -297,11 +297,12 @@ class Indexer:
     def last_change(self) -> int:
         return self._require_started()[0].max_seq()
 
-    def searchable_changes(self, after_seq: int, *, limit: int = 512) -> list[ChangeRow]:
-        """Changes after `after_seq` that the index has applied and whose version is still current, seq order
-        (what Watch streams; a version replaced since is skipped, as the index skipped or dropped it)."""
+    def searchable_changes(self, after_seq: int, upto_seq: int, *, limit: int = 512) -> list[ChangeRow]:
+        """Changes in (after_seq, upto_seq] whose version is still current, seq order, at most `limit` (what
+        Watch streams, with upto_seq <= applied_seq(); a version replaced since is skipped, as the index skipped
+        or dropped it)."""
         store = self._require_started()[0]
-        return store.current_changes(after_seq, self.applied_seq(), limit)
+        return store.current_changes(after_seq, min(upto_seq, self.applied_seq()), limit)
 
     def document_state(self, doc_id: str) -> DocState | None:
         return self._require_started()[0].current(doc_id)

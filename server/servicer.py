@@ -47,6 +47,7 @@ class Runtime:
         self.adapters = adapters
         self.indexer: Indexer | None = None
         self.answerer: Answerer | None = None
+        self.feed: watch.ChangeFeed | None = None
         self.distiller: DistillScheduler | None = None
         self.started_at = time.monotonic()
         self._review: ReviewQueue | None = None
@@ -54,6 +55,7 @@ class Runtime:
     def attach_indexer(self, indexer: Indexer) -> None:
         self.indexer = indexer
         self.answerer = Answerer(indexer, self.backend, self.cfg.answer, adapters=self.adapters)
+        self.feed = watch.ChangeFeed(indexer)
 
     def binding(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
         """The tenant binding of the caller's token ({} without authentication or for an unbound token)."""
@@ -63,6 +65,11 @@ class Runtime:
         if self.indexer is None:
             raise Unavailable("the index is still loading; retry shortly")
         return self.indexer
+
+    def require_feed(self) -> watch.ChangeFeed:
+        self.require_indexer()
+        assert self.feed is not None  # made with the indexer
+        return self.feed
 
     def require_answerer(self) -> Answerer:
         self.require_indexer()
@@ -164,7 +171,7 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Change]:
         validation.reject_unknown_fields(request)
         indexer = self._rt.require_indexer()
-        async for change in watch.watch(indexer, watch.start_seq(request, indexer), self._rt.binding(context)):
+        async for change in self._rt.require_feed().watch(watch.start_seq(request, indexer), self._rt.binding(context)):
             yield change
 
     @rpc

@@ -152,3 +152,55 @@ def test_kfresh_watch_prints_the_log(
     assert main(["watch", "--addr", addr, "--after-seq", str(acks[0].seq - 1), "--count", "1"]) == 0
     out = capsys.readouterr().out
     assert "upsert w-cli v1  searchable" in out and "globex/stores" in out
+
+
+def test_many_streams_share_one_store_read_per_batch(watch_server: ServerHandle) -> None:
+    feed = watch_server.runtime.feed
+    with _client(watch_server, GLOBEX) as client:
+        streams = [_Collector(client.watch(from_now=True)) for _ in range(12)]
+        try:
+            time.sleep(0.5)
+            reads_before = feed.reads
+            docs = [document(f"w-fan-{i}", f"Globex store number {i} opens at {8 + i % 3}.") for i in range(40)]
+            acks = list(client.ingest(docs))
+            got = [[c.seq for c in s.take(40)] for s in streams]
+            assert all(g == [a.seq for a in acks] for g in got)  # every stream: every change once, in order
+            # the feed read the log once per applied batch, not once per stream
+            assert feed.reads - reads_before <= len(acks)
+        finally:
+            for s in streams:
+                s.close()
+
+
+def test_a_stream_that_falls_behind_catches_up_from_the_store(engine_loop: Any, tmp_path: Any) -> None:
+    import asyncio
+
+    from kfresh.server.watch import ChangeFeed
+
+    handle = ServerHandle(engine_loop, server_config(tmp_path), CannedBackend())
+    try:
+        indexer = handle.runtime.indexer
+
+        async def scenario() -> list[int]:
+            feed = ChangeFeed(indexer, queue_batches=1, batch=4)  # any second batch in the queue cuts it loose
+            stream = feed.watch(0, {})
+            first = await anext(stream)  # joined; now stop reading while many batches arrive
+            with KfreshClient(f"127.0.0.1:{handle.port}") as client:
+                for i in range(6):
+                    await asyncio.to_thread(lambda i=i: list(client.ingest([document(f"w-cut-{i}", f"Fact {i}.")])))
+                    await asyncio.to_thread(client.wait_searchable, 10)
+                    await asyncio.sleep(0.3)  # the feed reads each applied batch
+            seqs = [first.seq]
+            while len(seqs) < 7:
+                seqs.append((await asyncio.wait_for(anext(stream), 10)).seq)
+            await stream.aclose()
+            assert feed.cuts >= 1
+            return seqs
+
+        with KfreshClient(f"127.0.0.1:{handle.port}") as client:
+            (ack,) = list(client.ingest([document("w-cut-start", "The first fact.")]))
+            assert client.wait_searchable(10).searchable
+        seqs = asyncio.run_coroutine_threadsafe(scenario(), engine_loop.loop).result(120)
+        assert seqs == list(range(ack.seq, ack.seq + 7))  # no gap, no repeat, though it was cut loose
+    finally:
+        handle.stop()
