@@ -44,6 +44,7 @@ def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPat
         store__max_document_chars=20_000,
         answer__max_tokens=4,
         answer__max_tokens_limit=8,
+        retrieval__min_seq_wait_s=0.05,  # a min_seq from the future waits this long, then UNAVAILABLE
     )
     handle = ServerHandle(engine_loop, cfg, vllm_backend)
     yield handle
@@ -195,11 +196,10 @@ def test_ingest(client: KfreshClient) -> None:
 
 def test_retrieve(client: KfreshClient) -> None:
     @FAST
-    @given(query=st.one_of(TEXT, HUGE), k=INT32, filters=MAP)
-    def case(query: str, k: int, filters: dict[str, str]) -> None:
-        _expect_no_server_fault(
-            "Retrieve", lambda: client._stub.Retrieve(pb.RetrieveRequest(query=query, k=k, filter=filters), timeout=30)
-        )
+    @given(query=st.one_of(TEXT, HUGE), k=INT32, filters=MAP, min_seq=st.one_of(st.just(0), INT64))
+    def case(query: str, k: int, filters: dict[str, str], min_seq: int) -> None:
+        request = pb.RetrieveRequest(query=query, k=k, filter=filters, min_seq=min_seq)
+        _expect_no_server_fault("Retrieve", lambda: client._stub.Retrieve(request, timeout=30))
 
     case()
 
@@ -220,6 +220,18 @@ def test_delete_stats_and_adapter_admin(client: KfreshClient) -> None:
         _expect_no_server_fault(
             "RollbackAdapter", lambda: client._stub.RollbackAdapter(pb.RollbackAdapterRequest(), timeout=30)
         )
+
+    case()
+
+
+def test_watch(client: KfreshClient) -> None:
+    """A valid Watch runs until the client stops it: each case ends at its deadline (DEADLINE_EXCEEDED is fine)."""
+
+    @settings(FAST, max_examples=40)
+    @given(after_seq=st.one_of(st.just(0), INT64), from_now=st.booleans())
+    def case(after_seq: int, from_now: bool) -> None:
+        request = pb.WatchRequest(after_seq=after_seq, from_now=from_now)
+        _expect_no_server_fault("Watch", lambda: client._stub.Watch(request, timeout=0.3))
 
     case()
 
@@ -284,6 +296,19 @@ def test_raw_bytes_to_answer(channel: grpc.Channel) -> None:
     @given(raw=raw_bytes(answers()))
     def case(raw: bytes) -> None:
         _expect_no_server_fault("raw Answer", lambda: call(raw, timeout=120))
+
+    case()
+
+
+def test_raw_bytes_to_watch(channel: grpc.Channel) -> None:
+    call = channel.unary_stream(
+        "/kfresh.v1.Kfresh/Watch", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+
+    @settings(FAST, max_examples=40)
+    @given(raw=raw_bytes(st.builds(pb.WatchRequest, after_seq=INT64, from_now=st.booleans())))
+    def case(raw: bytes) -> None:
+        _expect_no_server_fault("raw Watch", lambda: call(raw, timeout=0.3))
 
     case()
 
