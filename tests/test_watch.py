@@ -1,4 +1,9 @@
-"""Watch: document changes streamed once searchable, over real gRPC, the real indexer, store and embedder."""
+"""Watch: document changes streamed once searchable, over real gRPC, the real indexer, store and embedder.
+
+The server is the tenants suite's (`tenant_server`: tokens bound to tenant=acme and tenant=globex, no model).
+"""
+
+# ruff: noqa: F811 - tests take the imported tenant_server fixture as a parameter
 
 from __future__ import annotations
 
@@ -6,29 +11,16 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 from server_helper import ServerHandle, server_config
 from test_security import CannedBackend
+from test_tenants import ACME, GLOBEX, tenant_server  # noqa: F401 - the fixture
 
 from kfresh.client import KfreshClient, document
 from kfresh.v1 import kfresh_pb2 as pb
-
-ACME = "acme-7c2e9f4a1b6d8e03f5a2"
-GLOBEX = "globex-3b8d1e6f9a2c4e70d1b5"
-
-
-@pytest.fixture(scope="module")
-def watch_server(engine_loop: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    tmp = tmp_path_factory.mktemp("watch")
-    tokens = tmp / "tokens"
-    tokens.write_text(f"{ACME} read,write tenant=acme\n{GLOBEX} read,write tenant=globex\n")
-    handle = ServerHandle(engine_loop, server_config(tmp, server__auth_tokens_file=tokens), CannedBackend())
-    yield handle
-    handle.stop()
 
 
 def _client(server: ServerHandle, token: str) -> KfreshClient:
@@ -60,8 +52,8 @@ class _Collector:
         self._thread.join(10)
 
 
-def test_live_changes_arrive_once_searchable_with_their_lag(watch_server: ServerHandle) -> None:
-    with _client(watch_server, ACME) as client:
+def test_live_changes_arrive_once_searchable_with_their_lag(tenant_server: ServerHandle) -> None:
+    with _client(tenant_server, ACME) as client:
         live = _Collector(client.watch(from_now=True))
         try:
             acks = list(
@@ -86,8 +78,8 @@ def test_live_changes_arrive_once_searchable_with_their_lag(watch_server: Server
             live.close()
 
 
-def test_the_log_replays_current_versions_and_resumes_after_a_seq(watch_server: ServerHandle) -> None:
-    with _client(watch_server, ACME) as client:
+def test_the_log_replays_current_versions_and_resumes_after_a_seq(tenant_server: ServerHandle) -> None:
+    with _client(tenant_server, ACME) as client:
         docs = [document(f"w-log-{i}", f"Opening hours of store number {i}: 9 to 17.") for i in range(3)]
         acks = list(client.ingest(docs))
         list(client.ingest([document("w-log-0", "Opening hours of store number 0: 8 to 20.")]))
@@ -107,8 +99,8 @@ def test_the_log_replays_current_versions_and_resumes_after_a_seq(watch_server: 
             resumed.close()
 
 
-def test_a_tenant_watches_only_its_own_documents(watch_server: ServerHandle) -> None:
-    with _client(watch_server, ACME) as acme, _client(watch_server, GLOBEX) as globex:
+def test_a_tenant_watches_only_its_own_documents(tenant_server: ServerHandle) -> None:
+    with _client(tenant_server, ACME) as acme, _client(tenant_server, GLOBEX) as globex:
         seen = _Collector(globex.watch(from_now=True))
         try:
             list(acme.ingest([document("w-acme-secret", "Acme's supplier discount is 31 percent.")]))
@@ -129,22 +121,22 @@ def test_a_tenant_watches_only_its_own_documents(watch_server: ServerHandle) -> 
         (pb.WatchRequest(after_seq=3, from_now=True), "not both"),
     ],
 )
-def test_bad_requests_are_invalid_argument(watch_server: ServerHandle, request_: pb.WatchRequest, needle: str) -> None:
-    with _client(watch_server, ACME) as client, pytest.raises(grpc.RpcError) as err:
+def test_bad_requests_are_invalid_argument(tenant_server: ServerHandle, request_: pb.WatchRequest, needle: str) -> None:
+    with _client(tenant_server, ACME) as client, pytest.raises(grpc.RpcError) as err:
         list(client._stub.Watch(request_, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
 
 
 def test_kfresh_watch_prints_the_log(
-    watch_server: ServerHandle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tenant_server: ServerHandle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from kfresh.cli import main
 
     monkeypatch.setenv("KFRESH_CLIENT__TOKEN", GLOBEX)
-    with _client(watch_server, GLOBEX) as client:
+    with _client(tenant_server, GLOBEX) as client:
         acks = list(client.ingest([document("w-cli", "The Turin store opens at nine.", source="globex/stores")]))
         assert client.wait_searchable(10).searchable
-    addr = f"127.0.0.1:{watch_server.port}"
+    addr = f"127.0.0.1:{tenant_server.port}"
     assert main(["watch", "--addr", addr, "--after-seq", str(acks[0].seq - 1), "--count", "1", "--json"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     got = json.loads(line)
@@ -154,9 +146,9 @@ def test_kfresh_watch_prints_the_log(
     assert "upsert w-cli v1  searchable" in out and "globex/stores" in out
 
 
-def test_many_streams_share_one_store_read_per_batch(watch_server: ServerHandle) -> None:
-    feed = watch_server.runtime.feed
-    with _client(watch_server, GLOBEX) as client:
+def test_many_streams_share_one_store_read_per_batch(tenant_server: ServerHandle) -> None:
+    feed = tenant_server.runtime.feed
+    with _client(tenant_server, GLOBEX) as client:
         streams = [_Collector(client.watch(from_now=True)) for _ in range(12)]
         try:
             time.sleep(0.5)
