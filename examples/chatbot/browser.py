@@ -94,10 +94,11 @@ class ChatPage:
         before = self.answers()
         self.type_and_send(question)
         self._until(lambda: self.answers() > before or self.error(), 30, "an answer starting")
-        self._until(
-            lambda: self.error() or self._js(
-                "const a = document.querySelectorAll('#messages li.answer'); return a[a.length - 1].dataset.state === 'done'"
-            ), timeout, "the whole answer")  # fmt: skip
+        # One script for both checks: an error removes the answer's bubble and shows the message in the same task.
+        self._until(lambda: self._js("""
+            if (!document.getElementById('error').hidden) return true;
+            const a = document.querySelectorAll('#messages li.answer');
+            return a.length > 0 && a[a.length - 1].dataset.state === 'done';"""), timeout, "the whole answer")  # fmt: skip
         error = self.error()
         if error:
             return ShownAnswer("", error, "error")
