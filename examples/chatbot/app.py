@@ -14,7 +14,6 @@ sentence for a person, never a stack trace.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import uuid
@@ -33,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from kfresh.client import AsyncKfreshClient, tls_credentials
+from kfresh.core.time import format_iso, from_timestamp
 from kfresh.v1 import kfresh_pb2 as pb
 
 log = logging.getLogger("kfresh.chatbot")
@@ -75,8 +75,7 @@ def explain(exc: grpc.aio.AioRpcError, addr: str) -> str:
 
 
 def _when(ts: Any) -> str:
-    seconds = ts.ToNanoseconds() / 1e9
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds") if seconds else ""
+    return format_iso(from_timestamp(ts)) if ts.seconds or ts.nanos else ""
 
 
 def citation_json(c: pb.Citation) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Command-line options for reaching kfresh (address, bearer token, TLS), shared by run.py and changes.py."""
+"""Command-line options for reaching kfresh (address, bearer token, TLS), shared by run.py and changes.py.
+They become kfresh's own `client` settings, read by `kfresh.client.connect_options` as the CLI reads them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kfresh.client import KfreshClient, tls_credentials
+from kfresh.client import KfreshClient, connect_options
+from kfresh.core.config import ClientConfig, ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, addr_help: str) -> None:
@@ -16,19 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, addr_help: str) -> None:
     parser.add_argument("--tls-server-name", help="the name kfresh's certificate is checked against")
 
 
-def token(args: argparse.Namespace) -> str | None:
-    if args.token_file is None:
-        return None
-    try:
-        return args.token_file.read_text(encoding="utf-8").splitlines()[0].strip() or None
-    except (OSError, UnicodeDecodeError, IndexError) as exc:
-        raise SystemExit(f"--token-file {args.token_file}: cannot read a token ({exc.__class__.__name__})") from None
-
-
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """KfreshClient / AsyncKfreshClient keyword arguments from the options."""
-    credentials = tls_credentials(ca_file=args.tls_ca) if args.tls_ca is not None else None
-    return {"token": token(args), "credentials": credentials, "server_name": args.tls_server_name}
+    """KfreshClient / AsyncKfreshClient keyword arguments (token, credentials, server_name) from the options."""
+    cfg = ClientConfig(token_file=args.token_file, tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name or "")
+    try:
+        return connect_options(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"chatbot: {exc}") from None
 
 
 def blocking_client(addr: str, args: argparse.Namespace) -> KfreshClient:

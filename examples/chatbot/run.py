@@ -76,7 +76,7 @@ def serve(addr: str, args: argparse.Namespace) -> None:
     from app import Settings, create_app
 
     settings = Settings(
-        kfresh_addr=addr, token=connect.token(args), tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name,
+        kfresh_addr=addr, token=connect.client_options(args)["token"], tls_ca_file=args.tls_ca, tls_server_name=args.tls_server_name,
         feedback_db=args.data / "feedback.db",
     )  # fmt: skip
     # Open knowledge streams (server-sent events) never end by themselves: on Ctrl-C/SIGTERM they get 3 s.
