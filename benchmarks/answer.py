@@ -6,7 +6,8 @@ only), for both generation backends:
   same engine settings called through `VllmEngineBackend.generate` (AsyncLLM, no gRPC, no answer path);
 - remote (`vllm serve`): `kfresh serve --generation.backend remote` over gRPC and the same `vllm serve`
   called directly over its streaming OpenAI HTTP API.
-Answers are closed-book (no retrieval), greedy, with the same chat messages on both paths; every prompt
+`answer_log=[false, true]` runs the in-process server twice, without and with the answer log (every answer
+written to the store in the background). Answers are closed-book (no retrieval), greedy, with the same chat messages on both paths; every prompt
 carries a unique suffix so no path gets another's prefix-cache hits. Overhead ratio = gRPC / direct.
 """
 
@@ -35,6 +36,9 @@ class AnswerOptions(SuiteOptions):
     level_time_s: float = Field(180.0, gt=0, description="A level stops issuing requests after this long.")
     backends: list[Literal["vllm", "remote"]] = Field(["vllm", "remote"], description="Generation backends.")
     vllm_url: str = Field("", description="With --addr: a `vllm serve` URL to call directly as the baseline.")
+    answer_log: list[bool] = Field(
+        [True], description="answer_log.enabled of the in-process (vllm) server; [false, true] measures what it costs."
+    )
 
     @classmethod
     def quick(cls) -> AnswerOptions:
@@ -193,8 +197,12 @@ def run(opts: AnswerOptions, *, addr: str | None = None, quick: bool = False, co
             pairs.append(asyncio.run(measure_pair("external", target.addr, opts, vllm_url=opts.vllm_url)))
     for name in [] if addr else opts.backends:
         if name == "vllm":
-            with kfresh_server(model=True) as target:
-                pair = asyncio.run(measure_pair("vllm", target.addr, opts))
+            for logged in opts.answer_log:
+                with kfresh_server({"answer_log.enabled": logged}, model=True) as target:
+                    pairs.append(
+                        asyncio.run(measure_pair("vllm" if logged else "vllm (answer log off)", target.addr, opts))
+                    )
+            pair = pairs.pop()  # the in-process direct baseline sits beside the last server's figures
             pair["direct"] = _direct_inprocess(opts)
             pair["direct_kind"] = "VllmEngineBackend.generate (AsyncLLM in-process, no gRPC)"
         else:

@@ -37,6 +37,16 @@ class IngestOptions(SuiteOptions):
         "its own level, side by side (what a page of live dashboards or chat knowledge panels costs ingest).",
     )
 
+    updates: bool = Field(
+        False,
+        description="Measure updates: each level's documents are first ingested unmeasured, then re-ingested under the "
+        "same ids with new texts (every measured write replaces a version and deletes its old chunk rows).",
+    )
+    secure_delete: list[bool] = Field(
+        default_factory=lambda: [True],
+        description="store.secure_delete of the server (SQLite zeroing deleted rows), e.g. [false, true]: a server each.",
+    )
+
     @classmethod
     def quick(cls) -> IngestOptions:
         return cls(docs=24, concurrency=[1, 4], backends=["onnx"])
@@ -112,23 +122,28 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
                       server="external" if addr else "kfresh serve, no generation")  # fmt: skip
     run_id = uuid.uuid4().hex[:8]
     levels: list[dict[str, Any]] = []
-    for backend in backends:
+    for backend, secure in ((b, sd) for b in backends for sd in opts.secure_delete):
         embedder = create_embedder(KfreshConfig(embedder={"backend": backend}))
-        with kfresh_server({**NO_GENERATION, "embedder.backend": backend}, addr=addr) as target:
+        settings = {**NO_GENERATION, "embedder.backend": backend, "store.secure_delete": secure}
+        with kfresh_server(settings, addr=addr) as target:
             warm = documents(32, opts.words, seed=99)
             asyncio.run(ingest_rate(target.addr, warm, 1, f"warm-{run_id}-{backend}"))
             for level, (streams, watchers) in enumerate((s, w) for s in opts.concurrency for w in opts.watchers):
                 texts = documents(opts.docs, opts.words, seed=level)
+                prefix = f"ing-{run_id}-{backend}-{secure}-{level}"
+                if opts.updates:  # the versions the measured writes replace
+                    asyncio.run(
+                        ingest_rate(target.addr, documents(opts.docs, opts.words, seed=1000 + level), 4, prefix)
+                    )
                 before = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
-                measured = asyncio.run(
-                    ingest_rate(target.addr, texts, streams, f"ing-{run_id}-{backend}-{level}", watchers)
-                )
+                measured = asyncio.run(ingest_rate(target.addr, texts, streams, prefix, watchers))
                 after = encode_rate(embedder.encode, texts, cfg.embedder.batch_size)
                 baseline = (before + after) / 2  # bracketing the level halves the drift of a shared box
                 drain = measured["drain_docs_per_s"]
                 levels.append({"backend": backend, "streams": streams, "encode_docs_per_s": baseline,
                                "encode_before": before, "encode_after": after, **measured,
                                "ratio": measured["docs_per_s"] / baseline, "drain_ratio": drain / baseline if drain else None,
+                               "secure_delete": secure, "updates": opts.updates,
                                "load_1m_after": round(load_average(), 2)})  # fmt: skip
         del embedder
     _versus_sentence_transformers(levels)
@@ -145,11 +160,12 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
     result.summary["target_ratio"] = TARGET_RATIO
     result.summary["meets_target"] = all(lv["ratio"] >= TARGET_RATIO for lv in levels)
     result.tables.append(Table(
-        f"{opts.docs} documents of {opts.words} words per level; clock stops when all are searchable",
-        ["backend", "streams", "watchers (changes they received)", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline: before / after)",
+        f"{opts.docs} documents of {opts.words} words per level" + (", each an update of a stored one" if opts.updates else "")
+        + "; clock stops when all are searchable",
+        ["backend", "store.secure_delete", "streams", "watchers (changes they received)", "ingest docs/s (searchable)", "ack docs/s", "raw encode docs/s (baseline: before / after)",
          "ratio", f"target >= {TARGET_RATIO}", "after the last ack: docs left, docs/s (ratio)",
          "ingest / sentence-transformers encode", "load average after"],
-        [[lv["backend"], lv["streams"], _watch_cell(lv), lv["docs_per_s"], lv["ack_docs_per_s"], _baseline_cell(lv), round(lv["ratio"], 3),
+        [[lv["backend"], lv.get("secure_delete", True), lv["streams"], _watch_cell(lv), lv["docs_per_s"], lv["ack_docs_per_s"], _baseline_cell(lv), round(lv["ratio"], 3),
           "met" if lv["ratio"] >= TARGET_RATIO else "missed", _drain_cell(lv),
           round(lv["st_ratio"], 3) if lv.get("st_ratio") else "-", lv.get("load_1m_after")] for lv in levels],
     ))  # fmt: skip
@@ -175,7 +191,8 @@ def run(opts: IngestOptions, *, addr: str | None = None, quick: bool = False, co
 
 def _key(lv: dict[str, Any]) -> str:
     watchers = lv.get("watchers", 0)
-    return f"{lv['backend']}_{lv['streams']}_streams" + (f"_{watchers}_watchers" if watchers else "")
+    off = "_secure_delete_off" if lv.get("secure_delete") is False else ""
+    return f"{lv['backend']}_{lv['streams']}_streams" + (f"_{watchers}_watchers" if watchers else "") + off
 
 
 def _watch_cell(lv: dict[str, Any]) -> str:

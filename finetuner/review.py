@@ -89,6 +89,21 @@ class ReviewQueue:
         with self._lock:
             self._db.close()
 
+    def erase_document(self, doc_id: str) -> int:
+        """Erase every item (and its decisions) drawn from `doc_id`, any version: a purge. Returns the items."""
+        with self._lock:
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM decisions WHERE item IN (SELECT id FROM items WHERE doc_id=?)", (doc_id,))
+                n = self._db.execute("DELETE FROM items WHERE doc_id=?", (doc_id,)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
+
     def __enter__(self) -> ReviewQueue:
         return self
 

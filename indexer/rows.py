@@ -3,7 +3,8 @@
 Tables: documents (current version of each document), versions (attributes of each version that still
 has chunk rows: an older indexed version keeps answering with its own metadata until it is swapped out),
 chunks (chunk_id is the FAISS id; embedding is float32 bytes once embedded), changes (append-only log),
-citations (one row per passage an answer showed the model: what the finetuner may prefer to learn).
+citations (one row per passage an answer showed the model: what the finetuner may prefer to learn),
+answers + answer_passages (the answer log: one row per answer, its body JSON, and the versions it showed).
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ class DocRecord:
     supersedes: tuple[str, ...]
     text: str
     deleted: bool
+
+
+@dataclass(frozen=True)
+class LoggedAnswerRow:
+    """One row of the answer log: when, the question, and the rest as the server wrote it (JSON, `body`)."""
+
+    answer_id: str
+    at: float
+    question: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What a purge erased of one deleted document: its rows, and the logged answers that showed it."""
+
+    versions: int
+    chunks: int
+    citations: int
+    answers: int
 
 
 @dataclass(frozen=True)

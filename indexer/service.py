@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from kfresh.core.config import KfreshConfig
-from kfresh.core.errors import InvalidInput, Overloaded, StorageFull, Unavailable
+from kfresh.core.errors import InvalidInput, NotFound, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
@@ -29,7 +30,7 @@ from kfresh.indexer.freshness import LagRing, RateMeter
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
-from kfresh.indexer.rows import ChangeRow, DocState
+from kfresh.indexer.rows import ChangeRow, DocState, Erased, LoggedAnswerRow
 from kfresh.indexer.search import search_index
 from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
 from kfresh.indexer.state import IndexState, SeqTracker
@@ -250,6 +251,53 @@ class Indexer:
         """How often each (doc_id, version) was shown to the model by an answer since `since`."""
         store, _ = self._require_started()
         return store.citation_counts(since=since)
+
+    def purge(self, doc_id: str) -> tuple[Ack, Erased]:
+        """Delete `doc_id` when it is live (queued for the index like any delete), then erase every row of it the
+        store still holds, the answer log's included (`DocumentStore.erase`). NotFound when it was never stored."""
+        store, _ = self._require_started()
+        ack = self.write_many([WriteOp(doc_id)])[0]
+        try:
+            erased = store.erase(doc_id)
+        except StoreError as exc:
+            raise Unavailable(
+                f"the document store could not erase {doc_id!r}: {exc}; the purge can be retried"
+            ) from exc
+        if erased is None:
+            raise NotFound(f"document {doc_id!r} does not exist")
+        log.info("indexer.purged doc_id=%s seq=%d %s", doc_id, ack.seq, erased)
+        return ack, erased
+
+    def snapshot_at_least(self, seq: int, timeout_s: float) -> bool:
+        """Have a snapshot holding every change up to `seq` written (at once, not at the next threshold); True once
+        it is on disk. After a purge: the older snapshot file, which still held its vectors, is replaced."""
+        self._require_started()
+        assert self._worker is not None and self._snapshots is not None
+        if self._snapshots.written_seq >= seq:
+            return True
+        self._worker.request_snapshot()
+        return self._snapshots.wait_written(seq, timeout_s)
+
+    # -- the answer log (server/answer_log.py) ---------------------------------------------------
+    def record_answer(
+        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
+    ) -> None:
+        """Durably add one answer to the answer log (`DocumentStore.record_answer`)."""
+        store, _ = self._require_started()
+        try:
+            store.record_answer(answer_id, at, question, shown, body)
+        except StoreError as exc:
+            raise Unavailable(f"the document store could not log the answer: {exc}") from exc
+
+    def logged_answer(self, answer_id: str) -> LoggedAnswerRow | None:
+        """One logged answer, or None (never logged, or past the retention)."""
+        store, _ = self._require_started()
+        return store.logged_answer(answer_id)
+
+    def prune_answers(self, before: float) -> int:
+        """Drop logged answers older than `before` (unix seconds); returns how many."""
+        store, _ = self._require_started()
+        return store.prune_answers(before)
 
     # -- reads -------------------------------------------------------------------------------------
     def search(

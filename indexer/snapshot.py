@@ -195,6 +195,7 @@ class SnapshotWriter:
         self._next: SnapshotData | None = None
         self._busy = False
         self._closed = False
+        self.written_seq = -1  # applied_seq of the newest snapshot written
         self._thread = threading.Thread(target=self._run, name="kfresh-snapshot", daemon=True)
         self._thread.start()
 
@@ -207,6 +208,11 @@ class SnapshotWriter:
     def flush(self, timeout_s: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: self._next is None and not self._busy, timeout_s)
+
+    def wait_written(self, seq: int, timeout_s: float) -> bool:
+        """True once a snapshot whose applied_seq >= `seq` is on disk; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.written_seq >= seq, timeout_s)
 
     def close(self) -> None:
         self.flush()
@@ -225,6 +231,8 @@ class SnapshotWriter:
                 data, self._next, self._busy = self._next, None, True
             try:
                 write_snapshot(self.folder, data)
+                with self._cond:
+                    self.written_seq = max(self.written_seq, data.applied_seq)
             except Exception:  # a failed snapshot only costs a longer restart; keep serving
                 self.failures += 1
                 log.exception("snapshot.write_failed folder=%s", self.folder)

@@ -9,15 +9,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 from kfresh.core import metrics
 from kfresh.core.config import AnswerConfig
 from kfresh.core.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
-from kfresh.prompt import NOT_FOUND_REPLY, build_messages, closed_book_messages, resolve_conflicts
+from kfresh.indexer.filters import Filter
+from kfresh.prompt import NOT_FOUND_REPLY, PromptFormat, build_messages, closed_book_messages, resolve_conflicts
 from kfresh.server import reading
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
+from kfresh.server.answer_log import AnswerLog, AnswerRecord, filter_json
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
 from kfresh.server.validation import AnswerQuery
 
@@ -49,29 +51,73 @@ class AnswerResult:
     request_id: str = field(default="")
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What an answer reads: the passages shown (prompt order), those a newer one superseded, the conflict's winner."""
+
+    passages: list[Hit]
+    superseded: list[Hit]
+    primary: Hit | None
+    retrieval_ms: float
+
+
+@dataclass(frozen=True)
+class LogAs:
+    """How an answer is made and logged: the prompt format, and the logged answer it replays ("" = none)."""
+
+    prompt_format: PromptFormat
+    replay_of: str = ""
+
+
 class Answerer:
     """Retrieves passages, resolves conflicts (newest wins), streams the model's answer, then citations."""
 
     def __init__(
-        self, indexer: Indexer, backend: GenerationBackend, cfg: AnswerConfig, *, adapters: AdapterManager | None = None
+        self,
+        indexer: Indexer,
+        backend: GenerationBackend,
+        cfg: AnswerConfig,
+        *,
+        adapters: AdapterManager | None = None,
+        answer_log: AnswerLog | None = None,
     ) -> None:
         self._indexer = indexer
         self._backend = backend
         self._cfg = cfg
         self._adapters = adapters
+        self._answer_log = answer_log
         self._slots = asyncio.Semaphore(cfg.max_concurrent)
         self._background: set[asyncio.Task[Any]] = set()
         self._probed_at = -REPROBE_S
 
     async def answer(self, query: AnswerQuery) -> AsyncIterator[AnswerDelta | AnswerResult]:
-        if not self._backend.ready and not await self._backend_returned():
-            raise Unavailable("the generation model is still loading or has failed; retry shortly")
-        if self._slots.locked():
-            raise Overloaded(f"{self._cfg.max_concurrent} answers are already being generated; retry shortly")
+        await self._admit()
         # The adapter is held for the whole answer: a hot swap meanwhile never unloads it under us.
         async with self._adapter(query.adapter) as adapter, self._slots:
             async for event in self._answer(query, adapter):
                 yield event
+
+    async def replay(self, rec: AnswerRecord) -> AsyncIterator[AnswerDelta | AnswerResult]:
+        """Ask a logged answer again: its question, the passages it showed (text as shown, whatever the documents
+        say now), its adapter version, prompt format, length and temperature; logged with replay_of = its id."""
+        await self._admit()
+        query = AnswerQuery(
+            question=rec.question, k=rec.k, filters=Filter(), closed_book=rec.closed_book, max_tokens=rec.max_tokens,
+            temperature=rec.temperature, adapter=rec.adapter or "none", tenant=rec.tenant,
+        )  # fmt: skip
+        primary = rec.passages[rec.primary] if 0 <= rec.primary < len(rec.passages) else None
+        read = Reading(list(rec.passages), list(rec.superseded), primary, 0.0)
+        known = get_args(PromptFormat)
+        style = cast(PromptFormat, rec.prompt_format if rec.prompt_format in known else self._cfg.prompt_format)
+        async with self._adapter(query.adapter) as adapter, self._slots:
+            async for event in self._speak(query, read, adapter, time.perf_counter(), LogAs(style, rec.id)):
+                yield event
+
+    async def _admit(self) -> None:
+        if not self._backend.ready and not await self._backend_returned():
+            raise Unavailable("the generation model is still loading or has failed; retry shortly")
+        if self._slots.locked():
+            raise Overloaded(f"{self._cfg.max_concurrent} answers are already being generated; retry shortly")
 
     async def _backend_returned(self) -> bool:
         """Probe a failed backend (a remote server that went down) at most every REPROBE_S, briefly, so
@@ -152,17 +198,20 @@ class Answerer:
         return reading.format_quote(*picked, answer) if picked else ""
 
     async def _not_found(
-        self, adapter: AdapterChoice, superseded: list[Hit], retrieval_ms: float
+        self, query: AnswerQuery, reading: Reading, adapter: AdapterChoice, answer_id: str, log_as: LogAs
     ) -> AsyncIterator[AnswerDelta | AnswerResult]:
         """No passage cleared the bar: say so rather than let a small model invent an answer (no generation)."""
-        log.info("answer_not_found retrieval_ms=%.1f superseded=%d", retrieval_ms, len(superseded))
-        metrics.RETRIEVE_DURATION.observe(retrieval_ms / 1000)
+        ms = reading.retrieval_ms
+        log.info("answer_not_found id=%s retrieval_ms=%.1f superseded=%d", answer_id, ms, len(reading.superseded))
+        metrics.RETRIEVE_DURATION.observe(ms / 1000)
         yield AnswerDelta(NOT_FOUND_REPLY)
-        yield AnswerResult(
-            citations=[], superseded=superseded, primary=None, retrieval_ms=retrieval_ms, ttft_ms=retrieval_ms,
-            total_ms=retrieval_ms, finish_reason="not_found", output_tokens=0, model=self._backend.model,
-            adapter=adapter.version, request_id=f"answer-{uuid.uuid4().hex}",
+        result = AnswerResult(
+            citations=[], superseded=reading.superseded, primary=None, retrieval_ms=ms, ttft_ms=ms, total_ms=ms,
+            finish_reason="not_found", output_tokens=0, model=self._backend.model, adapter=adapter.version,
+            request_id=answer_id,
         )  # fmt: skip
+        self._log(query, reading, result, NOT_FOUND_REPLY, log_as)
+        yield result
 
     def _retrieve(self, query: AnswerQuery) -> list[tuple[Hit, float]]:
         """The k passages to answer from with their reading scores, best first: a wider pool is fetched and
@@ -176,40 +225,52 @@ class Answerer:
         )
         return reading.rerank(query.question, hits, self._cfg.rerank_weight)[:k]
 
+    async def _read(self, query: AnswerQuery) -> Reading:
+        """Retrieve, rerank, resolve conflicts (newest wins) and pick the passages the model is shown."""
+        start = time.perf_counter()
+        if query.closed_book:
+            return Reading([], [], None, 0.0)
+        ranked = await asyncio.to_thread(self._retrieve, query)
+        reading_score = {id(h): s for h, s in ranked}
+        resolved = resolve_conflicts(
+            [h for h, _ in ranked],
+            similarity=self._cfg.conflict_similarity,
+            min_score=self._cfg.min_score,
+            score_margin=self._cfg.score_margin,
+        )
+        passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages, lambda h: reading_score[id(h)])
+        return Reading(passages, resolved.superseded, resolved.primary, (time.perf_counter() - start) * 1000)
+
     async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:
         start = time.perf_counter()
-        passages: list[Hit] = []
-        superseded: list[Hit] = []
-        primary: Hit | None = None
-        if not query.closed_book:
-            ranked = await asyncio.to_thread(self._retrieve, query)
-            reading_score = {id(h): s for h, s in ranked}
-            resolved = resolve_conflicts(
-                [h for h, _ in ranked],
-                similarity=self._cfg.conflict_similarity,
-                min_score=self._cfg.min_score,
-                score_margin=self._cfg.score_margin,
-            )
-            passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages, lambda h: reading_score[id(h)])
-            superseded, primary = resolved.superseded, resolved.primary
-        retrieval_ms = (time.perf_counter() - start) * 1000
+        read = await self._read(query)
+        async for event in self._speak(query, read, adapter, start, LogAs(self._cfg.prompt_format)):
+            yield event
+
+    async def _speak(
+        self, query: AnswerQuery, read: Reading, adapter: AdapterChoice, start: float, log_as: LogAs
+    ) -> AsyncIterator[AnswerDelta | AnswerResult]:
+        """Generate from what was read (or replayed): the model's answer, its quote, then the result."""
+        answer_id = f"answer-{uuid.uuid4().hex}"
+        passages = read.passages
         if not query.closed_book and not passages and self._cfg.refuse_without_passages:
-            async for event in self._not_found(adapter, superseded, retrieval_ms):
+            async for event in self._not_found(query, read, adapter, answer_id, log_as):
                 yield event
             return
         messages = (
             closed_book_messages(query.question)
             if query.closed_book
-            else build_messages(query.question, passages, style=self._cfg.prompt_format)
+            else build_messages(query.question, passages, style=log_as.prompt_format)
         )
         request = GenerationRequest(
-            request_id=f"answer-{uuid.uuid4().hex}",
+            request_id=answer_id,
             messages=messages,
             max_tokens=query.max_tokens,
             temperature=query.temperature,
             adapter=adapter.served_name,
         )
-        self._record_citations(passages)
+        if not log_as.replay_of:  # a replay is not traffic: the finetuner counts real answers' citations only
+            self._record_citations(passages)
         # The quote is picked while the model decodes, after its first token: embedding the candidate sentences
         # during the prefill took CPU from it on a 2-core box (TTFT +15 ms).
         want_quote = self._cfg.quote and not query.closed_book
@@ -234,37 +295,57 @@ class Answerer:
                 quoting = self._start_quote(query.question, passages)
             quote = await self._finish_quote(quoting, "".join(said))
             if quote:
+                said.append(quote)
                 yield AnswerDelta(quote)
         finally:
             if quoting is not None and not quoting.done():
                 quoting.cancel()
         total_ms = (time.perf_counter() - start) * 1000
-        metrics.RETRIEVE_DURATION.observe(retrieval_ms / 1000)
+        metrics.RETRIEVE_DURATION.observe(read.retrieval_ms / 1000)
         if ttft_ms:
             metrics.TTFT.observe(ttft_ms / 1000)
         metrics.OUTPUT_TOKENS.labels(adapter=adapter.version).inc(tokens)
-        metrics.GENERATION_SECONDS.inc((total_ms - retrieval_ms) / 1000)
+        metrics.GENERATION_SECONDS.inc((total_ms - read.retrieval_ms) / 1000)
         log.info(
-            "answer id=%s adapter=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d",
-            request.request_id,
+            "answer id=%s adapter=%s passages=%d superseded=%d retrieval_ms=%.1f ttft_ms=%.1f total_ms=%.1f tokens=%d%s",
+            answer_id,
             adapter.version or "base",
             len(passages),
-            len(superseded),
-            retrieval_ms,
+            len(read.superseded),
+            read.retrieval_ms,
             ttft_ms,
             total_ms,
             tokens,
+            f" replay_of={log_as.replay_of}" if log_as.replay_of else "",
         )
-        yield AnswerResult(
+        result = AnswerResult(
             citations=passages,
-            superseded=superseded,
-            primary=primary,
-            retrieval_ms=retrieval_ms,
+            superseded=read.superseded,
+            primary=read.primary,
+            retrieval_ms=read.retrieval_ms,
             ttft_ms=ttft_ms,
             total_ms=total_ms,
             finish_reason=finish_reason,
             output_tokens=tokens,
             model=self._backend.model,
             adapter=adapter.version,
-            request_id=request.request_id,
+            request_id=answer_id,
         )
+        self._log(query, read, result, "".join(said), log_as)
+        yield result
+
+    def _log(self, query: AnswerQuery, read: Reading, result: AnswerResult, text: str, log_as: LogAs) -> None:
+        if self._answer_log is None:
+            return
+        primary = next((i for i, h in enumerate(read.passages) if h is read.primary), -1)
+        self._answer_log.record(
+            AnswerRecord(
+                id=result.request_id, at=time.time() - result.total_ms / 1000, question=query.question, answer=text,
+                model=result.model, adapter=result.adapter, finish_reason=result.finish_reason,
+                output_tokens=result.output_tokens, closed_book=query.closed_book, prompt_format=log_as.prompt_format,
+                passages=tuple(read.passages), primary=primary, superseded=tuple(read.superseded), k=query.k,
+                max_tokens=query.max_tokens, temperature=query.temperature, filters=filter_json(query.filters),
+                retrieval_ms=result.retrieval_ms, ttft_ms=result.ttft_ms, total_ms=result.total_ms,
+                tenant=dict(query.tenant), replay_of=log_as.replay_of,
+            )
+        )  # fmt: skip

@@ -268,6 +268,8 @@ async def running_server(
             await withdrawal.close()
         if runtime.distiller is not None:
             await runtime.distiller.close()
+        if runtime.answer_log is not None:
+            await runtime.answer_log.close()
         runtime.close()
         if metrics_endpoint is not None:
             metrics_endpoint.close()

@@ -32,8 +32,9 @@ _SERVICE = "/kfresh.v1.Kfresh/"
 METHOD_SCOPES = {
     **{_SERVICE + m: "read" for m in ("Retrieve", "Answer", "Stats", "WaitSearchable", "Watch", "ListAdapters")},
     **{_SERVICE + m: "write" for m in ("Ingest", "Delete")},
-    **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill", "ListReview", "DecideReview")},
-}
+    **{_SERVICE + m: "admin" for m in ("PromoteAdapter", "RollbackAdapter", "Distill", "ListReview", "DecideReview",
+                                       "GetAnswer", "ReplayAnswer", "Purge")},
+}  # fmt: skip
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",

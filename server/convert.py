@@ -14,8 +14,10 @@ from kfresh.finetuner.review import ReviewItem
 from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
 from kfresh.indexer.documents import Ack, Hit, IndexStats
 from kfresh.server.adapters import AdapterChange
-from kfresh.server.answerer import AnswerResult
+from kfresh.server.answer_log import AnswerRecord
+from kfresh.server.answerer import AnswerDelta, AnswerResult
 from kfresh.server.auth import bearer_token, token_fingerprint
+from kfresh.server.purge import PurgeResult
 from kfresh.v1 import kfresh_pb2 as pb
 
 ACK_STATUS = {
@@ -77,7 +79,39 @@ def answer_done(result: AnswerResult) -> pb.AnswerDone:
         output_tokens=result.output_tokens,
         model=result.model,
         adapter=result.adapter,
+        answer_id=result.request_id,
     )
+
+
+def purge_response(result: PurgeResult) -> pb.PurgeResponse:
+    e, ack = result.erased, result.ack
+    deleted = ack.status == "deleted"
+    return pb.PurgeResponse(
+        id=ack.id, version=ack.version if deleted else 0, seq=ack.seq if deleted else 0, versions=e.versions,
+        chunks=e.chunks, citations=e.citations, answers=e.answers, review_items=result.review_items,
+        snapshot_written=result.snapshot_written,
+    )  # fmt: skip
+
+
+def answer_event(event: AnswerDelta | AnswerResult) -> pb.AnswerResponse:
+    if isinstance(event, AnswerDelta):
+        return pb.AnswerResponse(delta=event.text)
+    return pb.AnswerResponse(done=answer_done(event))
+
+
+def logged_answer(rec: AnswerRecord) -> pb.LoggedAnswer:
+    primary = rec.passages[rec.primary] if 0 <= rec.primary < len(rec.passages) else None
+    return pb.LoggedAnswer(
+        id=rec.id, at=to_timestamp(rec.at), question=rec.question, answer=rec.answer, model=rec.model,
+        adapter=rec.adapter, finish_reason=rec.finish_reason, output_tokens=rec.output_tokens,
+        closed_book=rec.closed_book, prompt_format=rec.prompt_format,
+        citations=[hit_to_citation(h, i, primary=h is primary) for i, h in enumerate(rec.passages, start=1)],
+        superseded=[hit_to_citation(h, 0, primary=False) for h in rec.superseded], k=rec.k,
+        max_tokens=rec.max_tokens, temperature=rec.temperature,
+        filter_json=json.dumps(rec.filters, sort_keys=True) if rec.filters else "",
+        timings=pb.Timings(retrieval_ms=rec.retrieval_ms, time_to_first_token_ms=rec.ttft_ms, total_ms=rec.total_ms),
+        tenant=rec.tenant, replay_of=rec.replay_of,
+    )  # fmt: skip
 
 
 def stats_to_proto(

@@ -15,9 +15,10 @@ from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
 from kfresh.indexer.validation import check_k
-from kfresh.server import convert, ingest_stream, tenancy, validation, watch
+from kfresh.server import convert, ingest_stream, purge, tenancy, validation, watch
 from kfresh.server.adapters import AdapterManager, read_only_statuses
-from kfresh.server.answerer import AnswerDelta, Answerer
+from kfresh.server.answer_log import AnswerLog
+from kfresh.server.answerer import Answerer
 from kfresh.server.auth import TokenTable
 from kfresh.server.errors import rpc
 from kfresh.server.generation.base import GenerationBackend
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from kfresh.finetuner.review import ReviewQueue
     from kfresh.finetuner.scheduler import DistillScheduler
     from kfresh.indexer.service import Indexer
+
+
+PURGE_WAIT_S = 30.0  # how long a purge waits for its delete to reach the index and a snapshot
 
 
 class Runtime:
@@ -47,6 +51,7 @@ class Runtime:
         self.adapters = adapters
         self.indexer: Indexer | None = None
         self.answerer: Answerer | None = None
+        self.answer_log: AnswerLog | None = None
         self.feed: watch.ChangeFeed | None = None
         self.distiller: DistillScheduler | None = None
         self.started_at = time.monotonic()
@@ -54,7 +59,11 @@ class Runtime:
 
     def attach_indexer(self, indexer: Indexer) -> None:
         self.indexer = indexer
-        self.answerer = Answerer(indexer, self.backend, self.cfg.answer, adapters=self.adapters)
+        if self.cfg.answer_log.enabled:
+            self.answer_log = AnswerLog(indexer, self.cfg.answer_log)
+        self.answerer = Answerer(
+            indexer, self.backend, self.cfg.answer, adapters=self.adapters, answer_log=self.answer_log
+        )
         self.feed = watch.ChangeFeed(indexer)
 
     def binding(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -75,6 +84,12 @@ class Runtime:
         self.require_indexer()
         assert self.answerer is not None
         return self.answerer
+
+    def require_answer_log(self) -> AnswerLog:
+        self.require_indexer()
+        if self.answer_log is None:
+            raise NotFound("this server keeps no answer log (answer_log.enabled=false)")
+        return self.answer_log
 
     def require_distiller(self) -> DistillScheduler:
         if self.distiller is None:
@@ -119,16 +134,29 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         validation.reject_unknown_fields(request)
         doc_id = validation.check_doc_id(request.id)
-        binding = self._rt.binding(context)
-        if binding:
-            live = await asyncio.to_thread(self._rt.require_indexer().live_metadata, [doc_id])
-            if not tenancy.owns(live.get(doc_id), binding):
-                raise NotFound(f"document {doc_id!r} does not exist")  # another tenant's: as if it did not
+        await self._check_owner(self._rt.require_indexer(), doc_id, context)
         ack = await asyncio.to_thread(self._rt.require_indexer().delete, doc_id)
         if ack.status == "not_found":
             raise NotFound(f"document {doc_id!r} does not exist")
         metrics.DOCUMENTS_ACKED.labels(op="delete_id", status=ack.status).inc()
         return pb.DeleteResponse(id=ack.id, version=ack.version, seq=ack.seq)
+
+    @rpc
+    async def Purge(self, request: pb.PurgeRequest, context: grpc.aio.ServicerContext) -> pb.PurgeResponse:
+        validation.reject_unknown_fields(request)
+        doc_id = validation.check_doc_id(request.id)
+        indexer = self._rt.require_indexer()
+        await self._check_owner(indexer, doc_id, context)
+        result = await purge.purge(indexer, doc_id, self._rt.review(), timeout_s=PURGE_WAIT_S)
+        return convert.purge_response(result)
+
+    async def _check_owner(self, indexer: Indexer, doc_id: str, context: grpc.aio.ServicerContext) -> None:
+        """A tenant-bound token may only change its tenant's live documents; others look absent (NOT_FOUND)."""
+        binding = self._rt.binding(context)
+        if binding:
+            live = await asyncio.to_thread(indexer.live_metadata, [doc_id])
+            if not tenancy.owns(live.get(doc_id), binding):
+                raise NotFound(f"document {doc_id!r} does not exist")
 
     @rpc
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
@@ -150,15 +178,30 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         self, request: pb.AnswerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnswerResponse]:
         query = validation.answer_query(request, self._rt.cfg.answer, self._rt.cfg.retrieval)
-        query = replace(query, filters=tenancy.bind_filters(query.filters, self._rt.binding(context)))
+        binding = self._rt.binding(context)
+        query = replace(query, filters=tenancy.bind_filters(query.filters, binding), tenant=binding)
         if request.min_seq:
             indexer = self._rt.require_indexer()
             await ingest_stream.require_applied(indexer, request.min_seq, self._rt.cfg.retrieval.min_seq_wait_s)
         async for event in self._rt.require_answerer().answer(query):
-            if isinstance(event, AnswerDelta):
-                yield pb.AnswerResponse(delta=event.text)
-            else:
-                yield pb.AnswerResponse(done=convert.answer_done(event))
+            yield convert.answer_event(event)
+
+    @rpc
+    async def GetAnswer(self, request: pb.GetAnswerRequest, context: grpc.aio.ServicerContext) -> pb.LoggedAnswer:
+        validation.reject_unknown_fields(request)
+        answer_id = validation.check_answer_id(request.id)
+        rec = await self._rt.require_answer_log().get(answer_id, tenant=self._rt.binding(context))
+        return convert.logged_answer(rec)
+
+    @rpc
+    async def ReplayAnswer(
+        self, request: pb.ReplayAnswerRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AnswerResponse]:
+        validation.reject_unknown_fields(request)
+        answer_id = validation.check_answer_id(request.id)
+        rec = await self._rt.require_answer_log().get(answer_id, tenant=self._rt.binding(context))
+        async for event in self._rt.require_answerer().replay(rec):
+            yield convert.answer_event(event)
 
     @rpc
     async def WaitSearchable(

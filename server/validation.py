@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,6 +142,9 @@ class AnswerQuery:
     max_tokens: int
     temperature: float
     adapter: str
+    tenant: Mapping[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # the caller's token binding (already in `filters`)
 
 
 def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalConfig) -> AnswerQuery:
@@ -156,6 +161,15 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
         temperature=temperature,
         adapter=req.adapter,
     )
+
+
+def check_answer_id(answer_id: str) -> str:
+    """An answer log id as AnswerDone.answer_id gives it ("answer-" + 32 hex digits)."""
+    if not answer_id:
+        raise InvalidInput("id is empty: pass the answer_id an AnswerDone returned")
+    if len(answer_id) > MAX_ID_CHARS:
+        raise InvalidInput(f"id has {len(answer_id)} characters; at most {MAX_ID_CHARS}")
+    return answer_id
 
 
 WAIT_DEFAULT_S, WAIT_MAX_S = 30.0, 3600.0

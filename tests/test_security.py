@@ -148,7 +148,8 @@ def test_method_scope_table_and_default_deny() -> None:
         "ListAdapters": "read",
         "Ingest": "write", "Delete": "write",
         "PromoteAdapter": "admin", "RollbackAdapter": "admin", "Distill": "admin", "ListReview": "admin",
-        "DecideReview": "admin",
+        "DecideReview": "admin", "GetAnswer": "admin", "ReplayAnswer": "admin",
+        "Purge": "admin",
     }  # fmt: skip
     assert required_scope("/kfresh.v1.Kfresh/SomethingAddedLater") == "admin"
     assert required_scope("/grpc.health.v1.Health/Check") is None

@@ -17,7 +17,17 @@ from typing import Any, Self, TypeVar
 import numpy as np
 
 from kfresh.indexer.documents import Ack, DocumentIn, WriteOp
-from kfresh.indexer.rows import Applied, ChangeRow, ChunkHitRow, ChunkRow, DocAttrs, DocRecord, DocState
+from kfresh.indexer.rows import (
+    Applied,
+    ChangeRow,
+    ChunkHitRow,
+    ChunkRow,
+    DocAttrs,
+    DocRecord,
+    DocState,
+    Erased,
+    LoggedAnswerRow,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,6 +103,28 @@ class DocumentStore(abc.ABC):
     @abc.abstractmethod
     def citation_counts(self, *, since: float = 0.0) -> dict[tuple[str, int], int]:
         """How often each (doc_id, version) was shown to the model since `since` (unix seconds)."""
+
+    @abc.abstractmethod
+    def record_answer(
+        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
+    ) -> None:
+        """Add one answer to the answer log: its id, time, question, the (doc_id, version) passages it showed
+        and the rest (`body`, stored as JSON). An id already logged is an error."""
+
+    @abc.abstractmethod
+    def erase(self, doc_id: str) -> Erased | None:
+        """Erase what is left of a DELETED document (a purge): its text, metadata and source (the row stays as a
+        bare tombstone: id, version, deleted), every version's attributes and chunk rows, its citations, and every
+        logged answer that showed or superseded it. The change log keeps its rows (ids and version numbers only:
+        the replicas follow it). None when `doc_id` was never stored; InvalidInput when it is live."""
+
+    @abc.abstractmethod
+    def logged_answer(self, answer_id: str) -> LoggedAnswerRow | None:
+        """One answer of the log, or None (never logged, or pruned)."""
+
+    @abc.abstractmethod
+    def prune_answers(self, before: float) -> int:
+        """Drop the answers logged before `before` (unix seconds); returns how many."""
 
     # -- the worker's side -------------------------------------------------------------------------
     @abc.abstractmethod

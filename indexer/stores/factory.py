@@ -22,7 +22,7 @@ def open_store(cfg: StoreConfig, *, read_only: bool = False) -> DocumentStore:
         return PostgresStore(cfg.dsn.get_secret_value(), read_only=read_only, pool_size=cfg.pool_size)
     from kfresh.indexer.stores.sqlite import SqliteStore
 
-    return SqliteStore(cfg.path, read_only=read_only)
+    return SqliteStore(cfg.path, read_only=read_only, secure_delete=cfg.secure_delete)
 
 
 def store_exists(cfg: StoreConfig) -> bool:

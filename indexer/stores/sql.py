@@ -22,8 +22,20 @@ from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
+from kfresh.core.errors import InvalidInput
 from kfresh.indexer.documents import Ack, WriteOp
-from kfresh.indexer.rows import Applied, ChangeRow, ChunkRow, DocAttrs, DocRecord, DocState, doc_record, vec_from_blob
+from kfresh.indexer.rows import (
+    Applied,
+    ChangeRow,
+    ChunkRow,
+    DocAttrs,
+    DocRecord,
+    DocState,
+    Erased,
+    LoggedAnswerRow,
+    doc_record,
+    vec_from_blob,
+)
 from kfresh.indexer.stores.base import DocumentStore
 
 log = logging.getLogger("kfresh.indexer")
@@ -94,6 +106,64 @@ class SqlStore(DocumentStore):
                 f"INSERT INTO citations(doc_id, version, at) VALUES({p},{p},{p})", [(d, int(v), at) for d, v in pairs]
             )
         return len(pairs)
+
+    @_shared
+    def record_answer(
+        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
+    ) -> None:
+        p = self._p
+        with self._txn(serialised=False) as w:  # touches no document, version or change
+            w.execute(
+                f"INSERT INTO answers(answer_id, at, question, body) VALUES({p},{p},{p},{p})",
+                (answer_id, at, question, json.dumps(body, ensure_ascii=False)),
+            )
+            if shown:
+                w.executemany(
+                    f"INSERT INTO answer_passages(answer_id, doc_id, version) VALUES({p},{p},{p})",
+                    [(answer_id, d, int(v)) for d, v in shown],
+                )
+
+    @_shared
+    def erase(self, doc_id: str) -> Erased | None:
+        p = self._p
+        with self._txn() as w:
+            row = w.execute(f"SELECT deleted FROM documents WHERE doc_id={p}", (doc_id,)).fetchone()
+            if row is None:
+                return None
+            if not row[0]:
+                raise InvalidInput(f"document {doc_id!r} is live: delete it before erasing it")
+            w.execute(
+                "UPDATE documents SET text='', metadata='{}', source='', supersedes='[]', content_hash=''"
+                f" WHERE doc_id={p}",
+                (doc_id,),
+            )
+            counts = [w.execute(f"DELETE FROM {table} WHERE doc_id={p}", (doc_id,)).rowcount
+                      for table in ("versions", "chunks", "citations")]  # fmt: skip
+            shown = f"SELECT answer_id FROM answer_passages WHERE doc_id={p}"
+            answers = w.execute(f"DELETE FROM answers WHERE answer_id IN ({shown})", (doc_id,)).rowcount
+            w.execute(f"DELETE FROM answer_passages WHERE answer_id IN ({shown})", (doc_id,))
+        return Erased(*(max(int(n or 0), 0) for n in (*counts, answers)))
+
+    @_shared
+    def logged_answer(self, answer_id: str) -> LoggedAnswerRow | None:
+        rows = self._fetchall(
+            f"SELECT answer_id, at, question, body FROM answers WHERE answer_id={self._p}", (answer_id,)
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return LoggedAnswerRow(r[0], float(r[1]), r[2], json.loads(r[3]))
+
+    @_shared
+    def prune_answers(self, before: float) -> int:
+        p = self._p
+        with self._txn(serialised=False) as w:
+            w.execute(
+                f"DELETE FROM answer_passages WHERE answer_id IN (SELECT answer_id FROM answers WHERE at<{p})",
+                (before,),
+            )
+            n = w.execute(f"DELETE FROM answers WHERE at<{p}", (before,)).rowcount
+        return int(n or 0)
 
     @_shared
     def save_applied(self, applied: Sequence[Applied]) -> None:

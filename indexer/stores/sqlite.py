@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -22,11 +23,13 @@ from urllib.parse import quote
 import numpy as np
 
 from kfresh.indexer.documents import DocumentIn
-from kfresh.indexer.rows import ChunkHitRow, content_hash, embedded_batch, hit_from_row
+from kfresh.indexer.rows import ChunkHitRow, Erased, content_hash, embedded_batch, hit_from_row
 from kfresh.indexer.stores import sqlite_writes
 from kfresh.indexer.stores.base import StoreError, translate_errors
 from kfresh.indexer.stores.sql import SqlStore
 from kfresh.indexer.stores.sqlite_schema import SCHEMA
+
+log = logging.getLogger("kfresh.indexer")
 
 _POLL_S = 0.02  # wait_for_change: how often max_seq is re-read (another process may be the writer)
 
@@ -88,9 +91,11 @@ class SqliteStore(SqlStore, errors=_errors):
     _p: ClassVar[str] = "?"
     _writes: ClassVar[ModuleType] = sqlite_writes
 
-    def __init__(self, path: Path | str, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path | str, *, read_only: bool = False, secure_delete: bool = True) -> None:
+        """`secure_delete`: deleted rows' bytes are overwritten with zeros (store.secure_delete)."""
         self.path = Path(path)
         self.read_only = read_only
+        self.secure_delete = secure_delete
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -114,6 +119,9 @@ class SqliteStore(SqlStore, errors=_errors):
         # FULL: the WAL is fsynced at every commit, so a returned Ack is on disk.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
+        # Deleted rows' bytes are overwritten with zeros, so an older version's text or a purged document
+        # does not linger in free pages (`erase` then truncates the WAL, which holds the old page images).
+        conn.execute(f"PRAGMA secure_delete={'ON' if self.secure_delete else 'OFF'}")
         return conn
 
     def _r(self) -> sqlite3.Connection:
@@ -238,6 +246,24 @@ class SqliteStore(SqlStore, errors=_errors):
                 return False
             time.sleep(min(_POLL_S, left))
         return True
+
+    @_errors
+    def erase(self, doc_id: str) -> Erased | None:
+        """As the shared erase, then the WAL is checkpointed and truncated: the erased rows' old page images
+        leave it (with secure_delete the database file's freed space is zeros already)."""
+        erased = super().erase(doc_id)
+        if erased is not None and self._w is not None:
+            for _ in range(50):  # a reader mid-statement makes the checkpoint busy; they are short
+                with self._write_lock:
+                    busy = self._w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if not busy:
+                    break
+                time.sleep(0.02)
+            else:
+                log.warning(
+                    "store.erase_checkpoint_busy doc_id=%s: the WAL keeps old pages until the next checkpoint", doc_id
+                )
+        return erased
 
     # -- the finetuner's read-only view ------------------------------------------------------------
     @_errors

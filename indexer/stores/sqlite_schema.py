@@ -51,4 +51,9 @@ CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS citations(doc_id TEXT NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS citations_by_doc ON citations(doc_id, version);
+CREATE TABLE IF NOT EXISTS answers(answer_id TEXT PRIMARY KEY, at REAL NOT NULL, question TEXT NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS answers_by_time ON answers(at);
+CREATE TABLE IF NOT EXISTS answer_passages(answer_id TEXT NOT NULL, doc_id TEXT NOT NULL, version INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS answer_passages_by_doc ON answer_passages(doc_id);
+CREATE INDEX IF NOT EXISTS answer_passages_by_answer ON answer_passages(answer_id);
 """

@@ -1,4 +1,4 @@
-"""Client commands: ingest, ask, retrieve, delete, stats, watch, adapters (a running server at --addr)."""
+"""Client commands: ingest, ask, explain, replay, retrieve, delete, stats, watch, adapters (a running server at --addr)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from kfresh.cli.common import (
     print_json,
     server_addr,
 )
-from kfresh.cli.render import adapter_line, print_citations
+from kfresh.cli.render import adapter_line, print_citations, print_logged_answer
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -80,6 +80,50 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        logged = client.get_answer(args.id, timeout=args.timeout)
+    if args.json:
+        print_json(message_dict(logged))
+    else:
+        print_logged_answer(logged)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from kfresh.client import KfreshClient
+
+    with KfreshClient(server_addr(args), **client_options()) as client:
+        original = client.get_answer(args.id, timeout=args.timeout)
+        if not args.json:
+            print(f"original ({original.adapter or 'base model'}, passages "
+                  + (", ".join(f"{c.doc_id} v{c.version}" for c in original.citations) or "none") + "):")  # fmt: skip
+            print(original.answer)
+            print("replayed:")
+        text: list[str] = []
+        done = None
+        for event in client.replay_answer(args.id, timeout=args.timeout):
+            if event.HasField("done"):
+                done = event.done
+            else:
+                text.append(event.delta)
+                if not args.json:
+                    print(event.delta, end="", flush=True)
+    replayed = "".join(text)
+    same = replayed == original.answer
+    if args.json:
+        print_json({"same": same, "original": message_dict(original), "answer": replayed,
+                    **({"done": message_dict(done)} if done is not None else {})})  # fmt: skip
+    else:
+        print()
+        if done is not None:
+            print_citations(done)
+        print("same answer" if same else "a different answer")
+    return 0
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
@@ -102,9 +146,17 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
     with KfreshClient(server_addr(args), **client_options()) as client:
-        reply = client.delete(args.id, timeout=args.timeout)
+        reply = (
+            client.purge(args.id, timeout=args.timeout) if args.purge else client.delete(args.id, timeout=args.timeout)
+        )
     if args.json:
         print_json(message_dict(reply))
+    elif args.purge:
+        when = f"deleted as version {reply.version}" if reply.version else "already deleted"
+        snapshot = "a new index snapshot is written" if reply.snapshot_written else "the next index snapshot drops it"
+        print(f"purged {reply.id} ({when}): erased {reply.versions} version rows, {reply.chunks} chunks, "
+              f"{reply.citations} citations, {reply.answers} logged answers, {reply.review_items} review items; "
+              f"{snapshot}")  # fmt: skip
     else:
         print(f"deleted {reply.id} (version {reply.version})")
     return 0
@@ -202,6 +254,17 @@ def register(sub: Any) -> None:
         "--adapter", default="", help="adapter version (e.g. v0003), 'none' for the base model; default: the served one"
     )
 
+    p = client_parser(
+        sub, "explain", "show a logged answer: question, passages shown (versions, text), adapter, answer, timings "
+        "(admin; the id is the answer_id `kfresh ask --json` prints)", cmd_explain,
+    )  # fmt: skip
+    p.add_argument("id", help="answer id, e.g. answer-3f2a...")
+    p = client_parser(
+        sub, "replay", "ask a logged answer again with the same passages and adapter version, and say whether the "
+        "answer is the same (admin)", cmd_replay,
+    )  # fmt: skip
+    p.add_argument("id", help="answer id, e.g. answer-3f2a...")
+
     p = client_parser(sub, "retrieve", "show the chunks a query retrieves", cmd_retrieve)
     p.add_argument("query")
     p.add_argument("--k", type=int, default=0, help="chunks to return (0 = server default)")
@@ -209,6 +272,12 @@ def register(sub: Any) -> None:
 
     p = client_parser(sub, "delete", "delete a document by id", cmd_delete)
     p.add_argument("id")
+    p.add_argument(
+        "--purge",
+        action="store_true",
+        help="erase it (admin): every version's text and chunks, its vectors (a new snapshot), citations, the logged "
+        "answers that showed it and its review items. A plain delete keeps the last text as a tombstone",
+    )
 
     client_parser(sub, "stats", "counters, freshness lag percentiles, model and adapter in use", cmd_stats)
 

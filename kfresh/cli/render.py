@@ -19,6 +19,30 @@ def print_citations(done: Any) -> None:
     print(
         f"   retrieval {t.retrieval_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms, {done.output_tokens} tokens{adapter}"
     )
+    if getattr(done, "answer_id", ""):
+        print(f"   answer id {done.answer_id} (kfresh explain / kfresh replay)")
+
+
+def print_logged_answer(a: Any) -> None:
+    """`kfresh explain`: what the answer was asked, shown and said."""
+    print(
+        f"answer {a.id}  at {format_display(from_timestamp(a.at))}"
+        + (f"  (replay of {a.replay_of})" if a.replay_of else "")
+    )
+    print(f"question: {a.question}")
+    mode = "closed-book" if a.closed_book else f"k={a.k or 'default'}, prompt {a.prompt_format}"
+    print(f"model: {a.model}, adapter {a.adapter or 'none (base model)'}; {mode}; max_tokens {a.max_tokens}, "
+          f"temperature {a.temperature:g}")  # fmt: skip
+    if a.filter_json:
+        print(f"filter: {a.filter_json}")
+    if a.tenant:
+        print("tenant: " + ", ".join(f"{k}={v}" for k, v in sorted(a.tenant.items())))
+    print("passages shown:" if a.citations else "passages shown: none")
+    for c in a.citations:
+        print(f"   [{c.index}] " + " ".join(c.text.split())[:300])
+    print_citations(a)
+    print(f"answer ({a.finish_reason}):")
+    print(a.answer)
 
 
 def adapter_line(a: Any) -> str:

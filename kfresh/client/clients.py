@@ -237,6 +237,10 @@ class KfreshClient:
     def delete(self, doc_id: str, *, timeout: float | None = None) -> pb.DeleteResponse:
         return self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
+    def purge(self, doc_id: str, *, timeout: float | None = None) -> pb.PurgeResponse:
+        """Erase a document (admin): every version, chunk, vector, citation, logged answer and review item."""
+        return self._stub.Purge(pb.PurgeRequest(id=doc_id), timeout=timeout)
+
     def retrieve(
         self,
         query: str,
@@ -262,6 +266,14 @@ class KfreshClient:
 
     def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return self._stub.Stats(pb.StatsRequest(), timeout=timeout)
+
+    def get_answer(self, answer_id: str, *, timeout: float | None = None) -> pb.LoggedAnswer:
+        """An answer from the server's answer log (admin): question, passages shown with versions, adapter, text."""
+        return self._stub.GetAnswer(pb.GetAnswerRequest(id=answer_id), timeout=timeout)
+
+    def replay_answer(self, answer_id: str, *, timeout: float | None = None) -> Iterator[pb.AnswerResponse]:
+        """Ask a logged answer again with the same passages and adapter (admin); streams like `answer`."""
+        return self._stub.ReplayAnswer(pb.ReplayAnswerRequest(id=answer_id), timeout=timeout)
 
     def wait_searchable(self, timeout_s: float = 30.0, *, timeout: float | None = None) -> pb.WaitSearchableResponse:
         """Block until everything the server had acknowledged is searchable (`searchable` False after timeout_s)."""
@@ -391,6 +403,9 @@ class AsyncKfreshClient:
     async def delete(self, doc_id: str, *, timeout: float | None = None) -> pb.DeleteResponse:
         return await self._stub.Delete(pb.DeleteRequest(id=doc_id), timeout=timeout)
 
+    async def purge(self, doc_id: str, *, timeout: float | None = None) -> pb.PurgeResponse:
+        return await self._stub.Purge(pb.PurgeRequest(id=doc_id), timeout=timeout)
+
     async def retrieve(
         self,
         query: str,
@@ -411,6 +426,12 @@ class AsyncKfreshClient:
 
     async def stats(self, *, timeout: float | None = None) -> pb.StatsResponse:
         return await self._stub.Stats(pb.StatsRequest(), timeout=timeout)
+
+    async def get_answer(self, answer_id: str, *, timeout: float | None = None) -> pb.LoggedAnswer:
+        return await self._stub.GetAnswer(pb.GetAnswerRequest(id=answer_id), timeout=timeout)
+
+    def replay_answer(self, answer_id: str, *, timeout: float | None = None) -> AsyncIterator[pb.AnswerResponse]:
+        return self._stub.ReplayAnswer(pb.ReplayAnswerRequest(id=answer_id), timeout=timeout)
 
     async def wait_searchable(
         self, timeout_s: float = 30.0, *, timeout: float | None = None

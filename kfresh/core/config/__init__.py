@@ -6,7 +6,7 @@ A TOML file is read from `$KFRESH_CONFIG` or `./kfresh.toml` when present.
 
 from __future__ import annotations
 
-from kfresh.core.config.answering import AnswerConfig, FinetuneConfig, GenerationConfig
+from kfresh.core.config.answering import AnswerConfig, AnswerLogConfig, FinetuneConfig, GenerationConfig
 from kfresh.core.config.data import (
     EmbedderConfig,
     IndexConfig,
@@ -22,6 +22,7 @@ from kfresh.core.config.settings import ConfigError, KfreshConfig, load_config
 __all__ = [
     "DEFAULT_HOME",
     "AnswerConfig",
+    "AnswerLogConfig",
     "ClientConfig",
     "ConfigError",
     "EmbedderConfig",

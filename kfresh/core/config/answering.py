@@ -57,6 +57,19 @@ class AnswerConfig(Section):
     )
 
 
+class AnswerLogConfig(Section):
+    """The answer log: what each answer was asked and shown, for `kfresh explain` and `kfresh replay`."""
+
+    enabled: bool = Field(
+        True,
+        description="Log every answer (question, passages shown with their versions, adapter, answer text, timings) "
+        "in the document store. Request metadata (tokens) is never logged.",
+    )
+    retention_days: float = Field(
+        30.0, gt=0, description="Logged answers older than this are deleted (checked at start and hourly)."
+    )
+
+
 class GenerationConfig(Section):
     """The model behind Answer."""
 

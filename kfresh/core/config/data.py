@@ -46,6 +46,11 @@ class StoreConfig(Section):
         description="Most messages of one Ingest stream committed in one transaction (those already received; a lone "
         "message commits at once). 1 = a transaction per message.",
     )
+    secure_delete: bool = Field(
+        True,
+        description="SQLite: overwrite deleted rows with zeros, so replaced versions and purged documents "
+        "(`kfresh delete --purge`) leave no text in free pages. Off: a purge cannot promise the bytes are gone.",
+    )
     max_document_chars: int = Field(200_000, ge=1, description="Larger documents are rejected with INVALID_ARGUMENT.")
     chunk_chars: int = Field(800, ge=64, le=20_000, description="Target chunk size in characters.")
     chunk_overlap: int = Field(100, ge=0, le=5_000, description="Overlap between neighbouring chunks in characters.")

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from kfresh.core.config.answering import AnswerConfig, FinetuneConfig, GenerationConfig
+from kfresh.core.config.answering import AnswerConfig, AnswerLogConfig, FinetuneConfig, GenerationConfig
 from kfresh.core.config.data import (
     EmbedderConfig,
     IndexConfig,
@@ -35,6 +35,7 @@ class KfreshConfig(BaseSettings):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
+    answer_log: AnswerLogConfig = Field(default_factory=AnswerLogConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)

@@ -241,7 +241,7 @@ class Timings(_message.Message):
     def __init__(self, retrieval_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class AnswerDone(_message.Message):
-    __slots__ = ("citations", "timings", "finish_reason", "output_tokens", "model", "adapter", "superseded")
+    __slots__ = ("citations", "timings", "finish_reason", "output_tokens", "model", "adapter", "superseded", "answer_id")
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,7 @@ class AnswerDone(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_ID_FIELD_NUMBER: _ClassVar[int]
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     timings: Timings
     finish_reason: str
@@ -256,7 +257,97 @@ class AnswerDone(_message.Message):
     model: str
     adapter: str
     superseded: _containers.RepeatedCompositeFieldContainer[Citation]
-    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[str] = ..., output_tokens: _Optional[int] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., superseded: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+    answer_id: str
+    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[str] = ..., output_tokens: _Optional[int] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., superseded: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., answer_id: _Optional[str] = ...) -> None: ...
+
+class PurgeRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class PurgeResponse(_message.Message):
+    __slots__ = ("id", "version", "seq", "versions", "chunks", "citations", "answers", "review_items", "snapshot_written")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    seq: int
+    versions: int
+    chunks: int
+    citations: int
+    answers: int
+    review_items: int
+    snapshot_written: bool
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., seq: _Optional[int] = ..., versions: _Optional[int] = ..., chunks: _Optional[int] = ..., citations: _Optional[int] = ..., answers: _Optional[int] = ..., review_items: _Optional[int] = ..., snapshot_written: _Optional[bool] = ...) -> None: ...
+
+class GetAnswerRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ReplayAnswerRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class LoggedAnswer(_message.Message):
+    __slots__ = ("id", "at", "question", "answer", "model", "adapter", "finish_reason", "output_tokens", "closed_book", "prompt_format", "citations", "superseded", "k", "max_tokens", "temperature", "filter_json", "timings", "tenant", "replay_of")
+    class TenantEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_BOOK_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_JSON_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    at: _timestamp_pb2.Timestamp
+    question: str
+    answer: str
+    model: str
+    adapter: str
+    finish_reason: str
+    output_tokens: int
+    closed_book: bool
+    prompt_format: str
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    superseded: _containers.RepeatedCompositeFieldContainer[Citation]
+    k: int
+    max_tokens: int
+    temperature: float
+    filter_json: str
+    timings: Timings
+    tenant: _containers.ScalarMap[str, str]
+    replay_of: str
+    def __init__(self, id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., finish_reason: _Optional[str] = ..., output_tokens: _Optional[int] = ..., closed_book: _Optional[bool] = ..., prompt_format: _Optional[str] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., superseded: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., filter_json: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., tenant: _Optional[_Mapping[str, str]] = ..., replay_of: _Optional[str] = ...) -> None: ...
 
 class AnswerResponse(_message.Message):
     __slots__ = ("delta", "done")

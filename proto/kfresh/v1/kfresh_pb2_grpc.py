@@ -69,6 +69,21 @@ class KfreshStub:
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.SerializeToString,
                 response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.Change.FromString,
                 _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/kfresh.v1.Kfresh/Purge',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.PurgeResponse.FromString,
+                _registered_method=True)
+        self.GetAnswer = channel.unary_unary(
+                '/kfresh.v1.Kfresh/GetAnswer',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.GetAnswerRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.LoggedAnswer.FromString,
+                _registered_method=True)
+        self.ReplayAnswer = channel.unary_stream(
+                '/kfresh.v1.Kfresh/ReplayAnswer',
+                request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ReplayAnswerRequest.SerializeToString,
+                response_deserializer=kfresh_dot_v1_dot_kfresh__pb2.AnswerResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/kfresh.v1.Kfresh/ListAdapters',
                 request_serializer=kfresh_dot_v1_dot_kfresh__pb2.ListAdaptersRequest.SerializeToString,
@@ -158,6 +173,34 @@ class KfreshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Purge(self, request, context):
+        """Admin: erase a document: delete it when live, then erase every version's text, metadata, chunks and vectors,
+        its citations, the logged answers that showed it and the review items drawn from it; returns once the
+        delete is applied and a new index snapshot without its vectors is on disk. The change log keeps the bare
+        ids and version numbers (replicas follow it). NOT_FOUND when the id was never stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAnswer(self, request, context):
+        """Admin: one answer from the answer log (answer_log.*): the question, the passages shown with their versions,
+        the adapter, the answer text and its timings. NOT_FOUND when unknown or past the retention (a tenant-bound
+        token: also another tenant's answer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayAnswer(self, request, context):
+        """Admin: ask a logged answer again with the same passages (as they were shown, whatever the documents say now),
+        the same adapter version, prompt format, length and temperature; streams like Answer. The replay is logged
+        too, with replay_of set. NOT_FOUND when the answer or its adapter version is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """Admin: the adapter versions in the registry, which one is served and which are loaded.
         """
@@ -240,6 +283,21 @@ def add_KfreshServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.FromString,
                     response_serializer=kfresh_dot_v1_dot_kfresh__pb2.Change.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.PurgeRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.PurgeResponse.SerializeToString,
+            ),
+            'GetAnswer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnswer,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.GetAnswerRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.LoggedAnswer.SerializeToString,
+            ),
+            'ReplayAnswer': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplayAnswer,
+                    request_deserializer=kfresh_dot_v1_dot_kfresh__pb2.ReplayAnswerRequest.FromString,
+                    response_serializer=kfresh_dot_v1_dot_kfresh__pb2.AnswerResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -461,6 +519,87 @@ class Kfresh:
             '/kfresh.v1.Kfresh/Watch',
             kfresh_dot_v1_dot_kfresh__pb2.WatchRequest.SerializeToString,
             kfresh_dot_v1_dot_kfresh__pb2.Change.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/Purge',
+            kfresh_dot_v1_dot_kfresh__pb2.PurgeRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnswer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/GetAnswer',
+            kfresh_dot_v1_dot_kfresh__pb2.GetAnswerRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.LoggedAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayAnswer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kfresh.v1.Kfresh/ReplayAnswer',
+            kfresh_dot_v1_dot_kfresh__pb2.ReplayAnswerRequest.SerializeToString,
+            kfresh_dot_v1_dot_kfresh__pb2.AnswerResponse.FromString,
             options,
             channel_credentials,
             insecure,
