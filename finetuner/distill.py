@@ -184,10 +184,22 @@ class _Teacher:
         from kfresh.finetuner.transfer import build_transfer_set
 
         step = time.perf_counter()
-        self.transfer = build_transfer_set(self.model(), docs, per_doc=self.per_doc) if docs else TransferSet(0)
+        logged = self._logged_questions(docs)
+        self.transfer = (
+            build_transfer_set(self.model(), docs, per_doc=self.per_doc, logged=logged) if docs else TransferSet(0)
+        )
         (self.run_dir / "transfer.json").write_text(json.dumps(self.transfer.to_dict(), indent=1, ensure_ascii=False))
         self.timings["transfer_s"] = round(time.perf_counter() - step, 3)
         return self.transfer.as_facts(docs)
+
+    def _logged_questions(self, docs: Sequence[SelectedDoc]) -> dict[tuple[str, int], list[str]]:
+        """Questions real answers asked of these versions (the answer log), when the store exists."""
+        from kfresh.indexer.stores import open_store, store_exists
+
+        if not docs or not store_exists(self.cfg.store):
+            return {}
+        with open_store(self.cfg.store, read_only=True) as store:
+            return store.logged_questions([(d.doc_id, d.version) for d in docs])
 
 
 class _Review:

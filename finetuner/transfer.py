@@ -6,13 +6,18 @@ The teacher answers the question with the document shown in the served prompt fo
 cloze of the sentence. A pair is kept only when both answers hold the span verbatim (grounded and stable);
 every other candidate is reported with the reason it was dropped. A student adapter trained on the kept pairs
 without the document learns what the teacher read.
+
+Questions from real traffic (the answer log: questions whose answers showed the document version) go the same
+way, except that their span is not known in advance: the teacher answers with the document, the answer is
+grounded when it holds a span of the document that the question does not (the longest that occurs once), and stable when the cloze of that
+span's sentence gives it back. Each pair and each drop carries its origin ("generated" or "logged").
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -69,8 +74,9 @@ class Dropped:
     doc_id: str
     question: str
     span: str
-    reason: str  # ambiguous_span | teacher_missed | unstable
+    reason: str  # ambiguous_span | teacher_missed | unstable | ungrounded (a logged question: no span in the answer)
     teacher: str = ""
+    origin: str = "generated"
 
 
 @dataclass
@@ -78,6 +84,7 @@ class TransferSet:
     documents: int
     pairs: list[Pair] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
+    logged_asked: int = 0  # logged questions the teacher was asked
 
     def figures(self) -> dict[str, Any]:
         with_pairs = len({p.doc_id for p in self.pairs})
@@ -90,6 +97,8 @@ class TransferSet:
             "candidates": len(self.pairs) + len(self.dropped),
             "dropped": dict(Counter(d.reason for d in self.dropped)),
             "pairs_by_kind": dict(Counter(p.kind for p in self.pairs)),
+            "pairs_by_origin": dict(Counter(p.origin for p in self.pairs)),
+            "logged_questions": self.logged_asked,
         }
 
     def as_facts(self, docs: Sequence[SourceDoc]) -> list[Fact]:
@@ -149,9 +158,13 @@ def grounded_part(answer: str, span: str) -> str:
     return next((s for s in split_sentences(answer) if contains_answer(s, [span])), answer.strip())
 
 
-def build_transfer_set(lm: LoadedModel, docs: Sequence[SourceDoc], *, per_doc: int) -> TransferSet:
-    """Candidates of every document, answered by the teacher twice (question, cloze); grounded and stable kept."""
+def build_transfer_set(
+    lm: LoadedModel, docs: Sequence[SourceDoc], *, per_doc: int, logged: Mapping[tuple[str, int], Sequence[str]] = {}
+) -> TransferSet:
+    """Candidates of every document, answered by the teacher twice (question, cloze); grounded and stable kept.
+    `logged`: questions from the answer log per (doc_id, version), up to `per_doc` of each asked too."""
     result = TransferSet(documents=len(docs))
+    _add_logged(lm, docs, logged, per_doc, result)
     asked: list[tuple[SourceDoc, Candidate]] = []
     for doc in docs:
         found, dropped = candidates(doc, per_doc=per_doc)
@@ -174,3 +187,39 @@ def build_transfer_set(lm: LoadedModel, docs: Sequence[SourceDoc], *, per_doc: i
             )
     log.info("transfer.built %s", result.figures())
     return result
+
+
+def grounding(doc: SourceDoc, answer: str, question: str = "") -> tuple[str, Span] | None:
+    """The sentence and span of `doc` that `answer` holds and `question` does not (what the answer adds): the
+    longest such span that occurs once in the document."""
+    found = [(sentence, span) for sentence in split_sentences(doc.text) for span in pick_spans(sentence)
+             if doc.text.count(span.text) == 1 and contains_answer(answer, [span.text])
+             and not contains_answer(question, [span.text])]  # fmt: skip
+    return max(found, key=lambda f: len(f[1].text), default=None)
+
+
+def _add_logged(
+    lm: LoadedModel, docs: Sequence[SourceDoc], logged: Mapping[tuple[str, int], Sequence[str]], per_doc: int,
+    result: TransferSet,
+) -> None:  # fmt: skip
+    asked = [(d, q) for d in docs for q in list(logged.get((d.doc_id, d.version), ()))[:per_doc]]
+    result.logged_asked = len(asked)
+    if not asked:
+        return
+    answers = chat_answers(lm, [teacher_messages(d, q) for d, q in asked], max_new_tokens=TEACHER_MAX_TOKENS,
+                           desc="teacher: logged questions")  # fmt: skip
+    grounded: list[tuple[SourceDoc, str, str, str, Span]] = []
+    for (doc, question), answer in zip(asked, answers):
+        found = grounding(doc, answer, question)
+        if found is None:
+            result.dropped.append(Dropped(doc.doc_id, question, "", "ungrounded", answer, origin="logged"))
+        else:
+            grounded.append((doc, question, answer, *found))
+    clozes = chat_answers(lm, [teacher_messages(d, cloze_for(s, span)) for d, _, _, s, span in grounded],
+                          max_new_tokens=TEACHER_MAX_TOKENS, desc="teacher: logged cloze") if grounded else []  # fmt: skip
+    for (doc, question, answer, sentence, span), cloze in zip(grounded, clozes):
+        if contains_answer(cloze, [span.text]):
+            result.pairs.append(Pair(doc.doc_id, doc.version, question, grounded_part(answer, span.text), span.text,
+                                     span.kind, sentence, origin="logged"))  # fmt: skip
+        else:
+            result.dropped.append(Dropped(doc.doc_id, question, span.text, "unstable", cloze, origin="logged"))

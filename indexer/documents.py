@@ -62,6 +62,7 @@ class Hit:
     metadata: dict[str, str]
     supersedes: tuple[str, ...] = ()
     vector: np.ndarray | None = field(default=None, compare=False, repr=False)
+    acked_at: float | None = None  # set by an "as of" / "valid at" search: when the version was acknowledged
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,25 @@ import numpy as np
 
 from kfresh.indexer.documents import DocumentIn
 
+CHUNK_COLUMNS = "chunk_id, doc_id, version, ordinal, text, embedding"  # chunks and history_chunks alike
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One version of a document on both timelines: what it said (attributes), when the store acknowledged it and
+    when that ended (system time: the next version or a delete; None = still current), from when it is true
+    (valid_from; world time)."""
+
+    doc_id: str
+    version: int
+    valid_from: float
+    source: str
+    metadata: dict[str, str]
+    supersedes: tuple[str, ...]
+    acked_at: float
+    ended_at: float | None
+    ended_by: str | None  # "upsert" | "delete" | None
+
 
 @dataclass(frozen=True)
 class DocState:
@@ -102,6 +121,7 @@ class LoggedAnswerRow:
     at: float
     question: str
     body: dict[str, Any]
+    replay_of: str = ""  # the logged answer this one replayed
 
 
 @dataclass(frozen=True)

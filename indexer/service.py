@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
@@ -27,6 +26,7 @@ from kfresh.indexer.embedding.embedder import Embedder, create_embedder
 from kfresh.indexer.filters import Filter, as_filter
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
+from kfresh.indexer.history import search_slice
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
@@ -279,13 +279,12 @@ class Indexer:
         return self._snapshots.wait_written(seq, timeout_s)
 
     # -- the answer log (server/answer_log.py) ---------------------------------------------------
-    def record_answer(
-        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
-    ) -> None:
+    def record_answer(self, answer: LoggedAnswerRow, shown: Sequence[tuple[str, int]],
+                      superseded: Sequence[tuple[str, int]] = ()) -> None:  # fmt: skip
         """Durably add one answer to the answer log (`DocumentStore.record_answer`)."""
         store, _ = self._require_started()
         try:
-            store.record_answer(answer_id, at, question, shown, body)
+            store.record_answer(answer, shown, superseded)
         except StoreError as exc:
             raise Unavailable(f"the document store could not log the answer: {exc}") from exc
 
@@ -308,16 +307,26 @@ class Indexer:
         *,
         with_vectors: bool = False,
         default_k: int | None = None,
+        as_of: float | None = None,
+        valid_at: float | None = None,
     ) -> list[Hit]:
         """Top-k chunks for `query` among the newest indexed versions that `filters` selects (a Filter, or a map
         of metadata equalities): the exact filtered top k on exact indexes, whatever share matches.
-        k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None."""
-        self._require_started()
+        k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None.
+        `as_of` / `valid_at` (unix seconds): search that slice of the history instead (`indexer/history.py`):
+        the knowledge base as it stood at `as_of`, what the documents say was true at `valid_at`; an exact scan."""
+        store, _ = self._require_started()
         validation.check_query(query, self.cfg.retrieval)
         k = validation.check_k(k, self.cfg.retrieval, default_k)
         chosen = as_filter(filters)
         vec = self.query_embeddings.encode(query)
-        return self._search(vec, k, chosen, with_vectors)
+        if as_of is None and valid_at is None:
+            return self._search(vec, k, chosen, with_vectors)
+        try:
+            return search_slice(store, self.embedder, vec, k, chosen, as_of=as_of, valid_at=valid_at,
+                                with_vectors=with_vectors)  # fmt: skip
+        except StoreError as exc:
+            raise Unavailable(f"the document store is unavailable: {exc}") from exc
 
     def search_vector(
         self, vec: np.ndarray, k: int, filters: Filter | Mapping[str, str] | None = None, *, with_vectors: bool = False

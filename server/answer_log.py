@@ -19,9 +19,9 @@ from kfresh.core.config import AnswerLogConfig
 from kfresh.core.errors import NotFound
 from kfresh.indexer.documents import Hit
 from kfresh.indexer.filters import Filter
+from kfresh.indexer.rows import LoggedAnswerRow
 
 if TYPE_CHECKING:
-    from kfresh.indexer.rows import LoggedAnswerRow
     from kfresh.indexer.service import Indexer
 
 log = logging.getLogger("kfresh.answer_log")
@@ -54,6 +54,8 @@ class AnswerRecord:
     total_ms: float = 0.0
     tenant: dict[str, str] = field(default_factory=dict)
     replay_of: str = ""  # the logged answer this one replayed
+    as_of: float | None = None  # the history slice the answer read, when it asked for one
+    valid_at: float | None = None
 
     def body(self) -> dict[str, Any]:
         """Everything but id, time and question (their own columns), as JSON values."""
@@ -93,7 +95,7 @@ def _hit_json(h: Hit) -> dict[str, Any]:
     return {
         "doc_id": h.doc_id, "version": h.version, "chunk_id": h.chunk_id, "ordinal": h.ordinal, "text": h.text,
         "score": h.score, "source": h.source, "valid_from": h.valid_from, "metadata": dict(h.metadata),
-        "supersedes": list(h.supersedes),
+        "supersedes": list(h.supersedes), "acked_at": h.acked_at,
     }  # fmt: skip
 
 
@@ -101,7 +103,7 @@ def _hit(d: dict[str, Any]) -> Hit:
     return Hit(
         doc_id=d["doc_id"], version=int(d["version"]), chunk_id=int(d["chunk_id"]), ordinal=int(d["ordinal"]),
         text=d["text"], score=float(d["score"]), source=d["source"], valid_from=float(d["valid_from"]),
-        metadata=dict(d["metadata"]), supersedes=tuple(d["supersedes"]),
+        metadata=dict(d["metadata"]), supersedes=tuple(d["supersedes"]), acked_at=d.get("acked_at"),
     )  # fmt: skip
 
 
@@ -123,10 +125,12 @@ class AnswerLog:
         task.add_done_callback(lambda _: self._pending.pop(rec.id, None))
 
     async def _write(self, rec: AnswerRecord) -> None:
-        # Superseded passages count too: their text is in the body, so a purge of their document erases the answer.
-        shown = [(h.doc_id, h.version) for h in (*rec.passages, *rec.superseded)]
+        row = LoggedAnswerRow(rec.id, rec.at, rec.question, rec.body(), rec.replay_of)
+        shown = [(h.doc_id, h.version) for h in rec.passages]
+        # Superseded passages are listed too: their text is in the body, so a purge of their document erases it.
+        superseded = [(h.doc_id, h.version) for h in rec.superseded]
         try:
-            await asyncio.to_thread(self._indexer.record_answer, rec.id, rec.at, rec.question, shown, rec.body())
+            await asyncio.to_thread(self._indexer.record_answer, row, shown, superseded)
             self.written += 1
         except Exception:
             self.failed += 1

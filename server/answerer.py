@@ -221,8 +221,9 @@ class Answerer:
         # A k the request got wrong goes to the indexer as it is, which rejects it (the one place k is checked).
         fetch = pool if self._cfg.rerank_weight and 0 <= query.k <= pool and k < pool else query.k
         hits = self._indexer.search(
-            query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k
-        )
+            query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k,
+            as_of=query.as_of, valid_at=query.valid_at,
+        )  # fmt: skip
         return reading.rerank(query.question, hits, self._cfg.rerank_weight)[:k]
 
     async def _read(self, query: AnswerQuery) -> Reading:
@@ -346,6 +347,6 @@ class Answerer:
                 passages=tuple(read.passages), primary=primary, superseded=tuple(read.superseded), k=query.k,
                 max_tokens=query.max_tokens, temperature=query.temperature, filters=filter_json(query.filters),
                 retrieval_ms=result.retrieval_ms, ttft_ms=result.ttft_ms, total_ms=result.total_ms,
-                tenant=dict(query.tenant), replay_of=log_as.replay_of,
+                tenant=dict(query.tenant), replay_of=log_as.replay_of, as_of=query.as_of, valid_at=query.valid_at,
             )
         )  # fmt: skip

@@ -50,6 +50,7 @@ def hit_to_chunk(hit: Hit) -> pb.Chunk:
         source=hit.source,
         valid_from=to_timestamp(hit.valid_from),
         metadata=hit.metadata,
+        acked_at=to_timestamp(hit.acked_at) if hit.acked_at is not None else None,
     )
 
 
@@ -63,6 +64,7 @@ def hit_to_citation(hit: Hit, index: int, *, primary: bool) -> pb.Citation:
         score=hit.score,
         text=hit.text,
         primary=primary,
+        acked_at=to_timestamp(hit.acked_at) if hit.acked_at is not None else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -165,7 +166,10 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         await ingest_stream.require_applied(indexer, request.min_seq, self._rt.cfg.retrieval.min_seq_wait_s)
         start = time.perf_counter()
         filters = tenancy.bind_filters(query.filters, self._rt.binding(context))
-        hits = await asyncio.to_thread(indexer.search, query.query, query.k, filters or None)
+        hits = await asyncio.to_thread(
+            functools.partial(indexer.search, as_of=query.as_of, valid_at=query.valid_at), query.query, query.k,
+            filters or None,
+        )  # fmt: skip
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics.RETRIEVE_DURATION.observe(elapsed_ms / 1000)
         k = check_k(query.k, self._rt.cfg.retrieval)  # already accepted by the search: this only resolves 0

@@ -122,6 +122,8 @@ class RetrieveQuery:
     query: str
     k: int  # as sent (0 = the default): the indexer validates and defaults it (indexer.validation.check_k)
     filters: Filter
+    as_of: float | None = None
+    valid_at: float | None = None
 
 
 def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQuery:
@@ -130,7 +132,14 @@ def retrieve_query(req: pb.RetrieveRequest, cfg: RetrievalConfig) -> RetrieveQue
         query=_check_text(req.query, cfg.max_query_chars, "query"),
         k=req.k,
         filters=query_filter(req),
+        as_of=_time(req, "as_of"),
+        valid_at=_time(req, "valid_at"),
     )
+
+
+def _time(req: pb.RetrieveRequest | pb.AnswerRequest, name: str) -> float | None:
+    """An optional Timestamp field as unix seconds."""
+    return from_timestamp(getattr(req, name)) if req.HasField(name) else None
 
 
 @dataclass(frozen=True)
@@ -142,9 +151,10 @@ class AnswerQuery:
     max_tokens: int
     temperature: float
     adapter: str
-    tenant: Mapping[str, str] = dataclasses.field(
-        default_factory=dict
-    )  # the caller's token binding (already in `filters`)
+    # the caller's token binding (already in `filters`)
+    tenant: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    as_of: float | None = None
+    valid_at: float | None = None
 
 
 def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalConfig) -> AnswerQuery:
@@ -160,6 +170,8 @@ def answer_query(req: pb.AnswerRequest, cfg: AnswerConfig, retrieval: RetrievalC
         max_tokens=_check_count(req.max_tokens, cfg.max_tokens, cfg.max_tokens_limit, "max_tokens"),
         temperature=temperature,
         adapter=req.adapter,
+        as_of=_time(req, "as_of"),
+        valid_at=_time(req, "valid_at"),
     )
 
 

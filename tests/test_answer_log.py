@@ -15,6 +15,7 @@ from server_helper import ServerHandle, server_config
 from server_helper import answer_once as _answer
 
 from kfresh.client import KfreshClient, document
+from kfresh.indexer.rows import LoggedAnswerRow
 from kfresh.indexer.stores.postgres import PostgresStore
 from kfresh.indexer.stores.sqlite import SqliteStore
 from kfresh.prompt import NOT_FOUND_REPLY
@@ -33,14 +34,23 @@ def _stores(tmp: Path, pg_dsn: str) -> list[Any]:
 def test_store_logs_reads_and_prunes_answers(tmp_path: Path, pg_dsn: str) -> None:
     for store in _stores(tmp_path, pg_dsn):
         with store:
-            store.record_answer("answer-old", 1000.0, "old?", [("d1", 1)], {"answer": "x", "passages": []})
-            store.record_answer("answer-new", 5000.0, "new?", [("d1", 2), ("d2", 1)], {"answer": "ü"})
+            store.record_answer(LoggedAnswerRow("answer-old", 1000.0, "old?", {"answer": "x"}), [("d1", 1)])
+            store.record_answer(LoggedAnswerRow("answer-new", 5000.0, "new?", {"answer": "ü"}), [("d1", 2), ("d2", 1)])
+            store.record_answer(LoggedAnswerRow("answer-rep", 5001.0, "new?", {}, "answer-new"), [("d1", 2)])
+            store.record_answer(LoggedAnswerRow("answer-sup", 5002.0, "sup?", {}), [("d2", 1)], [("d1", 2)])
+            store.record_answer(LoggedAnswerRow("answer-2nd", 5003.0, "new?", {}), [("d1", 2)])
             row = store.logged_answer("answer-new")
             assert row is not None and (row.at, row.question, row.body) == (5000.0, "new?", {"answer": "ü"})
+            assert store.logged_answer("answer-rep").replay_of == "answer-new"  # type: ignore[union-attr]
             assert store.logged_answer("answer-none") is None
+            # real traffic per version: shown (not superseded), no replays, each question once
+            assert store.logged_questions([("d1", 2), ("d2", 1), ("d1", 9)]) == {
+                ("d1", 2): ["new?"], ("d2", 1): ["new?", "sup?"]
+            }  # fmt: skip
             assert store.prune_answers(1000.0) == 0  # strictly older only
             assert store.prune_answers(4000.0) == 1
             assert store.logged_answer("answer-old") is None and store.logged_answer("answer-new") is not None
+            assert store.logged_questions([("d1", 1)]) == {}
 
 
 @pytest.fixture(scope="module")

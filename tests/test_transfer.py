@@ -124,6 +124,32 @@ def test_pairs_train_on_the_question_and_the_gate_asks_the_cloze():
     assert not is_pair(plain)
 
 
+def test_logged_questions_become_pairs_when_the_teacher_grounds_them(models_config):
+    """Real traffic as a source (issue 17 a): questions from the answer log, answered by the real teacher with the
+    document; kept with the document's span its answer holds, when the span's cloze gives it back."""
+    from kfresh.finetuner.modeling import load_base
+    from kfresh.finetuner.transfer import build_transfer_set, grounding
+    from kfresh.models import generator_path
+
+    doc = Doc("museum", NEWS["museum.md"])
+    asked = ["Who is the director of the Ardent Museum?", "Which wing of the Ardent Museum will reopen?"]
+    sentence, span = grounding(doc, "The Ardent Museum's director is Ilse Marrow.", asked[0]) or ("", None)
+    assert span is not None and span.text == "Ilse Marrow" and sentence.startswith("The Ardent Museum will reopen")
+    assert grounding(doc, "Paris is the capital of France.") is None
+    assert grounding(doc, "It is the Ardent Museum.", asked[0]) is None  # the question's own words add nothing
+    lm = load_base(generator_path(models_config), device="cpu")
+    transfer = build_transfer_set(lm, [doc], per_doc=2, logged={("museum", 1): asked, ("museum", 2): ["Other?"]})
+    figures = transfer.figures()
+    assert figures["logged_questions"] == 2  # only the version being distilled, at most per_doc of it
+    logged = [p for p in transfer.pairs if p.origin == "logged"]
+    dropped = [d for d in transfer.dropped if d.origin == "logged"]
+    assert len(logged) + len(dropped) == 2 and figures["pairs_by_origin"].get("logged", 0) == len(logged)
+    assert any(p.question == asked[0] and p.span == "Ilse Marrow" for p in logged), (logged, dropped)
+    for pair in logged:
+        assert pair.question in asked and pair.span in doc.text and pair.span.lower() in pair.answer.lower()
+    assert all(d.reason in ("ungrounded", "unstable") for d in dropped)
+
+
 def test_plan_asks_only_document_versions_whose_pairs_no_adapter_learned(tmp_path, models_config):
     from kfresh.core.config import KfreshConfig
     from kfresh.finetuner.plan import plan_knowledge

@@ -26,6 +26,7 @@ from kfresh.indexer.rows import (
     DocRecord,
     DocState,
     Erased,
+    HistoryRow,
     LoggedAnswerRow,
 )
 
@@ -105,18 +106,33 @@ class DocumentStore(abc.ABC):
         """How often each (doc_id, version) was shown to the model since `since` (unix seconds)."""
 
     @abc.abstractmethod
-    def record_answer(
-        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
-    ) -> None:
-        """Add one answer to the answer log: its id, time, question, the (doc_id, version) passages it showed
-        and the rest (`body`, stored as JSON). An id already logged is an error."""
+    def record_answer(self, answer: LoggedAnswerRow, shown: Sequence[tuple[str, int]],
+                      superseded: Sequence[tuple[str, int]] = ()) -> None:  # fmt: skip
+        """Add one answer to the answer log: the row (its body stored as JSON), the (doc_id, version) passages it
+        showed the model and those a newer passage superseded. An id already logged is an error."""
+
+    @abc.abstractmethod
+    def logged_questions(self, versions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[str]]:
+        """For each (doc_id, version): the distinct questions of logged answers (replays left out) that showed
+        it to the model, oldest first: real traffic the finetuner may learn from."""
 
     @abc.abstractmethod
     def erase(self, doc_id: str) -> Erased | None:
         """Erase what is left of a DELETED document (a purge): its text, metadata and source (the row stays as a
-        bare tombstone: id, version, deleted), every version's attributes and chunk rows, its citations, and every
-        logged answer that showed or superseded it. The change log keeps its rows (ids and version numbers only:
+        bare tombstone: id, version, deleted), every version's attributes, history and chunk rows, its citations,
+        and every logged answer that showed or superseded it. The change log keeps its rows (ids and version numbers only:
         the replicas follow it). None when `doc_id` was never stored; InvalidInput when it is live."""
+
+    @abc.abstractmethod
+    def history_rows(self, *, known_at: float | None = None) -> list[HistoryRow]:
+        """Every version the history holds (acknowledged by `known_at` when given), by doc_id and version: its
+        attributes, when it was acknowledged and when it ended (the next version or a delete). Purged documents
+        have none. `indexer/history.py` cuts the "as of" / "valid at" slices from them."""
+
+    @abc.abstractmethod
+    def slice_chunks(self, versions: Sequence[HistoryRow]) -> list[tuple[HistoryRow, ChunkRow]]:
+        """The chunk rows of the given versions, current ones and replaced ones (history_chunks) alike, in order
+        of doc_id, version and ordinal, with their embeddings where stored."""
 
     @abc.abstractmethod
     def logged_answer(self, answer_id: str) -> LoggedAnswerRow | None:

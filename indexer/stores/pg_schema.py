@@ -58,11 +58,36 @@ CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS citations(doc_id TEXT NOT NULL, version BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS citations_by_doc ON citations(doc_id, version);
+CREATE TABLE IF NOT EXISTS history(
+    doc_id TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    valid_from DOUBLE PRECISION NOT NULL,
+    source TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    supersedes TEXT NOT NULL,
+    acked_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION,
+    ended_by TEXT CHECK(ended_by IN ('upsert', 'delete')),
+    PRIMARY KEY(doc_id, version)
+);
+CREATE INDEX IF NOT EXISTS history_by_time ON history(acked_at);
+CREATE TABLE IF NOT EXISTS history_chunks(
+    chunk_id BIGINT PRIMARY KEY,
+    doc_id TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    embedding BYTEA
+);
+CREATE INDEX IF NOT EXISTS history_chunks_by_doc ON history_chunks(doc_id, version);
 CREATE TABLE IF NOT EXISTS answers(
-    answer_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, question TEXT NOT NULL, body TEXT NOT NULL
+    answer_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, question TEXT NOT NULL, replay_of TEXT NOT NULL,
+    body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS answers_by_time ON answers(at);
-CREATE TABLE IF NOT EXISTS answer_passages(answer_id TEXT NOT NULL, doc_id TEXT NOT NULL, version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS answer_passages(
+    answer_id TEXT NOT NULL, doc_id TEXT NOT NULL, version BIGINT NOT NULL, shown BOOLEAN NOT NULL
+);
 CREATE INDEX IF NOT EXISTS answer_passages_by_doc ON answer_passages(doc_id);
 CREATE INDEX IF NOT EXISTS answer_passages_by_answer ON answer_passages(answer_id);
 """

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from kfresh.indexer.documents import Ack, DocumentIn
-from kfresh.indexer.rows import Applied, content_hash, vec_to_blob
+from kfresh.indexer.rows import CHUNK_COLUMNS, Applied, content_hash, vec_to_blob
 from kfresh.indexer.stores.pg_schema import CHANNEL
+
+END_VERSION = "UPDATE history SET ended_at=%s, ended_by=%s WHERE doc_id=%s AND ended_at IS NULL"  # see sqlite_writes
 
 Cursor = Any  # psycopg.Cursor; psycopg is imported only by postgres.py
 
@@ -41,6 +43,12 @@ def upsert(cur: Cursor, doc: DocumentIn, chunks: Sequence[str], now: float | Non
     cur.execute(
         "INSERT INTO versions(doc_id, version, valid_from, source, metadata, supersedes) VALUES(%s,%s,%s,%s,%s,%s)",
         (doc.id, version, valid_from, doc.source, meta, sup),
+    )
+    cur.execute(END_VERSION, (acked_at, "upsert", doc.id))
+    cur.execute(
+        "INSERT INTO history(doc_id, version, valid_from, source, metadata, supersedes, acked_at)"
+        " VALUES(%s,%s,%s,%s,%s,%s,%s)",
+        (doc.id, version, valid_from, doc.source, meta, sup, acked_at),
     )
     cur.execute(  # every chunk in one statement; ordinals from the array order
         "INSERT INTO chunks(doc_id, version, ordinal, text)"
@@ -72,6 +80,7 @@ def delete(cur: Cursor, doc_id: str, now: float | None) -> Ack:
         "UPDATE documents SET version=%s, deleted=true, acked_at=%s, indexed_at=NULL, lag_ms=NULL WHERE doc_id=%s",
         (version, acked_at, doc_id),
     )
+    cur.execute(END_VERSION, (acked_at, "delete", doc_id))
     seq = _append_change(cur, doc_id, version, "delete", acked_at)
     return Ack(id=doc_id, version=version, status="deleted", chunks=0, seq=seq, acked_at=acked_at)
 
@@ -98,12 +107,37 @@ def save_applied(cur: Cursor, applied: Sequence[Applied]) -> None:
             "UPDATE documents SET indexed_at=%s, lag_ms=%s WHERE doc_id=%s AND version=%s",
             (a.indexed_at, a.lag_ms, a.doc_id, a.version),
         )
+        cur.execute(
+            f"INSERT INTO history_chunks SELECT {CHUNK_COLUMNS} FROM chunks WHERE doc_id=%s AND version<%s"
+            " ON CONFLICT DO NOTHING",
+            (a.doc_id, a.version),
+        )
         cur.execute("DELETE FROM chunks WHERE doc_id=%s AND version<%s", (a.doc_id, a.version))
         cur.execute("DELETE FROM versions WHERE doc_id=%s AND version<%s", (a.doc_id, a.version))
 
 
+def backfill_history(cur: Cursor) -> int:
+    """A store written before history was kept: each live document's current version becomes its first history
+    row (acknowledged at its ack time, nothing ended), once, when the history is empty. Returns the rows added."""
+    if cur.execute("SELECT 1 FROM history LIMIT 1").fetchone() is not None:
+        return 0
+    return int(
+        cur.execute(
+            "INSERT INTO history(doc_id, version, valid_from, source, metadata, supersedes, acked_at)"
+            " SELECT d.doc_id, d.version, d.valid_from, d.source, d.metadata, d.supersedes, d.acked_at FROM documents d"
+            " WHERE NOT d.deleted"
+        ).rowcount
+        or 0
+    )
+
+
 def cleanup_stale(cur: Cursor) -> int:
-    """Drop chunk and version rows of superseded or deleted versions; returns the chunks dropped."""
+    """Drop chunk and version rows of superseded or deleted versions (their chunks kept in history_chunks);
+    returns the chunks dropped."""
+    cur.execute(
+        f"INSERT INTO history_chunks SELECT {', '.join('c.' + c for c in CHUNK_COLUMNS.split(', '))} FROM chunks c"
+        " JOIN documents d ON d.doc_id=c.doc_id WHERE c.version<d.version OR d.deleted ON CONFLICT DO NOTHING"
+    )
     n = cur.execute(
         "DELETE FROM chunks c USING documents d WHERE d.doc_id=c.doc_id AND (c.version<d.version OR d.deleted)"
     ).rowcount
@@ -118,6 +152,7 @@ def ensure_embedder(cur: Cursor, ident: str) -> str | None:
     row = cur.execute("SELECT value FROM meta WHERE key='embedder'").fetchone()
     if row is not None and row[0] != ident:
         cur.execute("UPDATE chunks SET embedding=NULL WHERE embedding IS NOT NULL")
+        cur.execute("UPDATE history_chunks SET embedding=NULL WHERE embedding IS NOT NULL")
         cur.execute("UPDATE documents SET indexed_at=NULL, lag_ms=NULL")
     cur.execute(
         "INSERT INTO meta(key, value) VALUES('embedder', %s) ON CONFLICT(key) DO UPDATE SET value=excluded.value",

@@ -32,6 +32,7 @@ from kfresh.indexer.rows import (
     DocRecord,
     DocState,
     Erased,
+    HistoryRow,
     LoggedAnswerRow,
     doc_record,
     vec_from_blob,
@@ -108,20 +109,35 @@ class SqlStore(DocumentStore):
         return len(pairs)
 
     @_shared
-    def record_answer(
-        self, answer_id: str, at: float, question: str, shown: Sequence[tuple[str, int]], body: dict[str, Any]
-    ) -> None:
+    def record_answer(self, answer: LoggedAnswerRow, shown: Sequence[tuple[str, int]],
+                      superseded: Sequence[tuple[str, int]] = ()) -> None:  # fmt: skip
         p = self._p
         with self._txn(serialised=False) as w:  # touches no document, version or change
             w.execute(
-                f"INSERT INTO answers(answer_id, at, question, body) VALUES({p},{p},{p},{p})",
-                (answer_id, at, question, json.dumps(body, ensure_ascii=False)),
-            )
-            if shown:
+                f"INSERT INTO answers(answer_id, at, question, replay_of, body) VALUES({p},{p},{p},{p},{p})",
+                (answer.answer_id, answer.at, answer.question, answer.replay_of,
+                 json.dumps(answer.body, ensure_ascii=False)),
+            )  # fmt: skip
+            rows = [(answer.answer_id, d, int(v), True) for d, v in shown]
+            rows += [(answer.answer_id, d, int(v), False) for d, v in superseded]
+            if rows:
                 w.executemany(
-                    f"INSERT INTO answer_passages(answer_id, doc_id, version) VALUES({p},{p},{p})",
-                    [(answer_id, d, int(v)) for d, v in shown],
+                    f"INSERT INTO answer_passages(answer_id, doc_id, version, shown) VALUES({p},{p},{p},{p})", rows
                 )
+
+    @_shared
+    def logged_questions(self, versions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[str]]:
+        wanted = set(versions)
+        query = (
+            "SELECT p.doc_id, p.version, a.question FROM answer_passages p JOIN answers a ON a.answer_id=p.answer_id"
+            " WHERE p.shown AND a.replay_of='' AND p.doc_id IN ({marks}) ORDER BY a.at"
+        )
+        out: dict[tuple[str, int], list[str]] = {}
+        for doc_id, version, question in self._fetch_in(query, [d for d, _ in wanted]):
+            key = (doc_id, int(version))
+            if key in wanted and question not in out.setdefault(key, []):
+                out[key].append(question)
+        return out
 
     @_shared
     def erase(self, doc_id: str) -> Erased | None:
@@ -137,22 +153,48 @@ class SqlStore(DocumentStore):
                 f" WHERE doc_id={p}",
                 (doc_id,),
             )
-            counts = [w.execute(f"DELETE FROM {table} WHERE doc_id={p}", (doc_id,)).rowcount
-                      for table in ("versions", "chunks", "citations")]  # fmt: skip
+            n = {table: max(int(w.execute(f"DELETE FROM {table} WHERE doc_id={p}", (doc_id,)).rowcount or 0), 0)
+                 for table in ("versions", "history", "chunks", "history_chunks", "citations")}  # fmt: skip
             shown = f"SELECT answer_id FROM answer_passages WHERE doc_id={p}"
             answers = w.execute(f"DELETE FROM answers WHERE answer_id IN ({shown})", (doc_id,)).rowcount
             w.execute(f"DELETE FROM answer_passages WHERE answer_id IN ({shown})", (doc_id,))
-        return Erased(*(max(int(n or 0), 0) for n in (*counts, answers)))
+        return Erased(n["history"], n["chunks"] + n["history_chunks"], n["citations"], max(int(answers or 0), 0))
+
+    @_shared
+    def history_rows(self, *, known_at: float | None = None) -> list[HistoryRow]:
+        query = "SELECT doc_id, version, valid_from, source, metadata, supersedes, acked_at, ended_at, ended_by FROM history"
+        params: tuple[float, ...] = ()
+        if known_at is not None:
+            query, params = query + f" WHERE acked_at<={self._p}", (known_at,)
+        return [
+            HistoryRow(r[0], int(r[1]), float(r[2]), r[3], json.loads(r[4]), tuple(json.loads(r[5])), float(r[6]),
+                       None if r[7] is None else float(r[7]), r[8])
+            for r in self._fetchall(query + " ORDER BY doc_id, version", params)
+        ]  # fmt: skip
+
+    @_shared
+    def slice_chunks(self, versions: Sequence[HistoryRow]) -> list[tuple[HistoryRow, ChunkRow]]:
+        wanted = {(r.doc_id, r.version): r for r in versions}
+        rows: list[tuple[Any, ...]] = []
+        for table in ("chunks", "history_chunks"):
+            query = "SELECT doc_id, version, chunk_id, ordinal, text, embedding FROM " + table
+            rows += self._fetch_in(query + " WHERE doc_id IN ({marks})", [d for d, _ in wanted])
+        out: dict[int, tuple[HistoryRow, ChunkRow]] = {}
+        for doc_id, version, chunk_id, ordinal, text, embedding in rows:
+            row = wanted.get((doc_id, int(version)))
+            if row is not None:
+                out[int(chunk_id)] = (row, ChunkRow(int(chunk_id), int(ordinal), text, vec_from_blob(embedding)))
+        return sorted(out.values(), key=lambda rc: (rc[0].doc_id, rc[0].version, rc[1].ordinal))
 
     @_shared
     def logged_answer(self, answer_id: str) -> LoggedAnswerRow | None:
         rows = self._fetchall(
-            f"SELECT answer_id, at, question, body FROM answers WHERE answer_id={self._p}", (answer_id,)
+            f"SELECT answer_id, at, question, replay_of, body FROM answers WHERE answer_id={self._p}", (answer_id,)
         )
         if not rows:
             return None
         r = rows[0]
-        return LoggedAnswerRow(r[0], float(r[1]), r[2], json.loads(r[3]))
+        return LoggedAnswerRow(r[0], float(r[1]), r[2], json.loads(r[4]), r[3])
 
     @_shared
     def prune_answers(self, before: float) -> int:
@@ -174,7 +216,10 @@ class SqlStore(DocumentStore):
     @_shared
     def cleanup_stale(self) -> int:
         with self._txn() as w:
+            backfilled = self._writes.backfill_history(w)
             n = self._writes.cleanup_stale(w)
+        if backfilled:
+            log.info("store.history_backfilled versions=%d (a store from before history was kept)", backfilled)
         if n:
             log.info("store.cleanup stale_chunks=%d", n)
         return n

@@ -47,7 +47,7 @@ _errors = translate_errors(sqlite3.Error, _is_full)
 def _bulk_insert(
     w: sqlite3.Connection, part: Sequence[tuple[DocumentIn, Sequence[str], np.ndarray]], at: float
 ) -> None:
-    """One batch of bulk_load: its documents, then their versions, chunks and changes (seq in the batch's order)."""
+    """One batch of bulk_load: its documents, then their versions, history, chunks and changes (seq in the batch's order)."""
     docs, versions, chunks = [], [], []
     for doc, texts, vectors in part:
         if len(texts) != len(vectors):
@@ -67,6 +67,10 @@ def _bulk_insert(
     )
     w.executemany(
         "INSERT INTO versions(doc_id, version, valid_from, source, metadata, supersedes) VALUES(?,1,?,?,?,?)", versions
+    )
+    w.executemany(
+        "INSERT INTO history(doc_id, version, valid_from, source, metadata, supersedes, acked_at) VALUES(?,1,?,?,?,?,?)",
+        [(*v, at) for v in versions],
     )
     w.executemany("INSERT INTO chunks(doc_id, version, ordinal, text, embedding) VALUES(?,1,?,?,?)", chunks)
     w.executemany("INSERT INTO changes(doc_id, version, op, at) VALUES(?,1,'upsert',?)", [(d[0], at) for d in docs])
@@ -266,6 +270,16 @@ class SqliteStore(SqlStore, errors=_errors):
         return erased
 
     # -- the finetuner's read-only view ------------------------------------------------------------
+    @_errors
+    def logged_questions(self, versions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[str]]:
+        """A store written before answers were logged has no such table: no questions."""
+        try:
+            return super().logged_questions(versions)
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return {}
+
     @_errors
     def cited_versions(self) -> set[tuple[str, int]]:
         """A store written before citations were recorded has no such table: nothing was cited."""

@@ -51,9 +51,35 @@ CREATE INDEX IF NOT EXISTS changes_by_doc ON changes(doc_id, seq);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS citations(doc_id TEXT NOT NULL, version INTEGER NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS citations_by_doc ON citations(doc_id, version);
-CREATE TABLE IF NOT EXISTS answers(answer_id TEXT PRIMARY KEY, at REAL NOT NULL, question TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS history(
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    valid_from REAL NOT NULL,
+    source TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    supersedes TEXT NOT NULL,
+    acked_at REAL NOT NULL,
+    ended_at REAL,
+    ended_by TEXT CHECK(ended_by IN ('upsert', 'delete')),
+    PRIMARY KEY(doc_id, version)
+);
+CREATE INDEX IF NOT EXISTS history_by_time ON history(acked_at);
+CREATE TABLE IF NOT EXISTS history_chunks(
+    chunk_id INTEGER PRIMARY KEY,
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS history_chunks_by_doc ON history_chunks(doc_id, version);
+CREATE TABLE IF NOT EXISTS answers(
+    answer_id TEXT PRIMARY KEY, at REAL NOT NULL, question TEXT NOT NULL, replay_of TEXT NOT NULL, body TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS answers_by_time ON answers(at);
-CREATE TABLE IF NOT EXISTS answer_passages(answer_id TEXT NOT NULL, doc_id TEXT NOT NULL, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS answer_passages(
+    answer_id TEXT NOT NULL, doc_id TEXT NOT NULL, version INTEGER NOT NULL, shown INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS answer_passages_by_doc ON answer_passages(doc_id);
 CREATE INDEX IF NOT EXISTS answer_passages_by_answer ON answer_passages(answer_id);
 """

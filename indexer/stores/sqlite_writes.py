@@ -11,7 +11,12 @@ import time
 from collections.abc import Sequence
 
 from kfresh.indexer.documents import Ack, DocumentIn
-from kfresh.indexer.rows import Applied, content_hash, vec_to_blob
+from kfresh.indexer.rows import CHUNK_COLUMNS, Applied, content_hash, vec_to_blob
+
+# History (the `history` and `history_chunks` tables): every version keeps its attributes and the system times
+# it was acknowledged and ended (by the next upsert or a delete); a replaced version's chunk rows move to
+# history_chunks instead of being lost.
+END_VERSION = "UPDATE history SET ended_at=?, ended_by=? WHERE doc_id=? AND ended_at IS NULL"
 
 
 def upsert(w: sqlite3.Connection, doc: DocumentIn, chunks: Sequence[str], now: float | None) -> Ack:
@@ -39,6 +44,12 @@ def upsert(w: sqlite3.Connection, doc: DocumentIn, chunks: Sequence[str], now: f
     w.execute(
         "INSERT INTO versions(doc_id, version, valid_from, source, metadata, supersedes) VALUES(?,?,?,?,?,?)",
         (doc.id, version, valid_from, doc.source, meta, sup),
+    )
+    w.execute(END_VERSION, (acked_at, "upsert", doc.id))
+    w.execute(
+        "INSERT INTO history(doc_id, version, valid_from, source, metadata, supersedes, acked_at)"
+        " VALUES(?,?,?,?,?,?,?)",
+        (doc.id, version, valid_from, doc.source, meta, sup, acked_at),
     )
     w.executemany(
         "INSERT INTO chunks(doc_id, version, ordinal, text, embedding) VALUES(?,?,?,?,NULL)",
@@ -68,6 +79,7 @@ def delete(w: sqlite3.Connection, doc_id: str, now: float | None) -> Ack:
         "UPDATE documents SET version=?, deleted=1, acked_at=?, indexed_at=NULL, lag_ms=NULL WHERE doc_id=?",
         (version, acked_at, doc_id),
     )
+    w.execute(END_VERSION, (acked_at, "delete", doc_id))
     seq = w.execute(
         "INSERT INTO changes(doc_id, version, op, at) VALUES(?,?,'delete',?)", (doc_id, version, acked_at)
     ).lastrowid
@@ -86,16 +98,37 @@ def save_applied(w: sqlite3.Connection, applied: Sequence[Applied]) -> None:
             "UPDATE documents SET indexed_at=?, lag_ms=? WHERE doc_id=? AND version=?",
             (a.indexed_at, a.lag_ms, a.doc_id, a.version),
         )
+        w.execute(
+            f"INSERT OR IGNORE INTO history_chunks SELECT {CHUNK_COLUMNS} FROM chunks WHERE doc_id=? AND version<?",
+            (a.doc_id, a.version),
+        )
         w.execute("DELETE FROM chunks WHERE doc_id=? AND version<?", (a.doc_id, a.version))
         w.execute("DELETE FROM versions WHERE doc_id=? AND version<?", (a.doc_id, a.version))
 
 
+def backfill_history(w: sqlite3.Connection) -> int:
+    """A store written before history was kept: each live document's current version becomes its first history
+    row (acknowledged at its ack time, nothing ended), once, when the history is empty. Returns the rows added."""
+    if w.execute("SELECT 1 FROM history LIMIT 1").fetchone() is not None:
+        return 0
+    return int(
+        w.execute(
+            "INSERT INTO history(doc_id, version, valid_from, source, metadata, supersedes, acked_at)"
+            " SELECT d.doc_id, d.version, d.valid_from, d.source, d.metadata, d.supersedes, d.acked_at FROM documents d"
+            " WHERE d.deleted=0"
+        ).rowcount
+        or 0
+    )
+
+
 def cleanup_stale(w: sqlite3.Connection) -> int:
-    """Drop chunk and version rows of superseded or deleted versions; returns the chunks dropped."""
-    n = w.execute(
-        "DELETE FROM chunks WHERE chunk_id IN (SELECT c.chunk_id FROM chunks c JOIN documents d"
-        " ON d.doc_id=c.doc_id WHERE c.version<d.version OR d.deleted=1)"
-    ).rowcount
+    """Drop chunk and version rows of superseded or deleted versions (their chunks kept in history_chunks);
+    returns the chunks dropped."""
+    stale = (
+        "SELECT c.chunk_id FROM chunks c JOIN documents d ON d.doc_id=c.doc_id WHERE c.version<d.version OR d.deleted=1"
+    )
+    w.execute(f"INSERT OR IGNORE INTO history_chunks SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_id IN ({stale})")
+    n = w.execute(f"DELETE FROM chunks WHERE chunk_id IN ({stale})").rowcount
     w.execute(
         "DELETE FROM versions WHERE rowid IN (SELECT v.rowid FROM versions v JOIN documents d"
         " ON d.doc_id=v.doc_id WHERE v.version<d.version OR d.deleted=1)"
@@ -109,6 +142,7 @@ def ensure_embedder(w: sqlite3.Connection, ident: str) -> str | None:
     changed = row is not None and row[0] != ident
     if changed:
         w.execute("UPDATE chunks SET embedding=NULL")
+        w.execute("UPDATE history_chunks SET embedding=NULL")
         w.execute("UPDATE documents SET indexed_at=NULL, lag_ms=NULL")
     w.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('embedder', ?)", (ident,))
     return row[0] if changed else None

@@ -13,6 +13,7 @@ from kfresh.cli.common import (
     client_parser,
     message_dict,
     parse_filters,
+    parse_times,
     parse_where,
     print_json,
     server_addr,
@@ -62,7 +63,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     options = {
         "k": args.k, "closed_book": args.closed_book, "max_tokens": args.max_tokens, "filter": parse_filters(args.filter),
-        "adapter": args.adapter, "where": parse_where(args),
+        "adapter": args.adapter, "where": parse_where(args), **parse_times(args),
     }  # fmt: skip
     with KfreshClient(server_addr(args), **client_options()) as client:
         text: list[str] = []
@@ -128,9 +129,11 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from kfresh.client import KfreshClient
 
     with KfreshClient(server_addr(args), **client_options()) as client:
+        times = parse_times(args)
         reply = client.retrieve(
-            args.query, k=args.k, filter=parse_filters(args.filter), where=parse_where(args), timeout=args.timeout
-        )
+            args.query, k=args.k, filter=parse_filters(args.filter), where=parse_where(args), timeout=args.timeout,
+            as_of=times.get("as_of"), valid_at=times.get("valid_at"),
+        )  # fmt: skip
     if args.json:
         print_json(message_dict(reply))
         return 0

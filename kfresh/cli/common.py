@@ -91,6 +91,21 @@ def add_filter_flags(p: argparse.ArgumentParser) -> None:
                    "repeatable: any of them)")  # fmt: skip
     p.add_argument("--since", metavar="TIME", help="valid_from at or after TIME (ISO-8601 or unix seconds)")
     p.add_argument("--until", metavar="TIME", help="valid_from before TIME (ISO-8601 or unix seconds)")
+    p.add_argument("--as-of", metavar="TIME", help="the knowledge base as it stood at TIME: versions acknowledged "
+                   "by then and not yet replaced or deleted (ISO-8601 or unix seconds)")  # fmt: skip
+    p.add_argument("--valid-at", metavar="TIME", help="what the documents say was true at TIME (world time: each "
+                   "version from its valid_from until the next one's)")  # fmt: skip
+
+
+def parse_times(args: argparse.Namespace) -> dict[str, float]:
+    """The as_of / valid_at of add_filter_flags' --as-of / --valid-at (only those given)."""
+    from kfresh.client.sources import SourceError, parse_time
+
+    try:
+        times = {"as_of": parse_time(args.as_of, "--as-of"), "valid_at": parse_time(args.valid_at, "--valid-at")}
+    except SourceError as exc:
+        raise SystemExit(str(exc).replace("valid_from ", "")) from None
+    return {k: v for k, v in times.items() if v is not None}
 
 
 def parse_where(args: argparse.Namespace) -> Any:

@@ -72,7 +72,16 @@ def where(
 
 def _answer_request(question: str, **kw: Any) -> pb.AnswerRequest:
     filters = kw.pop("filter", None) or {}
-    return pb.AnswerRequest(question=question, filter=filters, **{k: v for k, v in kw.items() if v is not None})
+    times = _times(kw.pop("as_of", None), kw.pop("valid_at", None))
+    return pb.AnswerRequest(
+        question=question, filter=filters, **times, **{k: v for k, v in kw.items() if v is not None}
+    )
+
+
+def _times(as_of: float | None, valid_at: float | None) -> dict[str, Any]:
+    """The as_of / valid_at Timestamp fields of a request (unix seconds in; unset when None)."""
+    return {name: to_timestamp(value) for name, value in (("as_of", as_of), ("valid_at", valid_at))
+            if value is not None}  # fmt: skip
 
 
 def tls_credentials(
@@ -249,18 +258,23 @@ class KfreshClient:
         filter: dict[str, str] | None = None,
         where: pb.Filter | None = None,
         min_seq: int = 0,
+        as_of: float | None = None,
+        valid_at: float | None = None,
         timeout: float | None = None,
     ) -> pb.RetrieveResponse:
         """The best k chunks among those matching `filter` (metadata equalities) and `where` (see `where()`).
-        `min_seq`: wait until the server has applied that change (an ack's seq; see `Session`)."""
-        return self._stub.Retrieve(
-            pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq), timeout=timeout
+        `min_seq`: wait until the server has applied that change (an ack's seq; see `Session`).
+        `as_of` / `valid_at` (unix seconds): the knowledge base as it stood then / what was true then."""
+        request = pb.RetrieveRequest(
+            query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq, **_times(as_of, valid_at)
         )
+        return self._stub.Retrieve(request, timeout=timeout)
 
     def answer(self, question: str, *, timeout: float | None = None, **options: Any) -> Iterator[pb.AnswerResponse]:
         """Stream an answer: events with `delta` text, then one with `done` (citations, timings).
 
-        Options: k, filter, where (see `where()`), closed_book, max_tokens, temperature, adapter, min_seq.
+        Options: k, filter, where (see `where()`), closed_book, max_tokens, temperature, adapter, min_seq,
+        as_of / valid_at (unix seconds: answer from the knowledge base as it stood then / what was true then).
         """
         return self._stub.Answer(_answer_request(question, **options), timeout=timeout)
 
@@ -414,9 +428,13 @@ class AsyncKfreshClient:
         filter: dict[str, str] | None = None,
         where: pb.Filter | None = None,
         min_seq: int = 0,
+        as_of: float | None = None,
+        valid_at: float | None = None,
         timeout: float | None = None,
     ) -> pb.RetrieveResponse:
-        request = pb.RetrieveRequest(query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq)
+        request = pb.RetrieveRequest(
+            query=query, k=k, filter=filter or {}, where=where, min_seq=min_seq, **_times(as_of, valid_at)
+        )
         return await self._stub.Retrieve(request, timeout=timeout)
 
     def answer(

@@ -40,6 +40,8 @@ def chunk_to_document(chunk: pb.Chunk) -> Document:
     metadata: dict[str, Any] = dict(chunk.metadata)
     metadata.update(doc_id=chunk.doc_id, version=chunk.version, chunk_id=chunk.chunk_id, ordinal=chunk.ordinal,
                     source=chunk.source, score=chunk.score, valid_from=chunk.valid_from.ToDatetime().isoformat())  # fmt: skip
+    if chunk.HasField("acked_at"):
+        metadata["acked_at"] = chunk.acked_at.ToDatetime().isoformat()
     return Document(page_content=chunk.text, metadata=metadata, id=f"{chunk.doc_id}#{chunk.chunk_id}")
 
 
@@ -58,6 +60,8 @@ class KfreshRetriever(BaseRetriever):
         default_factory=dict,
         description="More conditions, as kfresh.client.where() takes them: any_of, source, valid_from_min/max.",
     )
+    as_of: float | None = Field(None, description="Unix seconds: the knowledge base as it stood then (history).")
+    valid_at: float | None = Field(None, description="Unix seconds: what the documents say was true then.")
     timeout: float | None = 30.0
     client_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -66,7 +70,8 @@ class KfreshRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         with KfreshClient(self.addr, **self.client_options) as client:
-            reply = client.retrieve(query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout)
+            reply = client.retrieve(query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout,
+                                    as_of=self.as_of, valid_at=self.valid_at)  # fmt: skip
         return [chunk_to_document(c) for c in reply.chunks]
 
     async def _aget_relevant_documents(
@@ -74,8 +79,9 @@ class KfreshRetriever(BaseRetriever):
     ) -> list[Document]:
         async with AsyncKfreshClient(self.addr, **self.client_options) as client:
             reply = await client.retrieve(
-                query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout
-            )
+                query, k=self.k, filter=self.filter, where=self._where(), timeout=self.timeout, as_of=self.as_of,
+                valid_at=self.valid_at,
+            )  # fmt: skip
         return [chunk_to_document(c) for c in reply.chunks]
 
 
@@ -89,6 +95,8 @@ class ChatKfresh(BaseChatModel):
     adapter: str = Field("", description="Adapter version; '' = the served one, 'none' = the base model.")
     closed_book: bool = False
     filter: dict[str, str] = Field(default_factory=dict)
+    as_of: float | None = Field(None, description="Unix seconds: answer from the knowledge base as it stood then.")
+    valid_at: float | None = Field(None, description="Unix seconds: answer from what was true then.")
     timeout: float | None = 300.0
     client_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -102,7 +110,8 @@ class ChatKfresh(BaseChatModel):
 
     def _options(self) -> dict[str, Any]:
         return {"k": self.k, "max_tokens": self.max_tokens, "temperature": self.temperature, "adapter": self.adapter,
-                "closed_book": self.closed_book, "filter": self.filter}  # fmt: skip
+                "closed_book": self.closed_book, "filter": self.filter, "as_of": self.as_of,
+                "valid_at": self.valid_at}  # fmt: skip
 
     def _generate(
         self, messages: list[BaseMessage], stop: list[str] | None = None,

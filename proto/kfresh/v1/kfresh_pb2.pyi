@@ -122,7 +122,7 @@ class Filter(_message.Message):
     def __init__(self, equals: _Optional[_Mapping[str, str]] = ..., any_of: _Optional[_Mapping[str, StringList]] = ..., source: _Optional[_Iterable[str]] = ..., valid_from_min: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_from_max: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "k", "filter", "where", "min_seq")
+    __slots__ = ("query", "k", "filter", "where", "min_seq", "as_of", "valid_at")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,15 +135,19 @@ class RetrieveRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    VALID_AT_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     filter: _containers.ScalarMap[str, str]
     where: Filter
     min_seq: int
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    as_of: _timestamp_pb2.Timestamp
+    valid_at: _timestamp_pb2.Timestamp
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("doc_id", "version", "chunk_id", "ordinal", "text", "score", "source", "valid_from", "metadata")
+    __slots__ = ("doc_id", "version", "chunk_id", "ordinal", "text", "score", "source", "valid_from", "metadata", "acked_at")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +164,7 @@ class Chunk(_message.Message):
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     VALID_FROM_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
     doc_id: str
     version: int
     chunk_id: int
@@ -169,7 +174,8 @@ class Chunk(_message.Message):
     source: str
     valid_from: _timestamp_pb2.Timestamp
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, doc_id: _Optional[str] = ..., version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., ordinal: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    acked_at: _timestamp_pb2.Timestamp
+    def __init__(self, doc_id: _Optional[str] = ..., version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., ordinal: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("chunks", "retrieval_ms", "all_matches")
@@ -182,7 +188,7 @@ class RetrieveResponse(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., retrieval_ms: _Optional[float] = ..., all_matches: _Optional[bool] = ...) -> None: ...
 
 class AnswerRequest(_message.Message):
-    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter", "where", "min_seq")
+    __slots__ = ("question", "k", "filter", "closed_book", "max_tokens", "temperature", "adapter", "where", "min_seq", "as_of", "valid_at")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +205,8 @@ class AnswerRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     MIN_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    VALID_AT_FIELD_NUMBER: _ClassVar[int]
     question: str
     k: int
     filter: _containers.ScalarMap[str, str]
@@ -208,10 +216,12 @@ class AnswerRequest(_message.Message):
     adapter: str
     where: Filter
     min_seq: int
-    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ...) -> None: ...
+    as_of: _timestamp_pb2.Timestamp
+    valid_at: _timestamp_pb2.Timestamp
+    def __init__(self, question: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., closed_book: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., adapter: _Optional[str] = ..., where: _Optional[_Union[Filter, _Mapping]] = ..., min_seq: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("index", "doc_id", "version", "source", "valid_from", "score", "text", "primary")
+    __slots__ = ("index", "doc_id", "version", "source", "valid_from", "score", "text", "primary", "acked_at")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +230,7 @@ class Citation(_message.Message):
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    ACKED_AT_FIELD_NUMBER: _ClassVar[int]
     index: int
     doc_id: str
     version: int
@@ -228,7 +239,8 @@ class Citation(_message.Message):
     score: float
     text: str
     primary: bool
-    def __init__(self, index: _Optional[int] = ..., doc_id: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., primary: _Optional[bool] = ...) -> None: ...
+    acked_at: _timestamp_pb2.Timestamp
+    def __init__(self, index: _Optional[int] = ..., doc_id: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., primary: _Optional[bool] = ..., acked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("retrieval_ms", "time_to_first_token_ms", "total_ms")
