@@ -25,12 +25,13 @@ SUITES = (
     "transfer",
     "knowledge_news",
     "filters",
+    "history",
 )
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
             "replicas": "ReplicasOptions", "reading": "ReadingOptions",
             "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions",
-            "filters": "FiltersOptions"}  # fmt: skip
+            "filters": "FiltersOptions", "history": "HistoryOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:

@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from kfresh.core.config import KfreshConfig
 from kfresh.server.app import running_server
 
@@ -64,3 +66,27 @@ def answer_once(client: Any, question: str, **options: Any) -> tuple[str, Any]:
             text.append(event.delta)
     assert done is not None, "stream ended without the final message"
     return "".join(text), done
+
+
+def token_server(loop_runner: Any, backend: Any, tmp: Path, tokens: str, **over: Any) -> ServerHandle:
+    """A server whose token file (under `tmp`) holds `tokens` (`TOKEN SCOPES [KEY=VALUE]` lines)."""
+    path = tmp / "tokens"
+    path.write_text(tokens)
+    return ServerHandle(loop_runner, server_config(tmp, server__auth_tokens_file=path, **over), backend)
+
+
+def store_bytes(server: ServerHandle) -> bytes:
+    """Every byte of the server's SQLite store files (the database, its WAL and shared memory)."""
+    db = Path(server.runtime.cfg.store.path)
+    return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+
+
+def status_of(call: Any) -> grpc.StatusCode:
+    """The status a client call ends with (a stream is read to its end); OK when it succeeds."""
+    try:
+        result = call()
+        if hasattr(result, "__next__"):
+            list(result)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

@@ -11,8 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
-from server_helper import ServerHandle, server_config
+from server_helper import ServerHandle, store_bytes, token_server
 from server_helper import answer_once as _answer
+from server_helper import status_of as _code
 
 from kfresh.client import KfreshClient, document
 from kfresh.indexer.rows import LoggedAnswerRow
@@ -55,10 +56,8 @@ def test_store_logs_reads_and_prunes_answers(tmp_path: Path, pg_dsn: str) -> Non
 
 @pytest.fixture(scope="module")
 def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    tmp = tmp_path_factory.mktemp("answer_log")
-    tokens = tmp / "tokens"
-    tokens.write_text(f"{ADMIN} admin\n{ACME} admin tenant=acme\n{GLOBEX} admin tenant=globex\n{READER} read\n")
-    handle = ServerHandle(engine_loop, server_config(tmp, server__auth_tokens_file=tokens), vllm_backend)
+    tokens = f"{ADMIN} admin\n{ACME} admin tenant=acme\n{GLOBEX} admin tenant=globex\n{READER} read\n"
+    handle = token_server(engine_loop, vllm_backend, tmp_path_factory.mktemp("answer_log"), tokens)
     yield handle
     handle.stop()
 
@@ -76,14 +75,6 @@ def _replay(client: KfreshClient, answer_id: str) -> tuple[str, Any]:
             text.append(event.delta)
     assert done is not None
     return "".join(text), done
-
-
-def _code(call: Any) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    raise AssertionError("the call succeeded")
 
 
 @pytest.mark.slow
@@ -146,8 +137,7 @@ def test_tokens_are_never_logged_and_tenants_see_only_theirs(server: ServerHandl
             assert _code(lambda: reader.get_answer(done.answer_id)) == grpc.StatusCode.PERMISSION_DENIED
             assert _code(lambda: list(reader.replay_answer(done.answer_id))) == grpc.StatusCode.PERMISSION_DENIED
     time.sleep(0.2)
-    db = server.runtime.cfg.store.path
-    stored = b"".join(p.read_bytes() for p in Path(db).parent.glob(Path(db).name + "*"))
+    stored = store_bytes(server)
     assert b"When does Acme" in stored  # the log is in this file ...
     for token in (ADMIN, ACME, GLOBEX, READER):
         assert token.encode() not in stored  # ... and no token is

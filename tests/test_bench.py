@@ -101,6 +101,16 @@ def test_backends_quick_runs_faiss_torch_and_milvus_on_the_same_vectors(tmp_path
     assert data["summary"][str(size["size"])]["torch_vs_faiss-flat_p50"] > 0
 
 
+@pytest.mark.slow
+def test_history_quick_times_every_mode_and_sizes_the_history(tmp_path):
+    data = assert_well_formed(run_suite("history", quick=True, out=tmp_path), "history")
+    (run,) = data["raw"]["runs"]
+    assert all(len(ms) == 3 for ms in run["ms"].values())
+    assert all(n == 10 for mode in ("live", "as_of", "valid_at") for n in run["hits"][mode])  # k of 300 documents
+    one, both = run["bytes_by_versions"]
+    assert both > one  # the replaced versions are kept
+
+
 def test_replicas_quick_measures_both_replicas(tmp_path, pg_dsn):
     data = assert_well_formed(run_suite("replicas", quick=True, out=tmp_path, overrides={"dsn": pg_dsn}), "replicas")
     assert len(data["raw"]["lag_a_ms"]) == len(data["raw"]["lag_b_ms"]) == 4

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from server_helper import ServerHandle, server_config
+from server_helper import ServerHandle, store_bytes, token_server
 from server_helper import answer_once as _answer
+from server_helper import status_of as _code
 
 from kfresh.client import KfreshClient, document
 from kfresh.indexer.snapshot import read_snapshot, snapshot_path
@@ -26,29 +26,15 @@ SECRETS = (b"Quorvantis", b"Ashgrove", b"Tilbury")
 
 @pytest.fixture(scope="module")
 def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    tmp = tmp_path_factory.mktemp("purge")
-    tokens = tmp / "tokens"
-    tokens.write_text(f"{ADMIN} admin\n{WRITER} write\n")
-    handle = ServerHandle(engine_loop, server_config(tmp, server__auth_tokens_file=tokens), vllm_backend)
+    handle = token_server(
+        engine_loop, vllm_backend, tmp_path_factory.mktemp("purge"), f"{ADMIN} admin\n{WRITER} write\n"
+    )
     yield handle
     handle.stop()
 
 
 def _client(server: ServerHandle, token: str = ADMIN) -> KfreshClient:
     return KfreshClient(f"127.0.0.1:{server.port}", token=token)
-
-
-def _store_bytes(server: ServerHandle) -> bytes:
-    db = Path(server.runtime.cfg.store.path)
-    return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
-
-
-def _code(call: Any) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    raise AssertionError("the call succeeded")
 
 
 def test_purge_erases_every_version_and_the_answers_that_showed_it(server: ServerHandle) -> None:
@@ -67,13 +53,13 @@ def test_purge_erases_every_version_and_the_answers_that_showed_it(server: Serve
         admin.get_answer(about_pilot.answer_id)  # logged (the write in flight is waited for)
 
         writer.delete("pilot")
-        assert b"Tilbury" in _store_bytes(server)  # a plain delete keeps the last text (a tombstone)
+        assert b"Tilbury" in store_bytes(server)  # a plain delete keeps the last text (a tombstone)
         assert _code(lambda: writer.purge("pilot")) == grpc.StatusCode.PERMISSION_DENIED  # purge takes admin
 
         reply = admin.purge("pilot")
         assert (reply.version, reply.seq) == (0, 0)  # already deleted: nothing new in the change log
         assert reply.answers >= 1 and reply.snapshot_written
-        stored = _store_bytes(server)
+        stored = store_bytes(server)
         assert not [s for s in SECRETS if s in stored], "purged text is still in the store files"
         assert _code(lambda: admin.get_answer(about_pilot.answer_id)) == grpc.StatusCode.NOT_FOUND
         assert admin.get_answer(about_ferry.answer_id).citations[0].doc_id == "ferry"  # others stay
@@ -94,6 +80,6 @@ def test_purge_of_a_live_document_deletes_it_and_rewrites_the_snapshot(server: S
         header, _, map_bytes = read_snapshot(snapshot_path(server.runtime.cfg.index.snapshot_dir))
         assert header["applied_seq"] >= reply.seq and b"sister" not in bytes(map_bytes)
         time.sleep(0.1)
-        stored = _store_bytes(server)
+        stored = store_bytes(server)
         assert not [s for s in SECRETS if s in stored]
         assert admin.stats().deleted >= 1

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from indexer_helper import doc_text
 from server_helper import ServerHandle, server_config
+from server_helper import status_of as _code
 from test_security import CannedBackend
 
 from kfresh.client import KfreshClient, document, where
@@ -74,16 +75,6 @@ def tenant_server(engine_loop: Any, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _client(server: ServerHandle, token: str) -> KfreshClient:
     return KfreshClient(f"127.0.0.1:{server.port}", token=token)
-
-
-def _code(call: Any) -> grpc.StatusCode:
-    try:
-        result = call()
-        if hasattr(result, "__next__"):
-            list(result)
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def test_tenants_see_write_and_delete_only_their_own(tenant_server: ServerHandle) -> None:

@@ -30,10 +30,10 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def _ask(client: object, question: str) -> str:
-    print(f"\nQ: {question}\nA: ", end="", flush=True)
+def _ask(client: object, question: str, label: str = "", **options: float) -> str:
+    print(f"\nQ{label}: {question}\nA: ", end="", flush=True)
     parts: list[str] = []
-    for event in client.answer(question, timeout=120):  # type: ignore[attr-defined]
+    for event in client.answer(question, timeout=120, **options):  # type: ignore[attr-defined]
         if event.HasField("done"):
             print()
             print_citations(event.done)
@@ -110,6 +110,7 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
             _wait_searchable(client, "ferry to Lenn Island pier", "harbor-ferry", 1)
             for q in QUESTIONS:
                 _ask(client, q)
+            day1_known = time.time()  # the knowledge base as it stands at the end of day 1
 
             _banner("4/5 day 2: a new ferry timetable (upsert) and a council recount (a correcting document)")
             _ingest(client, "port_avel_day2.jsonl")
@@ -117,6 +118,10 @@ def run_demo(cfg: KfreshConfig, *, keep: bool = False) -> int:
             _wait_searchable(client, "mayor of Port Avel", "mayor-recount", 1)
             for q in QUESTIONS:
                 _ask(client, q)
+            print(
+                "\n  Every version is kept: the same question over the knowledge base as it stood at the end of day 1"
+            )
+            _ask(client, QUESTIONS[1], " (as of day 1)", as_of=day1_known)
 
             _banner("5/5 server stats")
             stats = client.stats()
