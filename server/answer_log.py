@@ -57,6 +57,11 @@ class AnswerRecord:
     as_of: float | None = None  # the history slice the answer read, when it asked for one
     valid_at: float | None = None
 
+    @property
+    def primary_hit(self) -> Hit | None:
+        """The passage that won a conflict, if any."""
+        return self.passages[self.primary] if 0 <= self.primary < len(self.passages) else None
+
     def body(self) -> dict[str, Any]:
         """Everything but id, time and question (their own columns), as JSON values."""
         body = asdict(self)

@@ -105,7 +105,7 @@ class Answerer:
             question=rec.question, k=rec.k, filters=Filter(), closed_book=rec.closed_book, max_tokens=rec.max_tokens,
             temperature=rec.temperature, adapter=rec.adapter or "none", tenant=rec.tenant,
         )  # fmt: skip
-        primary = rec.passages[rec.primary] if 0 <= rec.primary < len(rec.passages) else None
+        primary = rec.primary_hit
         read = Reading(list(rec.passages), list(rec.superseded), primary, 0.0)
         known = get_args(PromptFormat)
         style = cast(PromptFormat, rec.prompt_format if rec.prompt_format in known else self._cfg.prompt_format)

@@ -102,7 +102,7 @@ def answer_event(event: AnswerDelta | AnswerResult) -> pb.AnswerResponse:
 
 
 def logged_answer(rec: AnswerRecord) -> pb.LoggedAnswer:
-    primary = rec.passages[rec.primary] if 0 <= rec.primary < len(rec.passages) else None
+    primary = rec.primary_hit
     return pb.LoggedAnswer(
         id=rec.id, at=to_timestamp(rec.at), question=rec.question, answer=rec.answer, model=rec.model,
         adapter=rec.adapter, finish_reason=rec.finish_reason, output_tokens=rec.output_tokens,

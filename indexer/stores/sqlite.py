@@ -76,6 +76,17 @@ def _bulk_insert(
     w.executemany("INSERT INTO changes(doc_id, version, op, at) VALUES(?,1,'upsert',?)", [(d[0], at) for d in docs])
 
 
+@contextmanager
+def _table_may_be_missing() -> Iterator[None]:
+    """Swallow "no such table": a read-only view of a store written before that table existed (the caller then
+    returns its empty answer); any other error passes."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+
+
 def connect_read_only(path: Path) -> sqlite3.Connection:
     """A connection that cannot write (SQLite's mode=ro), with a busy timeout for the server's WAL commits."""
     if not Path(path).is_file():
@@ -273,19 +284,13 @@ class SqliteStore(SqlStore, errors=_errors):
     @_errors
     def logged_questions(self, versions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[str]]:
         """A store written before answers were logged has no such table: no questions."""
-        try:
+        with _table_may_be_missing():
             return super().logged_questions(versions)
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
-                raise
-            return {}
+        return {}
 
     @_errors
     def cited_versions(self) -> set[tuple[str, int]]:
         """A store written before citations were recorded has no such table: nothing was cited."""
-        try:
+        with _table_may_be_missing():
             return super().cited_versions()
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
-                raise
-            return set()
+        return set()
