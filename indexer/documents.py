@@ -75,6 +75,16 @@ class LagStats:
 
 
 @dataclass(frozen=True)
+class HistoryStats:
+    """The history's size (every version kept) and the time-slice searches' latency."""
+
+    versions: int = 0  # history rows: every version acknowledged and not purged
+    replaced_chunks: int = 0  # chunk rows of replaced versions (history_chunks)
+    memory_bytes: int = 0  # the in-memory copy time-slice searches use (0 until the first one)
+    slice_search: LagStats = field(default_factory=LagStats)
+
+
+@dataclass(frozen=True)
 class IndexStats:
     documents: int
     chunks: int
@@ -85,3 +95,4 @@ class IndexStats:
     freshness: LagStats
     embedder: str
     index_kind: str
+    history: HistoryStats = field(default_factory=HistoryStats)

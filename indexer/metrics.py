@@ -30,5 +30,15 @@ class IndexerCollector(Collector):
             ("kfresh_documents", "Live documents.", stats.documents),
             ("kfresh_chunks", "Live chunks.", stats.chunks),
             ("kfresh_indexed_vectors", "Vectors in the search index.", stats.indexed_vectors),
+            (
+                "kfresh_history_versions",
+                "Versions the history keeps (every version not purged).",
+                stats.history.versions,
+            ),
+            (
+                "kfresh_history_memory_bytes",
+                "Memory of the in-memory history copy 'as of' / 'valid at' searches use.",
+                stats.history.memory_bytes,
+            ),
         ):
             yield GaugeMetricFamily(name, doc, value=float(value))

@@ -17,16 +17,16 @@ from dataclasses import replace
 
 import numpy as np
 
+from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
-from kfresh.indexer.documents import Ack, DocumentIn, Hit, IndexStats, WriteOp
+from kfresh.indexer.documents import Ack, DocumentIn, HistoryStats, Hit, IndexStats, WriteOp
 from kfresh.indexer.embedding.embedder import Embedder, create_embedder
 from kfresh.indexer.filters import Filter, as_filter
 from kfresh.indexer.follower import ChangeFollower, follow_enabled
 from kfresh.indexer.freshness import LagRing, RateMeter
-from kfresh.indexer.history import search_slice
 from kfresh.indexer.query_cache import QueryEmbeddings
 from kfresh.indexer.queue import Pending, WorkQueue
 from kfresh.indexer.recovery import recover_index
@@ -35,6 +35,7 @@ from kfresh.indexer.search import search_index
 from kfresh.indexer.snapshot import SnapshotWriter, write_snapshot
 from kfresh.indexer.state import IndexState, SeqTracker
 from kfresh.indexer.stores import DocumentStore, StoreError, open_store
+from kfresh.indexer.timeline import Timeline, TimelineStats
 from kfresh.indexer.worker import Worker
 
 log = logging.getLogger("kfresh.indexer")
@@ -59,7 +60,11 @@ class Indexer:
         self._tracker = SeqTracker(0)
         self._lags = LagRing()
         self._ingest_rate = RateMeter()
-        self._counts: tuple[int, tuple[int, int, int]] | None = None  # (change-log seq, store.counts()) for stats()
+        # (change-log seq, store.counts(), store.history_counts()) for stats()
+        self._counts: tuple[int, tuple[int, int, int], tuple[int, int]] | None = None
+        self._timeline: Timeline | None = None  # the history in memory, built by the first time-slice search
+        self._timeline_lock = threading.Lock()
+        self._slice_ms = LagRing(1000)  # time-slice search latencies (ms), for stats()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -313,7 +318,7 @@ class Indexer:
         """Top-k chunks for `query` among the newest indexed versions that `filters` selects (a Filter, or a map
         of metadata equalities): the exact filtered top k on exact indexes, whatever share matches.
         k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None.
-        `as_of` / `valid_at` (unix seconds): search that slice of the history instead (`indexer/history.py`):
+        `as_of` / `valid_at` (unix seconds): search that slice of the history instead (`indexer/timeline.py`):
         the knowledge base as it stood at `as_of`, what the documents say was true at `valid_at`; an exact scan."""
         store, _ = self._require_started()
         validation.check_query(query, self.cfg.retrieval)
@@ -322,11 +327,33 @@ class Indexer:
         vec = self.query_embeddings.encode(query)
         if as_of is None and valid_at is None:
             return self._search(vec, k, chosen, with_vectors)
+        return self._search_slice(store, vec, k, chosen, as_of=as_of, valid_at=valid_at, with_vectors=with_vectors)
+
+    def _search_slice(self, store: DocumentStore, q: np.ndarray, k: int, filters: Filter, *, as_of: float | None,
+                      valid_at: float | None, with_vectors: bool) -> list[Hit]:  # fmt: skip
+        """The exact top k of the history's slice (`timeline.py`), its texts read from the store."""
+        started = time.perf_counter()
+        with self._timeline_lock:
+            if self._timeline is None:
+                self._timeline = Timeline(self.embedder.dim)
+            timeline = self._timeline
         try:
-            return search_slice(store, self.embedder, vec, k, chosen, as_of=as_of, valid_at=valid_at,
-                                with_vectors=with_vectors)  # fmt: skip
+            timeline.refresh(store, self.embedder)
+            found = timeline.search(q, k, filters, as_of=as_of, valid_at=valid_at)
+            texts = store.chunk_texts([h.chunk_id for h in found])
         except StoreError as exc:
             raise Unavailable(f"the document store is unavailable: {exc}") from exc
+        hits = [
+            Hit(doc_id=h.row.doc_id, version=h.row.version, chunk_id=h.chunk_id, ordinal=h.ordinal,
+                text=texts[h.chunk_id], score=h.score, source=h.row.source, valid_from=h.row.valid_from,
+                metadata=dict(h.row.metadata), supersedes=h.row.supersedes,
+                vector=h.vector if with_vectors else None, acked_at=h.row.acked_at)
+            for h in found if h.chunk_id in texts  # a chunk purged since the search is left out
+        ]  # fmt: skip
+        elapsed = time.perf_counter() - started
+        self._slice_ms.record(elapsed * 1000)
+        metrics.TIME_SLICE_DURATION.observe(elapsed)
+        return hits
 
     def search_vector(
         self, vec: np.ndarray, k: int, filters: Filter | Mapping[str, str] | None = None, *, with_vectors: bool = False
@@ -372,9 +399,10 @@ class Indexer:
             docs = state.meta.matching(chosen)
             return len(docs), sum(len(state.docmap.ids(d)) for d in docs)
 
-    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        """The acknowledged metadata of each live document among `doc_ids` (deleted and unknown ones are absent)."""
-        return self._require_started()[0].live_metadata(doc_ids)
+    def live_metadata(self, doc_ids: Sequence[str], *, deleted_too: bool = False) -> dict[str, dict[str, str]]:
+        """The acknowledged metadata of each live document among `doc_ids` (unknown ones are absent; deleted ones
+        too unless `deleted_too`: then a tombstone's last metadata, {} once purged)."""
+        return self._require_started()[0].live_metadata(doc_ids, deleted_too=deleted_too)
 
     def supersedes_of(self, doc_ids: Sequence[str]) -> dict[str, list[str]]:
         return self._require_started()[0].supersedes_of(doc_ids)
@@ -427,8 +455,11 @@ class Indexer:
         seq = store.max_seq()  # every change (from any replica) appends to the log: same seq, same counts
         cached = self._counts
         if cached is None or cached[0] != seq:
-            cached = self._counts = (seq, store.counts())
+            cached = self._counts = (seq, store.counts(), store.history_counts())
         live, chunks, deleted = cached[1]
+        timeline = self._timeline.stats() if self._timeline is not None else TimelineStats(0, 0, 0)
+        history = HistoryStats(versions=cached[2][0], replaced_chunks=cached[2][1], memory_bytes=timeline.bytes,
+                               slice_search=self._slice_ms.stats())  # fmt: skip
         return IndexStats(
             documents=live,
             chunks=chunks,
@@ -439,6 +470,7 @@ class Indexer:
             freshness=self._lags.stats(),
             embedder=self.embedder.name,
             index_kind=state.index.kind,
+            history=history,
         )
 
 

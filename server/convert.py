@@ -12,7 +12,7 @@ from kfresh.finetuner.pairs import is_pair
 from kfresh.finetuner.registry import AdapterManifest
 from kfresh.finetuner.review import ReviewItem
 from kfresh.finetuner.scheduler import DistillOutcome, DistillScheduler
-from kfresh.indexer.documents import Ack, Hit, IndexStats
+from kfresh.indexer.documents import Ack, Hit, IndexStats, LagStats
 from kfresh.server.adapters import AdapterChange
 from kfresh.server.answer_log import AnswerRecord
 from kfresh.server.answerer import AnswerDelta, AnswerResult
@@ -116,6 +116,12 @@ def logged_answer(rec: AnswerRecord) -> pb.LoggedAnswer:
     )  # fmt: skip
 
 
+def lag_to_proto(lag: LagStats) -> pb.LagPercentiles:
+    return pb.LagPercentiles(
+        p50_ms=lag.p50_ms, p95_ms=lag.p95_ms, p99_ms=lag.p99_ms, max_ms=lag.max_ms, count=lag.count
+    )
+
+
 def stats_to_proto(
     stats: IndexStats,
     *,
@@ -126,7 +132,6 @@ def stats_to_proto(
     adapter: str = "",
     distiller: DistillScheduler | None = None,
 ) -> pb.StatsResponse:
-    lag = stats.freshness
     return pb.StatsResponse(
         documents=stats.documents,
         chunks=stats.chunks,
@@ -134,9 +139,7 @@ def stats_to_proto(
         deleted=stats.deleted,
         indexed_vectors=stats.indexed_vectors,
         ingest_docs_per_s=stats.ingest_docs_per_s,
-        freshness=pb.LagPercentiles(
-            p50_ms=lag.p50_ms, p95_ms=lag.p95_ms, p99_ms=lag.p99_ms, max_ms=lag.max_ms, count=lag.count
-        ),
+        freshness=lag_to_proto(stats.freshness),
         embedder=stats.embedder,
         index_kind=stats.index_kind,
         model=model,
@@ -144,6 +147,12 @@ def stats_to_proto(
         generation_backend=backend,
         model_ready=model_ready,
         uptime_s=uptime_s,
+        history=pb.HistoryStats(
+            versions=stats.history.versions,
+            replaced_chunks=stats.history.replaced_chunks,
+            memory_bytes=stats.history.memory_bytes,
+            slice_search=lag_to_proto(stats.history.slice_search),
+        ),
         distill=distill_summary(distiller) if distiller is not None else None,
     )
 

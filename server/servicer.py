@@ -147,7 +147,11 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         validation.reject_unknown_fields(request)
         doc_id = validation.check_doc_id(request.id)
         indexer = self._rt.require_indexer()
-        await self._check_owner(indexer, doc_id, context)
+        binding = self._rt.binding(context)
+        if binding:  # a deleted document is still its tenant's to purge, and never another tenant's
+            stored = await asyncio.to_thread(functools.partial(indexer.live_metadata, [doc_id], deleted_too=True))
+            if doc_id not in stored or not tenancy.owns(stored[doc_id], binding):
+                raise NotFound(f"document {doc_id!r} does not exist")
         result = await purge.purge(indexer, doc_id, self._rt.review(), timeout_s=PURGE_WAIT_S)
         return convert.purge_response(result)
 

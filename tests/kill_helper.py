@@ -213,6 +213,10 @@ class KillHarness:
                 )
             elif hit.version == m.acked_version and rev != m.acked_rev:
                 self.report.half_applied.append(f"{doc_id}: v{hit.version} holds r{rev}, acked r{m.acked_rev}")
+            elif self.rng.random() < 0.25:  # the history (issue 19): "as of now" serves that same version
+                past = client.retrieve(query, k=1, filter={"doc": doc_id}, as_of=time.time(), timeout=30).chunks
+                if not past or (past[0].version, past[0].text) != (hit.version, hit.text):
+                    self.report.lost.append(f"{doc_id}: as_of now serves {[(c.version, c.text) for c in past]}")
             return
 
     def _check_rows(self) -> None:
@@ -230,10 +234,12 @@ class KillHarness:
                 " (SELECT 1 FROM chunks c WHERE c.doc_id=d.doc_id AND c.version=d.version)"
             ).fetchall()
             rows = conn.execute("SELECT doc_id, version, deleted, text FROM documents").fetchall()
+            history = _history_faults(conn)
         finally:
             conn.close()
         self.report.half_applied += [f"orphan chunk {d} v{v}" for d, v in orphans]
         self.report.half_applied += [f"live {d} without chunks" for (d,) in empty]
+        self.report.half_applied += history
         with self.lock:
             for doc_id, version, deleted, text in rows:
                 m = self.docs.get(doc_id)
@@ -248,6 +254,30 @@ class KillHarness:
             present = {r[0] for r in rows}
             self.report.lost += [f"{d}: acknowledged but absent from the store" for d, m in self.docs.items()
                                  if m.acked_version and d not in present]  # fmt: skip
+
+
+def _history_faults(conn: sqlite3.Connection) -> list[str]:
+    """The history written in the versions' own transactions (issue 19): every live document's current version
+    is its one open history row, a deleted document has none open, and every version kept has its chunk rows
+    (current, or moved to history_chunks)."""
+    unopened = conn.execute(
+        "SELECT d.doc_id, d.version FROM documents d WHERE d.deleted=0 AND NOT EXISTS (SELECT 1 FROM history h"
+        " WHERE h.doc_id=d.doc_id AND h.version=d.version AND h.ended_at IS NULL)"
+    ).fetchall()
+    open_rows = conn.execute(
+        "SELECT h.doc_id, h.version FROM history h JOIN documents d ON d.doc_id=h.doc_id WHERE h.ended_at IS NULL"
+        " AND (d.deleted=1 OR h.version<>d.version)"
+    ).fetchall()
+    chunkless = conn.execute(
+        "SELECT h.doc_id, h.version FROM history h WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.doc_id=h.doc_id"
+        " AND c.version=h.version) AND NOT EXISTS (SELECT 1 FROM history_chunks c WHERE c.doc_id=h.doc_id"
+        " AND c.version=h.version)"
+    ).fetchall()
+    return (
+        [f"history: live {d} v{v} has no open history row" for d, v in unopened]
+        + [f"history: {d} v{v} still open although replaced or deleted" for d, v in open_rows]
+        + [f"history: {d} v{v} kept without its chunks" for d, v in chunkless]
+    )
 
 
 def hash_stream(doc_id: str, streams: int) -> int:

@@ -105,10 +105,12 @@ def test_backends_quick_runs_faiss_torch_and_milvus_on_the_same_vectors(tmp_path
 def test_history_quick_times_every_mode_and_sizes_the_history(tmp_path):
     data = assert_well_formed(run_suite("history", quick=True, out=tmp_path), "history")
     (run,) = data["raw"]["runs"]
-    assert all(len(ms) == 3 for ms in run["ms"].values())
-    assert all(n == 10 for mode in ("live", "as_of", "valid_at") for n in run["hits"][mode])  # k of 300 documents
+    assert len(run["ms"]["live"]) == len(run["live_without_history_ms"]) == 4
+    assert len(run["ms"]["as_of"]) == len(run["ms"]["valid_at"]) == 3
+    assert run["recall"] == {"as_of": [1.0] * 3, "valid_at": [1.0] * 3}  # the exact top 10 of the right slice
     one, both = run["bytes_by_versions"]
     assert both > one  # the replaced versions are kept
+    assert run["memory_bytes"] > 0 and run["catch_up"]["changes"] == 300
 
 
 def test_replicas_quick_measures_both_replicas(tmp_path, pg_dsn):

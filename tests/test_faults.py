@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +49,12 @@ def test_the_kill_round_checker_catches_lost_stale_and_phantom_documents(tmp_pat
     assert [x.split(":")[0] for x in r.stale] == ["d000001"]
     assert [x.split(":")[0] for x in r.lost] == ["d000002"]
     assert [x.split(":")[0] for x in r.half_applied] == ["d000009"]
+    with sqlite3.connect(tmp_path / "kfresh.db") as conn:  # a version whose history row was never written
+        conn.execute("DELETE FROM history WHERE doc_id='d000009'")
+    harness.report.half_applied.clear()
+    harness._check_rows()
+    assert sorted(harness.report.half_applied) == ["d000009: in the store but never sent",
+                                                   "history: live d000009 v1 has no open history row"]  # fmt: skip
 
 
 @pytest.mark.slow

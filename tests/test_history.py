@@ -1,6 +1,7 @@
 """History (issue 19, item 1): every acknowledged version is kept with both timelines, in SQLite and PostgreSQL
-alike, and the "as of" / "valid at" slices (indexer/history.py) match a small pure-Python model of random
-histories of upserts, supersedes, deletes and purges, for random times (hypothesis).
+alike, and the "as of" / "valid at" slices of the in-memory history (indexer/timeline.py), refreshed from the
+store at random points of the history, match a small pure-Python model of random histories of upserts,
+supersedes, deletes and purges, for random times (hypothesis); its search is the exact top k of the slice.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kfresh.indexer.documents import DocumentIn, WriteOp
-from kfresh.indexer.history import time_slice
+from kfresh.indexer.filters import Filter
 from kfresh.indexer.rows import Applied
 from kfresh.indexer.stores.postgres import PostgresStore
 from kfresh.indexer.stores.sqlite import SqliteStore
+from kfresh.indexer.timeline import Timeline
 
 DOCS = "abc"
 _run = itertools.count()
@@ -45,7 +48,7 @@ class Version:
 
 @dataclass
 class Model:
-    """The two timelines replayed from the operations, written without the store's tables or time_slice."""
+    """The two timelines replayed from the operations, written without the store's tables or the timeline."""
 
     versions: dict[str, list[Version]] = field(default_factory=dict)
     counter: dict[str, int] = field(default_factory=dict)  # the store's version number (a delete takes one too)
@@ -88,7 +91,8 @@ class Model:
         return {(v.doc, v.version) for v in true if v.doc not in gone}
 
 
-def _replay(store: Any, ops: list[tuple[str, str, int, frozenset[str]]], prefix: str) -> Model:
+def _replay(store: Any, ops: list[tuple[str, str, int, frozenset[str]]], prefix: str, timeline: Timeline,
+            embedder: Any, refresh_at: set[int]) -> Model:  # fmt: skip
     model = Model()
     for i, (kind, doc, vf, sup) in enumerate(ops):
         t, doc_id = 1000.0 + 10 * i, prefix + doc
@@ -104,41 +108,76 @@ def _replay(store: Any, ops: list[tuple[str, str, int, frozenset[str]]], prefix:
                 store.erase(doc_id)
             valid_from = 0.0
         model.apply(kind, doc_id, t, valid_from, supersedes)
+        if i in refresh_at:  # the in-memory copy catches up part way, as a search between writes would make it
+            timeline.refresh(store, embedder)
     return model
 
 
-def _check(store: Any, ops: list[tuple[str, str, int, frozenset[str]]], times: list[int], prefix: str) -> None:
-    model = _replay(store, ops, prefix)
+def _check(store: Any, embedder: Any, ops: list[tuple[str, str, int, frozenset[str]]], times: list[int],
+           refresh_at: set[int], prefix: str) -> None:  # fmt: skip
+    timeline = Timeline(embedder.dim)
+    if prefix:  # a shared PostgreSQL database: other examples' documents are in the copy too
+        timeline.refresh(store, embedder)
+    model = _replay(store, ops, prefix, timeline, embedder, refresh_at)
     rows = [r for r in store.history_rows() if r.doc_id.startswith(prefix)]
     expected = sorted((v.doc, v.version, v.valid_from, v.supersedes, v.acked, v.ended, v.ended_by)
                       for vs in model.versions.values() for v in vs)  # fmt: skip
     assert sorted((r.doc_id, r.version, r.valid_from, r.supersedes, r.acked_at, r.ended_at, r.ended_by)
                   for r in rows) == expected  # fmt: skip
+    timeline.refresh(store, embedder)
+
+    def key(**when: float) -> set[tuple[str, int]]:
+        return {(r.doc_id, r.version) for r in timeline.versions(**when) if r.doc_id.startswith(prefix)}
+
     for t in times:
         s, w = 995.0 + 5 * t, 495.0 + 5 * t  # between and on the operations' times and valid_froms
-        key = lambda rs: {(r.doc_id, r.version) for r in rs}  # noqa: E731
-        assert key(time_slice(rows, as_of=s)) == model.as_of(s), ("as_of", s)
-        assert key(time_slice(rows, valid_at=w)) == model.valid_at(w), ("valid_at", w)
-        assert key(time_slice(rows, as_of=s, valid_at=w)) == model.valid_at(w, s), ("both", s, w)
-    assert key(time_slice(rows)) == model.as_of(math.inf)  # now = the live documents
+        assert key(as_of=s) == model.as_of(s), ("as_of", s)
+        assert key(valid_at=w) == model.valid_at(w), ("valid_at", w)
+        assert key(as_of=s, valid_at=w) == model.valid_at(w, s), ("both", s, w)
+    assert key() == model.as_of(math.inf)  # now = the live documents
+    if not prefix:  # the search: the exact top k of the slice's chunks by the embedder's scores
+        s = 995.0 + 5 * times[0]
+        q = embedder.encode(["what does b say"])[0]
+        chunks = store.slice_chunks([r for r in rows if (r.doc_id, r.version) in model.as_of(s)])
+        scores = embedder.encode([c.text for _, c in chunks]) @ q
+        exact = [(chunks[i][0].doc_id, chunks[i][0].version) for i in np.argsort(-scores, kind="stable")[:3]]
+        hits = timeline.search(q, 3, Filter(), as_of=s, valid_at=None)
+        assert [(h.row.doc_id, h.row.version) for h in hits] == exact
 
 
 ops_lists = st.lists(op, min_size=1, max_size=14)
 times_lists = st.lists(st.integers(0, 40), min_size=1, max_size=6)
+refresh_sets = st.sets(st.integers(0, 13), max_size=4)
+
+
+@pytest.fixture(scope="module")
+def embedder(embedder_path: str) -> Any:
+    from kfresh.indexer.embedding.embedder import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(embedder_path, device="cpu")
+
+
+UPSERT_A, UPSERT_B_OVER_A = ("upsert", "a", 0, frozenset()), ("upsert", "b", 0, frozenset({"a"}))
+DELETE_A, PURGE_A = ("delete", "a", 0, frozenset()), ("purge", "a", 0, frozenset())
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops=ops_lists, times=times_lists)
-def test_sqlite_history_matches_the_model(ops: list[Any], times: list[int]) -> None:
+@given(ops=ops_lists, times=times_lists, refresh_at=refresh_sets)
+@example(ops=[UPSERT_A, UPSERT_B_OVER_A], times=[2], refresh_at=set())  # b supersedes a while both are true
+@example(ops=[UPSERT_A, DELETE_A, PURGE_A], times=[2], refresh_at={1})  # a purge with no change of its own
+def test_sqlite_history_matches_the_model(
+    embedder: Any, ops: list[Any], times: list[int], refresh_at: set[int]
+) -> None:
     with tempfile.TemporaryDirectory() as tmp, SqliteStore(Path(tmp) / "k.db") as store:
-        _check(store, ops, times, "")
+        _check(store, embedder, ops, times, refresh_at, "")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=ops_lists, times=times_lists)
-def test_postgres_history_matches_the_model(pg_dsn: str, ops: list[Any], times: list[int]) -> None:
+@given(ops=ops_lists, times=times_lists, refresh_at=refresh_sets)
+def test_postgres_history_matches_the_model(pg_dsn: str, embedder: Any, ops: list[Any], times: list[int],
+                                            refresh_at: set[int]) -> None:  # fmt: skip
     with PostgresStore(pg_dsn) as store:
-        _check(store, ops, times, f"h{next(_run)}-")
+        _check(store, embedder, ops, times, refresh_at, f"h{next(_run)}-")
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
@@ -199,6 +238,9 @@ def test_retrieve_and_answer_as_of_and_valid_at_over_a_live_server(server: Any) 
         assert versions(as_of=day1) == []  # before anything was acknowledged
         assert versions(valid_at=day1 + 3_600) == [("mayor", 1)]  # what was true on day 1, as known now
         assert versions(valid_at=day1 + 2 * 86_400) == [("mayor", 2)]
+        history = client.stats().history  # item 5: the history's size and the time-slice searches' latency
+        assert history.versions >= 2 and history.replaced_chunks >= 1 and history.memory_bytes > 0
+        assert history.slice_search.count >= 4 and history.slice_search.p50_ms > 0
         assert versions(valid_at=day1 - 1) == []
         from kfresh.client.langchain import KfreshRetriever
 
@@ -216,3 +258,19 @@ def test_retrieve_and_answer_as_of_and_valid_at_over_a_live_server(server: Any) 
         deleted_at = time.time()
         assert versions() == [] and versions(as_of=deleted_at - 0.01) == [("mayor", 2)]
         assert versions(valid_at=day1 + 3_600) == [("mayor", 1)]  # the delete ends only the last version
+
+
+def test_the_timeline_scores_vectors_across_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfresh.indexer import timeline
+
+    monkeypatch.setattr(timeline._Vectors, "BLOCK", 4)
+    rng = np.random.default_rng(3)
+    vectors, q = rng.standard_normal((11, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    held = timeline._Vectors(5)
+    held.append(vectors[:3])
+    held.append(vectors[3:])  # fills the first block's last row, a whole block, and part of a third
+    assert held.n == 11 and held.nbytes == 11 * 5 * 4
+    np.testing.assert_allclose(held.scores(q), vectors @ q, rtol=1e-6)
+    rows = np.array([0, 3, 4, 9, 10])
+    np.testing.assert_allclose(held.scores(q, rows), vectors[rows] @ q, rtol=1e-6)
+    np.testing.assert_array_equal(held.row(9), vectors[9])

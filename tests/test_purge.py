@@ -21,13 +21,16 @@ from kfresh.indexer.snapshot import read_snapshot, snapshot_path
 pytestmark = pytest.mark.slow
 ADMIN = "purge-admin-token-4c9e1b7a2f30"
 WRITER = "purge-writer-token-8a0d3e6c5b19"
+ACME_ADMIN = "purge-acme-admin-token-1f6b9d2e7c40"
+BETA_ADMIN = "purge-beta-admin-token-5e2a8c0f3d61"
 SECRETS = (b"Quorvantis", b"Ashgrove", b"Tilbury")
 
 
 @pytest.fixture(scope="module")
 def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     handle = token_server(
-        engine_loop, vllm_backend, tmp_path_factory.mktemp("purge"), f"{ADMIN} admin\n{WRITER} write\n"
+        engine_loop, vllm_backend, tmp_path_factory.mktemp("purge"),
+        f"{ADMIN} admin\n{WRITER} write\n{ACME_ADMIN} admin tenant=acme\n{BETA_ADMIN} admin tenant=beta\n",
     )
     yield handle
     handle.stop()
@@ -83,3 +86,16 @@ def test_purge_of_a_live_document_deletes_it_and_rewrites_the_snapshot(server: S
         stored = store_bytes(server)
         assert not [s for s in SECRETS if s in stored]
         assert admin.stats().deleted >= 1
+
+
+def test_a_tenant_admin_purges_its_own_deleted_document_and_never_another_tenants(server: ServerHandle) -> None:
+    with _client(server, ACME_ADMIN) as acme, _client(server, BETA_ADMIN) as beta:
+        acme.wait_ready(timeout=120)
+        list(acme.ingest([document("acme-secret", "Acme's vault code is kept by Ysolde Marrowick.")], timeout=30))
+        acme.delete("acme-secret")  # deleted: no live document says whose it was, the tombstone does
+        assert b"Marrowick" in store_bytes(server)
+        assert _code(lambda: beta.purge("acme-secret")) == grpc.StatusCode.NOT_FOUND  # another tenant's: absent
+        assert b"Marrowick" in store_bytes(server)
+        assert acme.purge("acme-secret").versions == 1
+        assert b"Marrowick" not in store_bytes(server)
+        assert _code(lambda: acme.purge("acme-secret")) == grpc.StatusCode.NOT_FOUND  # nothing left to say whose

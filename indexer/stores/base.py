@@ -121,13 +121,30 @@ class DocumentStore(abc.ABC):
         """Erase what is left of a DELETED document (a purge): its text, metadata and source (the row stays as a
         bare tombstone: id, version, deleted), every version's attributes, history and chunk rows, its citations,
         and every logged answer that showed or superseded it. The change log keeps its rows (ids and version numbers only:
-        the replicas follow it). None when `doc_id` was never stored; InvalidInput when it is live."""
+        the replicas follow it), and the erasure is logged (`erased_since`: in-memory history copies drop it). None when `doc_id` was never stored; InvalidInput when it is live."""
 
     @abc.abstractmethod
-    def history_rows(self, *, known_at: float | None = None) -> list[HistoryRow]:
-        """Every version the history holds (acknowledged by `known_at` when given), by doc_id and version: its
-        attributes, when it was acknowledged and when it ended (the next version or a delete). Purged documents
-        have none. `indexer/history.py` cuts the "as of" / "valid at" slices from them."""
+    def history_rows(self, *, known_at: float | None = None, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
+        """Every version the history holds (acknowledged by `known_at` when given; of `doc_ids` only when given), by
+        doc_id and version: its attributes, when it was acknowledged and when it ended (the next version or a
+        delete). Purged documents have none. `indexer/timeline.py` keeps them in memory."""
+
+    @abc.abstractmethod
+    def history_counts(self) -> tuple[int, int]:
+        """(versions the history holds, chunk rows of replaced versions)."""
+
+    @abc.abstractmethod
+    def history_mark(self) -> tuple[int, int]:
+        """(newest change seq, newest erasure seq): the history changed since a mark iff either moved. Every new
+        version and every end of one is a change; a purge (`erase`) is an erasure."""
+
+    @abc.abstractmethod
+    def erased_since(self, seq: int) -> list[tuple[int, str]]:
+        """(erasure seq, doc_id) of every purge after `seq`, in order."""
+
+    @abc.abstractmethod
+    def chunk_texts(self, chunk_ids: Sequence[int]) -> dict[int, str]:
+        """chunk_id -> text of the given chunks, current (chunks) or replaced (history_chunks); erased ones absent."""
 
     @abc.abstractmethod
     def slice_chunks(self, versions: Sequence[HistoryRow]) -> list[tuple[HistoryRow, ChunkRow]]:
@@ -157,8 +174,9 @@ class DocumentStore(abc.ABC):
         attributes are still stored (every indexed version's are): what filtered search is planned on."""
 
     @abc.abstractmethod
-    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        """doc_id -> metadata of the acknowledged version, for each of `doc_ids` that is stored and not deleted."""
+    def live_metadata(self, doc_ids: Sequence[str], *, deleted_too: bool = False) -> dict[str, dict[str, str]]:
+        """doc_id -> metadata of the acknowledged version, for each of `doc_ids` that is stored and not deleted (or
+        deleted too: a tombstone keeps its last metadata until a purge empties it)."""
 
     @abc.abstractmethod
     def save_applied(self, applied: Sequence[Applied]) -> None:

@@ -80,6 +80,9 @@ CREATE TABLE IF NOT EXISTS history_chunks(
     embedding BYTEA
 );
 CREATE INDEX IF NOT EXISTS history_chunks_by_doc ON history_chunks(doc_id, version);
+CREATE TABLE IF NOT EXISTS erasures(
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, doc_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL
+);
 CREATE TABLE IF NOT EXISTS answers(
     answer_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, question TEXT NOT NULL, replay_of TEXT NOT NULL,
     body TEXT NOT NULL

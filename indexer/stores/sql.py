@@ -158,19 +158,51 @@ class SqlStore(DocumentStore):
             shown = f"SELECT answer_id FROM answer_passages WHERE doc_id={p}"
             answers = w.execute(f"DELETE FROM answers WHERE answer_id IN ({shown})", (doc_id,)).rowcount
             w.execute(f"DELETE FROM answer_passages WHERE answer_id IN ({shown})", (doc_id,))
+            w.execute(f"INSERT INTO erasures(doc_id, at) VALUES({p},{p})", (doc_id, time.time()))
         return Erased(n["history"], n["chunks"] + n["history_chunks"], n["citations"], max(int(answers or 0), 0))
 
     @_shared
-    def history_rows(self, *, known_at: float | None = None) -> list[HistoryRow]:
+    def history_rows(self, *, known_at: float | None = None, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
         query = "SELECT doc_id, version, valid_from, source, metadata, supersedes, acked_at, ended_at, ended_by FROM history"
-        params: tuple[float, ...] = ()
-        if known_at is not None:
-            query, params = query + f" WHERE acked_at<={self._p}", (known_at,)
+        if doc_ids is not None:
+            rows = self._fetch_in(query + " WHERE doc_id IN ({marks})", doc_ids)
+            rows = [r for r in rows if known_at is None or float(r[6]) <= known_at]
+            rows.sort(key=lambda r: (r[0], int(r[1])))
+        elif known_at is not None:
+            rows = self._fetchall(query + f" WHERE acked_at<={self._p} ORDER BY doc_id, version", (known_at,))
+        else:
+            rows = self._fetchall(query + " ORDER BY doc_id, version")
         return [
             HistoryRow(r[0], int(r[1]), float(r[2]), r[3], json.loads(r[4]), tuple(json.loads(r[5])), float(r[6]),
                        None if r[7] is None else float(r[7]), r[8])
-            for r in self._fetchall(query + " ORDER BY doc_id, version", params)
+            for r in rows
         ]  # fmt: skip
+
+    @_shared
+    def history_counts(self) -> tuple[int, int]:
+        rows = self._fetchall("SELECT (SELECT COUNT(*) FROM history), (SELECT COUNT(*) FROM history_chunks)")
+        return int(rows[0][0]), int(rows[0][1])
+
+    @_shared
+    def history_mark(self) -> tuple[int, int]:
+        rows = self._fetchall(
+            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM changes), (SELECT COALESCE(MAX(seq), 0) FROM erasures)"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    @_shared
+    def erased_since(self, seq: int) -> list[tuple[int, str]]:
+        rows = self._fetchall(f"SELECT seq, doc_id FROM erasures WHERE seq>{self._p} ORDER BY seq", (seq,))
+        return [(int(r[0]), r[1]) for r in rows]
+
+    @_shared
+    def chunk_texts(self, chunk_ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for table in ("chunks", "history_chunks"):
+            for chunk_id, text in self._fetch_in(f"SELECT chunk_id, text FROM {table} WHERE chunk_id IN ({{marks}})",
+                                                 list(chunk_ids)):  # fmt: skip
+                out[int(chunk_id)] = text
+        return out
 
     @_shared
     def slice_chunks(self, versions: Sequence[HistoryRow]) -> list[tuple[HistoryRow, ChunkRow]]:
@@ -273,8 +305,9 @@ class SqlStore(DocumentStore):
         }
 
     @_shared
-    def live_metadata(self, doc_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        query = "SELECT doc_id, metadata FROM documents WHERE NOT deleted AND doc_id IN ({marks})"
+    def live_metadata(self, doc_ids: Sequence[str], *, deleted_too: bool = False) -> dict[str, dict[str, str]]:
+        live = "" if deleted_too else "NOT deleted AND "
+        query = "SELECT doc_id, metadata FROM documents WHERE " + live + "doc_id IN ({marks})"
         return {doc_id: json.loads(metadata) for doc_id, metadata in self._fetch_in(query, doc_ids)}
 
     @_shared

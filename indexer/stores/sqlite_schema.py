@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS history_chunks(
     embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS history_chunks_by_doc ON history_chunks(doc_id, version);
+CREATE TABLE IF NOT EXISTS erasures(seq INTEGER PRIMARY KEY AUTOINCREMENT, doc_id TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS answers(
     answer_id TEXT PRIMARY KEY, at REAL NOT NULL, question TEXT NOT NULL, replay_of TEXT NOT NULL, body TEXT NOT NULL
 );

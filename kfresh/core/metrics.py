@@ -39,6 +39,11 @@ QUERY_CACHE = Counter(
 RETRIEVE_DURATION = Histogram(
     "kfresh_retrieve_seconds", "Embedding + vector search time of one retrieval.", buckets=_FAST
 )
+TIME_SLICE_DURATION = Histogram(
+    "kfresh_time_slice_search_seconds",
+    "One 'as of' / 'valid at' search of the history (refresh of the in-memory copy, mask, scoring, texts).",
+    buckets=_FAST,
+)
 TTFT = Histogram(
     "kfresh_time_to_first_token_seconds", "Answer start (retrieval included) -> first generated token.",
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
