@@ -29,7 +29,9 @@ SECRETS = (b"Quorvantis", b"Ashgrove", b"Tilbury")
 @pytest.fixture(scope="module")
 def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     handle = token_server(
-        engine_loop, vllm_backend, tmp_path_factory.mktemp("purge"),
+        engine_loop,
+        vllm_backend,
+        tmp_path_factory.mktemp("purge"),
         f"{ADMIN} admin\n{WRITER} write\n{ACME_ADMIN} admin tenant=acme\n{BETA_ADMIN} admin tenant=beta\n",
     )
     yield handle
