@@ -83,7 +83,7 @@ bench-adapters: models
 	$(PY) benchmarks/adapters.py
 
 # `kfresh bench SUITE` (benchmarks/cli.py); each run writes <suite>-<date>.json/.md/.png to benchmarks/results.
-BENCH_SUITES := ingest freshness retrieval answer knowledge backends replicas reading transfer knowledge_news filters history
+BENCH_SUITES := ingest freshness retrieval answer knowledge backends replicas reading transfer knowledge_news filters history newest_wins
 
 bench: models
 	$(VENV)/bin/kfresh bench all

@@ -26,12 +26,13 @@ SUITES = (
     "knowledge_news",
     "filters",
     "history",
+    "newest_wins",
 )
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
             "replicas": "ReplicasOptions", "reading": "ReadingOptions",
             "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions",
-            "filters": "FiltersOptions", "history": "HistoryOptions"}  # fmt: skip
+            "filters": "FiltersOptions", "history": "HistoryOptions", "newest_wins": "NewestWinsOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:

@@ -293,3 +293,25 @@ def test_gpu_script_runs_without_kfresh_installed_and_reports(tmp_path):
     written = gpu.report(device, mine, tmp_path / "results", "test")
     text = written.markdown.read_text()
     assert "FAISS flat" in text and "LoRA step" in text and "torch index" in text
+
+
+def test_newest_wins_judges_the_models_words_and_the_citation():
+    from kfresh.benchmarks.newest_wins import Pair, judge
+
+    p = Pair("here", "Who coaches the Hawks?", "Delia Brusk coaches.", "Owen Maddery replaced Delia Brusk.",
+             "Owen Maddery", "Delia Brusk")  # fmt: skip
+    quoted = 'Delia Brusk coaches the Hawks.\n\n[1] "Owen Maddery replaced Delia Brusk."'
+    assert judge(p, quoted, ["fix"], "story", "fix")["right"] is False  # the quote is right, the model's words old
+    assert judge(p, "Owen Maddery, who replaced Delia Brusk.", ["fix"], "story", "fix")["right"] is True
+    assert judge(p, "Owen Maddery.", ["story"], "story", "fix") == {
+        "right": False, "read_fix": False, "read_old": True, "said_old": False, "reply": "Owen Maddery.", "cited": ["story"]
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_newest_wins_quick_asks_every_way(tmp_path):
+    data = assert_well_formed(run_suite("newest_wins", quick=True, out=tmp_path), "newest_wins")
+    answers = data["raw"]["answers"]
+    assert set(answers) == {"upsert", "supersedes", "separate", "ceiling"}
+    assert all(len(got) == 2 for got in answers.values())
+    assert all(a["right"] for a in answers["upsert"] + answers["supersedes"])  # a linked correction always wins
