@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import random
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 from pydantic import Field
 
 from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
@@ -116,6 +118,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         lags, polls, load_client, load_server = [], [], [], []
         rng = random.Random(0)
         with (
+            ServerLags(target.addr) as window,  # the server's view of the same window as the probes
             BackgroundIngest(target.addr, load_docs, _load_target(opts, max_rate)) as load,
             connect(target.addr) as client,
         ):
@@ -133,8 +136,46 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         with connect(target.addr) as client:
             server_lag = client.stats().freshness
     return _result(opts, addr, quick, command, env=env, n_docs=n_docs, max_rate=max_rate, load=load, lags=lags, polls=polls,
+                   window_lags=window.lags,
                    idle=(idle_client, idle_server), loaded=(load_client, load_server), server_lag=server_lag,
                    index_kind=stats.index_kind)  # fmt: skip
+
+
+class ServerLags:
+    """The indexer's own ack -> searchable lag (`Change.lag_ms`, streamed by Watch) of every change applied while the
+    block runs: the server's view of exactly the probes' window. (Stats.freshness is the server's last 10,000 lags
+    since it started, which here includes the maximum-rate burst before the window: the two views disagreed.)"""
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+        self.lags: list[float] = []
+        self._call: Any = None
+        self._client: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ServerLags:
+        from kfresh.testing.servers import client as connect
+
+        self._client = connect(self.addr)
+        self._call = self._client.watch(from_now=True)
+        self._thread = threading.Thread(target=self._read, name="bench-server-lags", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            for change in self._call:
+                self.lags.append(change.lag_ms)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.5)  # the last probes' changes are streamed once applied
+        self._call.cancel()
+        if self._thread is not None:
+            self._thread.join(10)
+        self._client.close()
 
 
 def _load_target(opts: FreshnessOptions, max_rate: float) -> float:
@@ -143,6 +184,7 @@ def _load_target(opts: FreshnessOptions, max_rate: float) -> float:
 
 def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str, **m: Any) -> Result:
     lag = percentiles(m["lags"])
+    window = percentiles(m["window_lags"])
     idle_c, idle_s = percentiles(m["idle"][0]), percentiles(m["idle"][1])
     load_c, load_s = percentiles(m["loaded"][0]), percentiles(m["loaded"][1])
     load = m["load"]
@@ -151,13 +193,16 @@ def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str,
         suite="freshness", title=f"Freshness under a sustained ingest load ({m['n_docs']:,} documents, {m['index_kind']} index)", command=command,
         quick=quick, settings=opts.model_dump(), env=m["env"],
         raw={"lag_ms": m["lags"], "polls": m["polls"], "retrieve_idle_client_ms": m["idle"][0], "retrieve_idle_server_ms": m["idle"][1],
-             "retrieve_load_client_ms": m["loaded"][0], "retrieve_load_server_ms": m["loaded"][1]},
+             "retrieve_load_client_ms": m["loaded"][0], "retrieve_load_server_ms": m["loaded"][1],
+             "server_window_lag_ms": m["window_lags"]},
     )  # fmt: skip
     result.summary = {
         "corpus_docs": m["n_docs"], "index_kind": m["index_kind"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
         "load_target_docs_per_s": round(_load_target(opts, m["max_rate"]), 1), "load_achieved_docs_per_s": round(load.achieved_rate, 1),
         "lag_ms": {k: round(v, 1) for k, v in lag.items()}, "probe_timeouts": timeouts,
-        "meets_target": lag["p95"] <= TARGET_P95_MS and lag["max"] <= TARGET_MAX_MS,
+        "meets_target": max(lag["p95"], window["p95"]) <= TARGET_P95_MS and max(lag["max"], window["max"]) <= TARGET_MAX_MS,
+        "server_window_lag_ms": {k: round(v, 1) for k, v in window.items()},
+        "server_window_lags": len(m["window_lags"]),
         "retrieve_idle_ms": {k: round(idle_c[k], 1) for k in ("p50", "p95", "p99")},
         "retrieve_load_ms": {k: round(load_c[k], 1) for k in ("p50", "p95", "p99")},
         "retrieve_load_vs_idle_p50": round(load_c["p50"] / idle_c["p50"], 2) if idle_c["p50"] else None,
@@ -167,9 +212,13 @@ def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str,
     result.tables.append(Table(
         f"ack -> first Retrieve hit, {lag['n']} probes, under {load.achieved_rate:.1f} docs/s of background ingest "
         f"({_load_target(opts, m['max_rate']) / m['max_rate']:.0%} of the measured maximum {m['max_rate']:.1f} docs/s)",
-        ["figure", "p50", "p95", "p99", "max", "target"],
-        [["lag (ms)", lag["p50"], lag["p95"], lag["p99"], lag["max"],
-          f"p95 <= {TARGET_P95_MS:.0f}, max <= {TARGET_MAX_MS:.0f}: {'met' if result.summary['meets_target'] else 'missed'}"]],
+        ["view", "p50", "p95", "p99", "max", "target (both views)"],
+        [["client: ack -> first Retrieve hit, per probe (ms)", lag["p50"], lag["p95"], lag["p99"], lag["max"],
+          f"p95 <= {TARGET_P95_MS:.0f}, max <= {TARGET_MAX_MS:.0f}: {'met' if result.summary['meets_target'] else 'missed'}"],
+         [f"server: ack -> applied, every change of the window ({int(window['n'])}, Watch lag_ms)", window["p50"],
+          window["p95"], window["p99"], window["max"], ""],
+         ["server: Stats.freshness, its last 10,000 changes since start (burst included)", m["server_lag"].p50_ms,
+          m["server_lag"].p95_ms, m["server_lag"].p99_ms, m["server_lag"].max_ms, "not a window: not compared"]],
     ))  # fmt: skip
     result.tables.append(Table(
         f"Retrieve latency, k={opts.k}, client side (server-side retrieval_ms in brackets)",
@@ -181,6 +230,10 @@ def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str,
         "Lag is measured from the moment the client receives the durable acknowledgement; each poll is one Retrieve "
         "call, so the resolution is one Retrieve latency.",
         f"Probes still missing after {PROBE_TIMEOUT_S:.0f} s count as {PROBE_TIMEOUT_S:.0f} s: {timeouts}.",
+        "The server's view of the window (Watch's lag_ms: acknowledgement -> applied to the index, as the indexer "
+        "measured it) covers every change applied while the probes ran, the background load's included; Stats.freshness "
+        "covers the server's last 10,000 changes since it started, so it also holds the maximum-rate burst measured "
+        "before the window, whose queue makes lags of seconds: that was the 'two views disagree' of earlier runs.",
         "The corpus is preloaded from a cached store (real MiniLM embeddings of synthetic topic texts, benchmarks/corpus.py).",
     ]
     if load.error:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-AckStatus = Literal["stored", "unchanged", "deleted", "not_found"]
+AckStatus = Literal["stored", "unchanged", "deleted", "not_found", "forbidden"]
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,14 @@ class DocumentIn:
 
 @dataclass(frozen=True)
 class WriteOp:
-    """One change of an ingest stream: an upsert (`doc` and its `chunks`) or a delete of `doc_id` (doc None)."""
+    """One change of an ingest stream: an upsert (`doc` and its `chunks`) or a delete of `doc_id` (doc None).
+    `owner`: a tenant binding (server/tenancy.py); the store refuses the op ("forbidden") when a live document
+    outside it holds the id, checked inside the write's own transaction."""
 
     doc_id: str
     doc: DocumentIn | None = None
     chunks: tuple[str, ...] = ()
+    owner: Mapping[str, str] | None = field(default=None, compare=False)
 
     @property
     def op(self) -> Literal["upsert", "delete"]:

@@ -205,7 +205,8 @@ class Indexer:
         """Durably apply the first ops in ONE store transaction (a group commit) and queue them for indexing.
 
         Every op is validated first (InvalidInput: nothing written). Returns one ack per applied op, in order:
-        as many ops as the indexing queue has room for, at least one (Overloaded when it stays full).
+        as many ops as the indexing queue has room for, at least one (Overloaded when it stays full), and none after
+        an op the store refused for its `owner` (its ack says "forbidden").
         """
         store, state = self._require_started()
         prepared = [self._prepare(op) for op in ops]
@@ -228,9 +229,11 @@ class Indexer:
         except BaseException:
             self._queue.release(taken)
             raise
+        if len(acks) < len(prepared):  # the store stopped at a forbidden op: the rest was not applied
+            self._queue.release(len(prepared) - len(acks))
         for op, ack in zip(prepared, acks):
             if ack.status not in ("stored", "deleted"):
-                self._queue.unreserve()  # unchanged / not_found: nothing to index
+                self._queue.unreserve()  # unchanged / not_found / forbidden: nothing to index
                 continue
             self._queue.put(Pending(op.doc_id, ack.version, op.op, ack.seq, ack.acked_at, ack.chunks))
             if op.doc is not None:

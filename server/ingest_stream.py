@@ -64,11 +64,12 @@ async def read_groups(
 def to_op(req: pb.IngestRequest, binding: tenancy.Binding | None = None) -> WriteOp:
     validation.reject_unknown_fields(req)
     op = req.WhichOneof("op")
+    owner = binding or None  # checked in the write's transaction: no other tenant's live document is touched
     if op == "upsert":
         doc = tenancy.bind_document(validation.document_from_proto(req.upsert), binding or {})
-        return WriteOp(doc.id, doc)
+        return WriteOp(doc.id, doc, owner=owner)
     if op == "delete_id":
-        return WriteOp(validation.check_doc_id(req.delete_id, "delete_id"))
+        return WriteOp(validation.check_doc_id(req.delete_id, "delete_id"), owner=owner)
     raise InvalidInput("request has neither upsert nor delete_id")
 
 
@@ -90,13 +91,6 @@ async def ingest(
             except (InvalidInput, Forbidden) as exc:
                 bad = type(exc)(f"ingest message #{position + len(ops) + 1}: {exc}")
                 break
-        if binding:
-            live = await asyncio.to_thread(indexer.live_metadata, [op.doc_id for op in ops])
-            foreign = next((i for i, op in enumerate(ops) if not tenancy.owns(live.get(op.doc_id), binding)), None)
-            if foreign is not None:
-                bad = Forbidden(f"ingest message #{position + foreign + 1}: document {ops[foreign].doc_id!r} "
-                                "belongs to another tenant")  # fmt: skip
-                ops = ops[:foreign]
         async for pair in _commit(indexer, ops, first=position + 1):
             yield pair
         position += len(ops)
@@ -117,7 +111,9 @@ async def _commit(indexer: Indexer, ops: list[WriteOp], *, first: int) -> AsyncI
                 single = True
                 continue
             raise InvalidInput(f"ingest message #{first + done}: {exc}") from None
-        for op, ack in zip(part, acks):
+        for i, (op, ack) in enumerate(zip(part, acks)):
+            if ack.status == "forbidden":  # the store found another tenant's live document under this id
+                raise Forbidden(f"ingest message #{first + done + i}: document {op.doc_id!r} belongs to another tenant")
             yield op, ack
         done += len(acks)
 

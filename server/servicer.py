@@ -15,6 +15,7 @@ import grpc
 from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
+from kfresh.indexer.documents import WriteOp
 from kfresh.indexer.validation import check_k
 from kfresh.server import convert, ingest_stream, purge, tenancy, validation, watch
 from kfresh.server.adapters import AdapterManager, read_only_statuses
@@ -135,9 +136,10 @@ class KfreshServicer(pb_grpc.KfreshServicer):
     async def Delete(self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         validation.reject_unknown_fields(request)
         doc_id = validation.check_doc_id(request.id)
-        await self._check_owner(self._rt.require_indexer(), doc_id, context)
-        ack = await asyncio.to_thread(self._rt.require_indexer().delete, doc_id)
-        if ack.status == "not_found":
+        # A tenant-bound token deletes only its tenant's documents; another tenant's looks absent (NOT_FOUND).
+        op = WriteOp(doc_id, owner=self._rt.binding(context) or None)
+        (ack,) = await asyncio.to_thread(self._rt.require_indexer().write_many, [op])
+        if ack.status in ("not_found", "forbidden"):
             raise NotFound(f"document {doc_id!r} does not exist")
         metrics.DOCUMENTS_ACKED.labels(op="delete_id", status=ack.status).inc()
         return pb.DeleteResponse(id=ack.id, version=ack.version, seq=ack.seq)
@@ -154,14 +156,6 @@ class KfreshServicer(pb_grpc.KfreshServicer):
                 raise NotFound(f"document {doc_id!r} does not exist")
         result = await purge.purge(indexer, doc_id, self._rt.review(), timeout_s=PURGE_WAIT_S)
         return convert.purge_response(result)
-
-    async def _check_owner(self, indexer: Indexer, doc_id: str, context: grpc.aio.ServicerContext) -> None:
-        """A tenant-bound token may only change its tenant's live documents; others look absent (NOT_FOUND)."""
-        binding = self._rt.binding(context)
-        if binding:
-            live = await asyncio.to_thread(indexer.live_metadata, [doc_id])
-            if not tenancy.owns(live.get(doc_id), binding):
-                raise NotFound(f"document {doc_id!r} does not exist")
 
     @rpc
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:

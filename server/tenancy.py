@@ -9,8 +9,9 @@ every request made with it.
   that a live document of another tenant holds, is refused.
 - Delete: a document outside the binding is NOT_FOUND, as if it did not exist.
 
-Document ids stay one namespace: two tenants cannot both hold id "faq". The ownership check and the write
-are not one transaction, so two tenants racing to create the same new id may both pass it; the later write wins.
+Document ids stay one namespace: two tenants cannot both hold id "faq". Ownership is checked inside the write's
+own store transaction (`WriteOp.owner`), so of two tenants racing to create the same new id, the first to commit
+holds it and the other is refused.
 """
 
 from __future__ import annotations

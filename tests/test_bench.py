@@ -57,6 +57,8 @@ def test_index_suites_quick(suite, tmp_path):
         assert {lv["streams"] for lv in data["raw"]["levels"]} == {1, 4}
     if suite == "freshness":
         assert len(data["raw"]["lag_ms"]) == 6 and data["summary"]["probe_timeouts"] == 0
+        window = data["summary"]["server_window_lag_ms"]  # the server's view of the probes' window (Watch)
+        assert window["n"] >= 6 and 0 < window["p50"] <= window["max"]
     if suite == "retrieval":
         sizes = data["raw"]["sizes"]
         assert [s["vectors"] for s in sizes] == ["real", "derived from 200 real"]

@@ -210,3 +210,35 @@ def test_no_reply_crosses_a_tenant_and_every_reply_is_the_exact_filtered_top_k(
     ranked = [f"d{i}" for i in np.argsort(-scores[query], kind="stable")]
     want = [d for d in ranked if all(_meta(int(d[1:]))[a] == b for a, b in filters.equals.items())][:k]
     assert [h.doc_id for h in hits] == want
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_the_store_checks_ownership_inside_the_write_transaction(kind: str, tmp_path: Any, request: Any) -> None:
+    """Two tenants racing for one new id: whoever commits first holds it, the other's write is refused there,
+    in the same transaction (no check-then-write gap); the ops before it commit, the ones after it do not."""
+    from kfresh.indexer.documents import WriteOp
+    from kfresh.indexer.stores.postgres import PostgresStore
+    from kfresh.indexer.stores.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "k.db") if kind == "sqlite" else PostgresStore(request.getfixturevalue("pg_dsn"))
+    run = f"{kind}-{np.random.default_rng().integers(1 << 30)}"
+    acme, beta = {"tenant": "acme"}, {"tenant": "beta"}
+
+    def op(doc_id: str, owner: dict[str, str], text: str = "text") -> WriteOp:
+        return WriteOp(doc_id, DocumentIn(doc_id, text, metadata=dict(owner)), (text,), owner=owner)
+
+    with store:
+        (first,) = store.write_many([op(f"faq-{run}", acme, "Acme's answer.")])  # acme committed first
+        acks = store.write_many(
+            [op(f"own-{run}", beta), op(f"faq-{run}", beta, "Beta's answer."), op(f"after-{run}", beta)]
+        )
+        assert [a.status for a in acks] == ["stored", "forbidden"]  # nothing after the refused op
+        assert store.live_metadata([f"faq-{run}", f"own-{run}", f"after-{run}"]) == {
+            f"faq-{run}": acme,
+            f"own-{run}": beta,
+        }
+        assert store.current(f"faq-{run}").version == first.version  # acme's document is untouched
+        (gone,) = store.write_many([WriteOp(f"faq-{run}", owner=beta)])  # nor can beta delete it
+        assert gone.status == "forbidden" and not store.current(f"faq-{run}").deleted
+        assert store.write_many([WriteOp(f"faq-{run}", owner=acme)])[0].status == "deleted"
+        assert store.write_many([op(f"faq-{run}", beta, "Beta's now.")])[0].status == "stored"  # a deleted id is free

@@ -95,7 +95,9 @@ class DocumentStore(abc.ABC):
     @abc.abstractmethod
     def write_many(self, ops: Sequence[WriteOp], *, now: float | None = None) -> list[Ack]:
         """upsert/delete each op in order inside ONE transaction (a group commit: one durable flush for all);
-        all acks or, on error, nothing committed."""
+        all acks or, on error, nothing committed. An op whose `owner` binding a live document outside it holds the
+        id of gets a "forbidden" ack and ends the list there: the ops before it commit, the ones after it are not
+        applied (fewer acks than ops)."""
 
     @abc.abstractmethod
     def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:

@@ -17,7 +17,7 @@ import abc
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
@@ -92,9 +92,23 @@ class SqlStore(DocumentStore):
         if not ops:
             return []
         writes = self._writes
+        acks: list[Ack] = []
         with self._txn() as w:
-            return [writes.upsert(w, op.doc, op.chunks, now) if op.doc is not None else writes.delete(w, op.doc_id, now)
-                    for op in ops]  # fmt: skip
+            for op in ops:
+                if op.owner and not self._owned(w, op.doc_id, op.owner):
+                    acks.append(Ack(op.doc_id, 0, "forbidden", 0, 0, time.time()))
+                    break  # the ops after it are not applied (the stream ends at it)
+                acks.append(writes.upsert(w, op.doc, op.chunks, now) if op.doc is not None
+                            else writes.delete(w, op.doc_id, now))  # fmt: skip
+        return acks
+
+    def _owned(self, w: Any, doc_id: str, owner: Mapping[str, str]) -> bool:
+        """Whether `owner` may write `doc_id`: no live document holds it, or the live one carries the binding."""
+        row = w.execute(f"SELECT deleted, metadata FROM documents WHERE doc_id={self._p}", (doc_id,)).fetchone()
+        if row is None or row[0]:
+            return True
+        metadata = json.loads(row[1])
+        return all(metadata.get(k) == v for k, v in owner.items())
 
     @_shared
     def record_citations(self, pairs: Sequence[tuple[str, int]], *, now: float | None = None) -> int:
