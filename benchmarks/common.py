@@ -118,3 +118,20 @@ def tree_peak_rss_mb(pid: int) -> float:
 
 def ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
+
+
+def wait_index_trained(client: Any, timeout_s: float = 600.0) -> str:
+    """Wait until an auto / ivf index past its training size has been trained (Stats.index_detail no longer says
+    "exact until N vectors" with N vectors or more indexed), so that timed searches meet the index they measure;
+    returns the final detail."""
+    import re
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats(timeout=30)
+        until = re.search(r"exact until ([\d,]+) vectors", stats.index_detail)
+        if until is None or stats.indexed_vectors < int(until.group(1).replace(",", "")):
+            return stats.index_detail
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the index was not trained after {timeout_s:.0f} s: {stats.index_detail}")
+        time.sleep(1.0)

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from pydantic import Field
 
-from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_trained
 from kfresh.benchmarks.report import Result, Table
 
 TARGET_P95_MS, TARGET_MAX_MS = 100.0, 500.0
@@ -105,6 +105,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-fresh-")))
     with kfresh_server({**NO_GENERATION, **opts.server}, addr=addr, home=home, remove_home=True) as target:
         with connect(target.addr) as client:
+            index_detail = wait_index_trained(client)  # an auto / ivf index trains on the preloaded corpus first
             stats = client.stats()
         n_docs = max(int(stats.documents), 1)
         # Three disjoint query sets: the server caches query embeddings, so a repeated query would skip the model.
@@ -138,7 +139,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
     return _result(opts, addr, quick, command, env=env, n_docs=n_docs, max_rate=max_rate, load=load, lags=lags, polls=polls,
                    window_lags=window.lags,
                    idle=(idle_client, idle_server), loaded=(load_client, load_server), server_lag=server_lag,
-                   index_kind=stats.index_kind)  # fmt: skip
+                   index_kind=stats.index_kind, index_detail=index_detail)  # fmt: skip
 
 
 class ServerLags:
@@ -197,7 +198,7 @@ def _result(opts: FreshnessOptions, addr: str | None, quick: bool, command: str,
              "server_window_lag_ms": m["window_lags"]},
     )  # fmt: skip
     result.summary = {
-        "corpus_docs": m["n_docs"], "index_kind": m["index_kind"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
+        "corpus_docs": m["n_docs"], "index_kind": m["index_kind"], "index_detail": m["index_detail"], "max_ingest_docs_per_s": round(m["max_rate"], 1),
         "load_target_docs_per_s": round(_load_target(opts, m["max_rate"]), 1), "load_achieved_docs_per_s": round(load.achieved_rate, 1),
         "lag_ms": {k: round(v, 1) for k, v in lag.items()}, "probe_timeouts": timeouts,
         "meets_target": max(lag["p95"], window["p95"]) <= TARGET_P95_MS and max(lag["max"], window["max"]) <= TARGET_MAX_MS,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_trained
 from kfresh.benchmarks.report import Result, Table
 
 LANGCHAIN_MEASURED_MS = 41.6  # FIELD-NOTES: LangChain similarity_search at 100k, measured earlier on this box
@@ -150,6 +150,7 @@ def server_retrieve(
         store = cached_store(name, vecs, text_of)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-retrieval-")))
     with kfresh_server(settings, addr=addr, home=home, remove_home=True) as target, connect(target.addr) as client:
+        detail = wait_index_trained(client)
         for q in queries[:5]:  # warm-up on other texts: the server caches query embeddings
             client.retrieve(f"{q} warm-up", k=opts.k, timeout=60)
         total, server, found = [], [], []
@@ -160,7 +161,7 @@ def server_retrieve(
             server.append(reply.retrieval_ms)
             found.append([row_of(c.doc_id) for c in reply.chunks])
         stats = client.stats()
-    return {"kind": f"kfresh {stats.index_kind or kind}", "total_ms": total, "server_ms": server, "found": found,
+    return {"kind": f"kfresh {stats.index_kind or kind}", "index_detail": detail, "total_ms": total, "server_ms": server, "found": found,
             "ready_s": target.ready_s, "documents": int(stats.documents)}  # fmt: skip
 
 
@@ -218,7 +219,8 @@ def run(opts: RetrievalOptions, *, addr: str | None = None, quick: bool = False,
         summary[str(m["size"])] = {
             "vectors": m["vectors"], "server_p50_ms": round(srv["p50"], 2), "server_p99_ms": round(srv["p99"], 2),
             "server_own_p50_ms": round(own["p50"], 2), "grpc_overhead_p50_ms": round(overhead["p50"], 2),
-            "server_recall": round(s["server"]["recall"], 4), "faiss_p50_ms": round(fa["p50"], 2),
+            "server_recall": round(s["server"]["recall"], 4), "server_index": s["server"].get("index_detail", ""),
+            "faiss_p50_ms": round(fa["p50"], 2),
             "faiss_search_only_p50_ms": round(percentiles(s["faiss"]["search_ms"])["p50"], 2),
             "faiss_recall": round(s["faiss"]["recall"], 4),
             "langchain_p50_ms": round(lc["p50"], 2) if lc else None,

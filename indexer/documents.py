@@ -100,3 +100,4 @@ class IndexStats:
     embedder: str
     index_kind: str
     history: HistoryStats = field(default_factory=HistoryStats)
+    index_detail: str = ""  # VectorIndex.describe(): e.g. whether an auto / ivf index is trained yet

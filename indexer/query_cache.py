@@ -30,6 +30,12 @@ class QueryEmbeddings:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def recent(self, n: int) -> np.ndarray:
+        """The `n` most recently used query vectors, (m, dim) with m <= n: real queries, e.g. to tune an index."""
+        with self._lock:
+            vecs = list(self._entries.values())[-n:]
+        return np.stack(vecs) if vecs else np.zeros((0, self.embedder.dim), dtype=np.float32)
+
     def encode(self, query: str) -> np.ndarray:
         """The unit-norm embedding of `query` (dim,), float32."""
         if self.size <= 0:

@@ -103,6 +103,7 @@ class Indexer:
                 store.close()
                 raise
             self._store, self._state = store, recovered.state
+            recovered.state.index.use_queries(lambda: self.query_embeddings.recent(256))  # auto tunes on them
             self._queue = WorkQueue(self.cfg.embedder.queue_size)
             self._tracker = SeqTracker(start_seq, follow=follow)  # start() holds the lifecycle lock: no local ack since
             for doc, chunks in store.unembedded():
@@ -474,6 +475,7 @@ class Indexer:
             embedder=self.embedder.name,
             index_kind=state.index.kind,
             history=history,
+            index_detail=state.index.describe(),
         )
 
 

@@ -142,6 +142,7 @@ def stats_to_proto(
         freshness=lag_to_proto(stats.freshness),
         embedder=stats.embedder,
         index_kind=stats.index_kind,
+        index_detail=stats.index_detail,
         model=model,
         adapter=adapter,
         generation_backend=backend,

@@ -10,7 +10,7 @@ from kfresh.core.config import ConfigError, KfreshConfig, load_config
 def test_defaults_fit_a_cpu_box() -> None:
     cfg = load_config()
     assert cfg.generation.backend == "vllm"
-    assert cfg.index.kind == "flat"
+    assert cfg.index.kind == "auto"  # exact while small, IVF with a measured nprobe past ivf_train_min
     assert cfg.server.host == "127.0.0.1"
 
 

@@ -197,7 +197,7 @@ def check_scaled_out(docs: list[dict[str, Any]], server: dict[str, Any], cfg: Kf
         uri = urlparse(cfg.index.milvus_uri)
         assert (uri.scheme, uri.hostname, uri.port) == ("http", "milvus", 19530)
     else:
-        assert cfg.index.kind in ("flat", "ivf")
+        assert cfg.index.kind in ("auto", "flat", "ivf")
 
     replicas = server["spec"]["replicas"]
     assert replicas >= 2 and server["spec"]["strategy"]["type"] == "RollingUpdate"

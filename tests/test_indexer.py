@@ -88,7 +88,7 @@ def test_ingest_then_search_at_once(indexer):
     assert (hits[0].source, hits[0].metadata, hits[0].valid_from) == ("atlas", {"topic": "space"}, ack.acked_at)
     stats = indexer.stats()
     assert (stats.documents, stats.chunks, stats.indexed_vectors) == (1, 1, 1)
-    assert stats.index_kind == indexer.cfg.index.kind
+    assert stats.index_kind == indexer.cfg.index.kind and stats.index_detail.startswith(stats.index_kind)
     assert stats.freshness.count == 1 and stats.embedder == indexer.embedder.name
 
 

@@ -62,3 +62,13 @@ def test_size_zero_turns_the_cache_off(embedder):
     cache.encode(QUERY)
     cache.encode(QUERY)
     assert counting.encoded == [QUERY, QUERY] and len(cache) == 0
+
+
+def test_recent_gives_the_most_recently_used_query_vectors(embedder):
+    cache = QueryEmbeddings(embedder, size=8)
+    assert cache.recent(4).shape == (0, embedder.dim)
+    first, _, third = (cache.encode(q) for q in ("pier hours", "ferry fares", "mayor"))
+    cache.encode("pier hours")  # used again: now the most recent
+    got = cache.recent(2)
+    assert got.shape == (2, embedder.dim)
+    np.testing.assert_array_equal(got, np.stack([third, first]))

@@ -177,7 +177,52 @@ def test_tombstone_readd_replaces_vector():
     assert found[0].tolist() == [5, -1, -1] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_auto_is_exact_when_small_then_holds_its_recall_through_growth_and_snapshots(data):
+    """index.kind=auto: flat below the threshold; then an IVF whose nprobe was chosen by measuring recall on recent
+    queries, which holds on queries it never saw; a retraining once the corpus grew 4x; a snapshot keeps the tuned
+    nprobe; without enough recent queries, a sixteenth of the lists."""
+    from kfresh.indexer.vectors.auto import AutoIndex
+
+    ids, base, all_queries = data
+    seen, queries = all_queries[:100], all_queries[100:]  # tuned on the first half, checked on the other
+    index = AutoIndex(DIM, auto_min=4_000, recall=0.95)
+    index.use_queries(lambda: seen)
+    index.add(ids[:3_000], base[:3_000])
+    assert not index.needs_maintenance() and not index.trained
+    truth = exact(ids[:3_000], base[:3_000], queries)
+    assert recall(index.search(queries, K)[1], truth, base[:3_000], ids[:3_000], queries) == 1.0
+
+    index.add(ids[3_000:5_000], base[3_000:5_000])
+    assert index.needs_maintenance()
+    index.apply_maintenance(index.prepare_maintenance())  # the worker's turn: train, fill, choose nprobe
+    assert index.trained and index.ntotal == 5_000 and index.measured_recall >= 0.95
+    first_nlist = index._ivf.nlist
+    truth = exact(ids[:5_000], base[:5_000], queries)
+    measured = recall(index.search(queries, K)[1], truth, base[:5_000], ids[:5_000], queries)
+    assert measured >= 0.93, f"recall@10 {measured:.3f} on unseen queries at nprobe={index._ivf.nprobe}"
+    if index._ivf.nprobe > 1:  # the chosen nprobe is needed: one list fewer is measurably worse
+        index._ivf.nprobe //= 2
+        assert recall(index.search(queries, K)[1], truth, base[:5_000], ids[:5_000], queries) < measured
+        index._ivf.nprobe *= 2
+
+    index.add(ids[5_000:], base[5_000:])  # 4x the trained size: retrained over every vector, more lists
+    assert index.needs_maintenance()
+    index.apply_maintenance(index.prepare_maintenance())
+    assert index.ntotal == len(ids) and index._ivf.nlist > first_nlist and index.trained_at == len(ids)
+    assert index.remove(ids[:10]) == 10
+    restored = index_from_bytes(IndexConfig(kind="auto", ivf_train_min=4_000), DIM, index.to_bytes())
+    assert restored.kind == "auto" and restored.ntotal == len(ids) - 10
+    assert restored._ivf.nprobe == index._ivf.nprobe  # tuned, not reset to a setting
+    assert np.array_equal(restored.search(queries, K)[1], index.search(queries, K)[1])
+
+    blind = AutoIndex(DIM, auto_min=4_000, recall=0.95)  # no queries seen yet (a server that just started)
+    blind.add(ids[:5_000], base[:5_000])
+    blind.maintain()
+    assert blind.measured_recall is None and blind._ivf.nprobe == -(-blind._ivf.nlist // 16)
+
+
 def test_factory_builds_each_cpu_kind():
+    assert create_index(IndexConfig(), DIM).kind == "auto"  # the default
     assert create_index(IndexConfig(kind="flat"), DIM).kind == "flat"
     assert create_index(IndexConfig(kind="ivf"), DIM).kind == "ivf"
     assert create_index(IndexConfig(kind="torch", torch_device="cpu"), DIM).kind == "torch"

@@ -134,6 +134,15 @@ class VectorIndex(ABC):
         if self.needs_maintenance():
             self.apply_maintenance(self.prepare_maintenance())
 
+    def describe(self) -> str:
+        """The kind and its current state in a few words, for Stats (e.g. whether an IVF is trained yet)."""
+        return self.kind
+
+    def use_queries(self, source: Callable[[], np.ndarray]) -> None:
+        """Offer recent real query vectors ((n, dim), e.g. the query cache's) to a kind that tunes itself on them
+        (auto); the others ignore them."""
+        return None
+
     def close(self) -> None:
         """Release outside resources (a Milvus connection); in-memory indexes have none."""
         return None

@@ -13,6 +13,10 @@ def create_index(cfg: IndexConfig, dim: int) -> VectorIndex:
         from kfresh.indexer.vectors.flat import FlatIndex
 
         return FlatIndex(dim)
+    if cfg.kind == "auto":
+        from kfresh.indexer.vectors.auto import AutoIndex
+
+        return AutoIndex(dim, auto_min=cfg.ivf_train_min, recall=cfg.auto_recall)
     if cfg.kind == "ivf":
         from kfresh.indexer.vectors.ivf import IvfIndex
 
@@ -38,6 +42,10 @@ def index_from_bytes(cfg: IndexConfig, dim: int, data: bytes | memoryview) -> Ve
         from kfresh.indexer.vectors.flat import FlatIndex
 
         return FlatIndex.from_bytes(data, dim)
+    if cfg.kind == "auto":
+        from kfresh.indexer.vectors.auto import AutoIndex
+
+        return AutoIndex.restore(data, dim, auto_min=cfg.ivf_train_min, recall=cfg.auto_recall)
     if cfg.kind == "ivf":
         from kfresh.indexer.vectors.ivf import IvfIndex
 

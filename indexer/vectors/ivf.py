@@ -37,6 +37,11 @@ class IvfIndex(VectorIndex):
     def trained(self) -> bool:
         return self._ivf is not None
 
+    def describe(self) -> str:
+        if self._ivf is None:
+            return f"{self.kind}: exact until {self.train_min:,} vectors"
+        return f"{self.kind}: IVF nlist={self._ivf.nlist} nprobe={self._ivf.nprobe}"
+
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         ids = as_ids(ids)
         if not len(ids):

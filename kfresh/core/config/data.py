@@ -68,9 +68,11 @@ class StoreConfig(Section):
 class IndexConfig(Section):
     """Vector index and its snapshots."""
 
-    kind: Literal["flat", "ivf", "gpu", "torch", "milvus"] = Field(
-        "flat",
-        description="flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat; gpu: FAISS GPU flat with tombstones; "
+    kind: Literal["auto", "flat", "ivf", "gpu", "torch", "milvus"] = Field(
+        "auto",
+        description="auto: exact (flat) below ivf_train_min vectors, then IVFFlat trained in the background with nprobe "
+        "chosen to hold auto_recall, retrained as the corpus grows 4x; "
+        "flat: exact FAISS IndexIDMap2(FlatIP); ivf: approximate IVFFlat (fixed nlist/nprobe); gpu: FAISS GPU flat with tombstones; "
         "torch: exact search in a torch tensor on CUDA (a GPU index without faiss-gpu; see torch_device); "
         "milvus: a Milvus collection (milvus-lite file or server, see milvus_uri).",
     )
@@ -84,8 +86,15 @@ class IndexConfig(Section):
     ivf_nlist: int = Field(1024, ge=1, description="IVF lists (ivf kind only).")
     ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (ivf kind only).")
     ivf_train_min: int = Field(
-        20_000, ge=1, description="Vectors needed before the IVF index is trained; exact search before that."
+        20_000,
+        ge=1,
+        description="Vectors needed before the IVF index is trained (ivf, auto); exact search before that.",
     )
+    auto_recall: float = Field(
+        0.95, gt=0, le=1,
+        description="auto kind: recall@10 (against an exact search, measured on stored vectors as queries) that the "
+        "chosen nprobe must reach.",
+    )  # fmt: skip
     compact_ratio: float = Field(
         0.2, gt=0, le=1, description="gpu kind: rebuild when tombstones exceed this share of vectors."
     )
