@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.indexer.vectors.flat import FlatIndex, deserialize
-from kfresh.indexer.vectors.ivf import _FLAT, _IVF, _MAX_POINTS_PER_LIST, _MIN_POINTS_PER_LIST, IvfIndex
+from kfresh.indexer.vectors.ivf import _MAX_POINTS_PER_LIST, _MIN_POINTS_PER_LIST, IvfIndex
 
 log = logging.getLogger("kfresh.indexer")
 
@@ -148,15 +147,7 @@ class AutoIndex(IvfIndex):
     def restore(cls, data: bytes | memoryview, dim: int, *, auto_min: int, recall: float) -> AutoIndex:
         """From to_bytes() (IvfIndex's format); a trained IVF keeps the nprobe it was tuned to (FAISS stores it)."""
         index = cls(dim, auto_min=auto_min, recall=recall)
-        tag, body = bytes(data[:1]), data[1:]
-        if tag == _FLAT:
-            index._flat = FlatIndex.from_bytes(body, dim)
-        elif tag == _IVF:
-            ivf = deserialize(body)
-            if ivf.d != dim:
-                raise ValueError(f"snapshot index has dim {ivf.d}, expected {dim}")
-            index._ivf, index._flat = ivf, None
+        index._load(data)
+        if index._ivf is not None:
             index.trained_at = index.tuned_at = index.ntotal
-        else:
-            raise ValueError("not an auto index snapshot")
         return index

@@ -167,15 +167,20 @@ class IvfIndex(VectorIndex):
     @classmethod
     def from_bytes(cls, data: bytes | memoryview, dim: int, *, nlist: int, nprobe: int, train_min: int) -> IvfIndex:
         index = cls(dim, nlist=nlist, nprobe=nprobe, train_min=train_min)
+        index._load(data)
+        if index._ivf is not None:
+            index._ivf.nprobe = min(nprobe, index._ivf.nlist)
+        return index
+
+    def _load(self, data: bytes | memoryview) -> None:
+        """Take the flat or trained phase that to_bytes() wrote (a trained IVF with the nprobe it was saved with)."""
         tag, body = bytes(data[:1]), data[1:]
         if tag == _FLAT:
-            index._flat = FlatIndex.from_bytes(body, dim)
+            self._flat, self._ivf = FlatIndex.from_bytes(body, self.dim), None
         elif tag == _IVF:
             ivf = deserialize(body)
-            if ivf.d != dim:
-                raise ValueError(f"snapshot index has dim {ivf.d}, expected {dim}")
-            ivf.nprobe = min(nprobe, ivf.nlist)
-            index._ivf, index._flat = ivf, None
+            if ivf.d != self.dim:
+                raise ValueError(f"snapshot index has dim {ivf.d}, expected {self.dim}")
+            self._ivf, self._flat = ivf, None
         else:
-            raise ValueError("not an ivf index snapshot")
-        return index
+            raise ValueError(f"not an {self.kind} index snapshot")
