@@ -169,6 +169,7 @@ class Indexer:
                 with self._state.lock.write():  # after searches in flight: a milvus index drops its connection
                     self._state.index.close()
             self._store.close()
+            self._timeline = None  # the next start may open another store: rebuilt by its first time-slice search
             log.info("indexer.closed")
 
     def __enter__(self) -> Indexer:
