@@ -120,18 +120,15 @@ def ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def wait_index_trained(client: Any, timeout_s: float = 600.0) -> str:
-    """Wait until an auto / ivf index past its training size has been trained (Stats.index_detail no longer says
-    "exact until N vectors" with N vectors or more indexed), so that timed searches meet the index they measure;
-    returns the final detail."""
-    import re
-
+def wait_index_maintained(client: Any, timeout_s: float = 600.0) -> str:
+    """Wait until the server's index has no maintenance pending (Stats.index_maintenance_pending: an auto / ivf index
+    trained on a preloaded corpus, say), so that timed searches meet the index they measure; returns the index's
+    Stats.index_detail."""
     deadline = time.monotonic() + timeout_s
     while True:
         stats = client.stats(timeout=30)
-        until = re.search(r"exact until ([\d,]+) vectors", stats.index_detail)
-        if until is None or stats.indexed_vectors < int(until.group(1).replace(",", "")):
+        if not stats.index_maintenance_pending:
             return stats.index_detail
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the index was not trained after {timeout_s:.0f} s: {stats.index_detail}")
+            raise TimeoutError(f"the index still had maintenance pending after {timeout_s:.0f} s: {stats.index_detail}")
         time.sleep(1.0)

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles
-from kfresh.benchmarks.report import Result, Table
+from kfresh.benchmarks.report import Result, Table, grouped_bars
 
 # name -> (metadata key, how many values it takes: every value selects 1/modulus of the corpus)
 SELECTIVITIES: dict[str, tuple[str, int]] = {"50%": ("s50", 2), "1%": ("s1", 100), "0.01%": ("s001", 10_000)}
@@ -166,11 +166,7 @@ def plot(result: Result, fig: Any) -> None:
     ax = fig.add_subplot(1, 1, 1)
     runs = result.raw["runs"]
     names = list(runs[0]["filters"]) if runs else []
-    width = 0.8 / max(1, len(runs))
-    for i, m in enumerate(runs):
-        p50 = [percentiles(m["filters"][n]["total_ms"])["p50"] for n in names]
-        ax.bar([x + i * width for x in range(len(names))], p50, width, label=f"{m['size']:,} {m['kind']}")
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(names))], names)
+    grouped_bars(ax, names, [(f"{m['size']:,} {m['kind']}", [percentiles(m["filters"][n]["total_ms"])["p50"] for n in names])
+                             for m in runs])  # fmt: skip
     ax.set_ylabel("Retrieve p50 (ms)")
     ax.set_xlabel("filter selectivity")
-    ax.legend()

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from pydantic import Field
 
-from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_trained
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_maintained
 from kfresh.benchmarks.report import Result, Table
 
 TARGET_P95_MS, TARGET_MAX_MS = 100.0, 500.0
@@ -105,7 +105,7 @@ def run(opts: FreshnessOptions, *, addr: str | None = None, quick: bool = False,
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-fresh-")))
     with kfresh_server({**NO_GENERATION, **opts.server}, addr=addr, home=home, remove_home=True) as target:
         with connect(target.addr) as client:
-            index_detail = wait_index_trained(client)  # an auto / ivf index trains on the preloaded corpus first
+            index_detail = wait_index_maintained(client)  # an auto / ivf index trains on the preloaded corpus first
             stats = client.stats()
         n_docs = max(int(stats.documents), 1)
         # Three disjoint query sets: the server caches query embeddings, so a repeated query would skip the model.

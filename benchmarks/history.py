@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 from kfresh.benchmarks.common import SuiteOptions, environment, load_average, percentiles
-from kfresh.benchmarks.report import Result, Table
+from kfresh.benchmarks.report import Result, Table, grouped_bars
 
 DAY = 86_400.0
 T0 = 1_800_000_000.0
@@ -194,11 +194,7 @@ def plot(result: Result, fig: Any) -> None:
     ax = fig.add_subplot(1, 1, 1)
     runs = result.raw["runs"]
     modes = ["live", "as_of", "valid_at"]
-    width = 0.8 / max(1, len(runs))
-    for i, m in enumerate(runs):
-        p50 = [percentiles(m["ms"][mode])["p50"] for mode in modes]
-        ax.bar([x + i * width for x in range(len(modes))], p50, width, label=f"{m['size']:,} x {m['versions']}")
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(modes))], modes)
+    grouped_bars(ax, modes, [(f"{m['size']:,} x {m['versions']}", [percentiles(m["ms"][mode])["p50"] for mode in modes])
+                             for m in runs])  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylabel("search p50 (ms, log)")
-    ax.legend()

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from kfresh.benchmarks.common import SuiteOptions, environment
-from kfresh.benchmarks.report import Result, Table
+from kfresh.benchmarks.report import Result, Table, grouped_bars
 
 DATA = Path(__file__).parent / "data" / "corrections.jsonl"
 DAY1, DAY = 1_790_000_000.0, 86_400.0
@@ -177,11 +177,7 @@ def plot(result: Result, fig: Any) -> None:
     ax = fig.add_subplot(1, 1, 1)
     sets = result.settings["sets"]
     ways = [*WAYS, "ceiling"]
-    width = 0.8 / max(1, len(sets))
-    for i, name in enumerate(sets):
-        shares = [result.summary.get(f"{way}_{name}_right") or 0.0 for way in ways]
-        ax.bar([x + i * width for x in range(len(ways))], shares, width, label=name)
-    ax.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(ways))], ways)
+    grouped_bars(ax, ways, [(name, [result.summary.get(f"{way}_{name}_right") or 0.0 for way in ways])
+                            for name in sets])  # fmt: skip
     ax.set_ylabel("answered with the newest value")
     ax.set_ylim(0, 1)
-    ax.legend()

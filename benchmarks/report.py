@@ -115,3 +115,12 @@ def _plot(result: Result, plot: PlotFn, path: Path) -> Path:
 def series_axes(fig: Any, n: int) -> Sequence[Any]:
     """n side-by-side axes in `fig`."""
     return [fig.add_subplot(1, n, i + 1) for i in range(n)]
+
+
+def grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]) -> None:
+    """One bar per (series, group), the series side by side within each group, groups labelled on the x axis."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(groups))], list(values), width, label=label)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(groups))], list(groups))
+    ax.legend()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_trained
+from kfresh.benchmarks.common import SuiteOptions, environment, ms_since, percentiles, wait_index_maintained
 from kfresh.benchmarks.report import Result, Table
 
 LANGCHAIN_MEASURED_MS = 41.6  # FIELD-NOTES: LangChain similarity_search at 100k, measured earlier on this box
@@ -150,7 +150,7 @@ def server_retrieve(
         store = cached_store(name, vecs, text_of)
         home = home_with_store(store, Path(tempfile.mkdtemp(prefix="kfresh-bench-retrieval-")))
     with kfresh_server(settings, addr=addr, home=home, remove_home=True) as target, connect(target.addr) as client:
-        detail = wait_index_trained(client)
+        detail = wait_index_maintained(client)
         for q in queries[:5]:  # warm-up on other texts: the server caches query embeddings
             client.retrieve(f"{q} warm-up", k=opts.k, timeout=60)
         total, server, found = [], [], []

@@ -101,3 +101,4 @@ class IndexStats:
     index_kind: str
     history: HistoryStats = field(default_factory=HistoryStats)
     index_detail: str = ""  # VectorIndex.describe(): e.g. whether an auto / ivf index is trained yet
+    index_maintenance_pending: bool = False  # VectorIndex.needs_maintenance(): training / compaction not yet run

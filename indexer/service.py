@@ -477,6 +477,7 @@ class Indexer:
             index_kind=state.index.kind,
             history=history,
             index_detail=state.index.describe(),
+            index_maintenance_pending=state.index.needs_maintenance(),
         )
 
 

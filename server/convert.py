@@ -143,6 +143,7 @@ def stats_to_proto(
         embedder=stats.embedder,
         index_kind=stats.index_kind,
         index_detail=stats.index_detail,
+        index_maintenance_pending=stats.index_maintenance_pending,
         model=model,
         adapter=adapter,
         generation_backend=backend,

@@ -89,6 +89,7 @@ def test_ingest_then_search_at_once(indexer):
     stats = indexer.stats()
     assert (stats.documents, stats.chunks, stats.indexed_vectors) == (1, 1, 1)
     assert stats.index_kind == indexer.cfg.index.kind and stats.index_detail.startswith(stats.index_kind)
+    assert not stats.index_maintenance_pending  # one vector: nothing to train
     assert stats.freshness.count == 1 and stats.embedder == indexer.embedder.name
 
 

@@ -123,13 +123,14 @@ class DocumentStore(abc.ABC):
         """Erase what is left of a DELETED document (a purge): its text, metadata and source (the row stays as a
         bare tombstone: id, version, deleted), every version's attributes, history and chunk rows, its citations,
         and every logged answer that showed or superseded it. The change log keeps its rows (ids and version numbers only:
-        the replicas follow it), and the erasure is logged (`erased_since`: in-memory history copies drop it). None when `doc_id` was never stored; InvalidInput when it is live."""
+        the replicas follow it), and the erasure is logged (`erased_since`: in-memory history copies drop it). None
+        when `doc_id` was never stored; InvalidInput when it is live."""
 
     @abc.abstractmethod
-    def history_rows(self, *, known_at: float | None = None, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
-        """Every version the history holds (acknowledged by `known_at` when given; of `doc_ids` only when given), by
-        doc_id and version: its attributes, when it was acknowledged and when it ended (the next version or a
-        delete). Purged documents have none. `indexer/timeline.py` keeps them in memory."""
+    def history_rows(self, *, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
+        """Every version the history holds (of `doc_ids` only, when given), by doc_id and version: its attributes,
+        when it was acknowledged and when it ended (the next version or a delete). Purged documents have none.
+        `indexer/timeline.py` keeps them in memory."""
 
     @abc.abstractmethod
     def history_counts(self) -> tuple[int, int]:

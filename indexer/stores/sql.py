@@ -176,14 +176,12 @@ class SqlStore(DocumentStore):
         return Erased(n["history"], n["chunks"] + n["history_chunks"], n["citations"], max(int(answers or 0), 0))
 
     @_shared
-    def history_rows(self, *, known_at: float | None = None, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
+    def history_rows(self, *, doc_ids: Sequence[str] | None = None) -> list[HistoryRow]:
         query = "SELECT doc_id, version, valid_from, source, metadata, supersedes, acked_at, ended_at, ended_by FROM history"
         if doc_ids is not None:
-            rows = self._fetch_in(query + " WHERE doc_id IN ({marks})", doc_ids)
-            rows = [r for r in rows if known_at is None or float(r[6]) <= known_at]
-            rows.sort(key=lambda r: (r[0], int(r[1])))
-        elif known_at is not None:
-            rows = self._fetchall(query + f" WHERE acked_at<={self._p} ORDER BY doc_id, version", (known_at,))
+            rows = sorted(
+                self._fetch_in(query + " WHERE doc_id IN ({marks})", doc_ids), key=lambda r: (r[0], int(r[1]))
+            )
         else:
             rows = self._fetchall(query + " ORDER BY doc_id, version")
         return [

@@ -445,7 +445,7 @@ class LagPercentiles(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., max_ms: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors", "distill", "tenant", "history", "index_detail")
+    __slots__ = ("documents", "chunks", "pending", "ingest_docs_per_s", "freshness", "embedder", "index_kind", "model", "adapter", "generation_backend", "model_ready", "uptime_s", "deleted", "indexed_vectors", "distill", "tenant", "history", "index_detail", "index_maintenance_pending")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
@@ -464,6 +464,7 @@ class StatsResponse(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     INDEX_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_MAINTENANCE_PENDING_FIELD_NUMBER: _ClassVar[int]
     documents: int
     chunks: int
     pending: int
@@ -482,7 +483,8 @@ class StatsResponse(_message.Message):
     tenant: TenantStats
     history: HistoryStats
     index_detail: str
-    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ..., tenant: _Optional[_Union[TenantStats, _Mapping]] = ..., history: _Optional[_Union[HistoryStats, _Mapping]] = ..., index_detail: _Optional[str] = ...) -> None: ...
+    index_maintenance_pending: bool
+    def __init__(self, documents: _Optional[int] = ..., chunks: _Optional[int] = ..., pending: _Optional[int] = ..., ingest_docs_per_s: _Optional[float] = ..., freshness: _Optional[_Union[LagPercentiles, _Mapping]] = ..., embedder: _Optional[str] = ..., index_kind: _Optional[str] = ..., model: _Optional[str] = ..., adapter: _Optional[str] = ..., generation_backend: _Optional[str] = ..., model_ready: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., deleted: _Optional[int] = ..., indexed_vectors: _Optional[int] = ..., distill: _Optional[_Union[DistillSummary, _Mapping]] = ..., tenant: _Optional[_Union[TenantStats, _Mapping]] = ..., history: _Optional[_Union[HistoryStats, _Mapping]] = ..., index_detail: _Optional[str] = ..., index_maintenance_pending: _Optional[bool] = ...) -> None: ...
 
 class HistoryStats(_message.Message):
     __slots__ = ("versions", "replaced_chunks", "memory_bytes", "slice_search")
