@@ -12,7 +12,7 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint proto models bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-filters bench-quick clean help
+.PHONY: setup demo test test-fast lint proto models reader bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-filters bench-quick clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
@@ -22,6 +22,7 @@ help:
 	@echo "make reliability - the long fault/load/injection suite (~16 min on 2 cores); figures in benchmarks/results/reliability-*"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
+	@echo "make reader - train the reader once on READER_DATA up to READER_UNTIL (~27 min on 2 cores; README: reading)"
 	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
 	@echo "make bench-adapters - what enable_lora and an active adapter cost; hot-swap and rollback times"
 	@echo "make bench  - every benchmark suite at full size (kfresh bench all; ~1-2 h on 2 cores), results in benchmarks/results"
@@ -46,6 +47,12 @@ $(STAMP): pyproject.toml requirements.txt
 
 models: $(STAMP)
 	$(VENV)/bin/kfresh provision
+
+# The reader (README: "How answers read the passages"): trained once on the dev months of a reading set.
+READER_DATA ?= ../shared/datasets/realtimeqa-2025.jsonl
+READER_UNTIL ?= 2025-09-30
+reader: $(STAMP)
+	$(VENV)/bin/kfresh provision --reader-data $(READER_DATA) --reader-until $(READER_UNTIL)
 
 demo: models
 	$(VENV)/bin/kfresh demo

@@ -45,6 +45,10 @@ class NewestWinsOptions(SuiteOptions):
     per_set: int = Field(0, ge=0, description="Pairs per set (0 = all).")
     max_tokens: int = Field(64, ge=1, description="Tokens per answer (greedy).")
     concurrency: int = Field(4, ge=1, le=64, description="Answers in flight at once.")
+    generator: str = Field("", description="Generator folder to serve (e.g. the reader); empty = the configured one.")
+    settings: dict[str, Any] = Field(
+        default_factory=dict, description='Server settings (dotted keys), e.g. {"answer.prompt_passages": 0}.'
+    )
 
     @classmethod
     def quick(cls) -> NewestWinsOptions:
@@ -127,9 +131,9 @@ def run(opts: NewestWinsOptions, *, addr: str | None = None, quick: bool = False
     pairs = load(opts)
     env = environment(model="SmolLM2-135M-Instruct", dtype=cfg.generation.dtype)
     started = time.perf_counter()
-    with vllm_serve(generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
+    with vllm_serve(opts.generator or generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
         remote = {"generation.backend": "remote", "generation.remote_url": url, "generation.remote_timeout_s": 600}
-        with kfresh_server(remote, model=True) as target:
+        with kfresh_server({**remote, **opts.settings}, model=True) as target:
             first, second = _docs(pairs)
             with client(target.addr) as c:
                 for docs in (first, second):  # the stories, then (a day later) their corrections
@@ -158,7 +162,7 @@ def build_result(raw: dict[str, Any], opts: NewestWinsOptions, *, quick: bool, c
     for name in opts.sets:
         header += [f"right ({name})", f"old story read ({name})"]
     result.tables.append(Table("Right = the corrected value in the reply, not the old one in the model's words, "
-                               "the correction cited; default answer settings, greedy", header, rows))  # fmt: skip
+                               f"the correction cited; {_settings_said(opts)}, greedy", header, rows))  # fmt: skip
     result.tables.append(Table("Every reply", ["way", "set", "pair", "right", "reply", "cited"], [
         [way, a["set"], a["pair"], a["right"], a["reply"].replace("\n", " ")[:160], ", ".join(a["cited"])]
         for way in (*WAYS, "ceiling") for a in raw["answers"][way]
@@ -181,3 +185,9 @@ def plot(result: Result, fig: Any) -> None:
                             for name in sets])  # fmt: skip
     ax.set_ylabel("answered with the newest value")
     ax.set_ylim(0, 1)
+
+
+def _settings_said(opts: NewestWinsOptions) -> str:
+    said = [f"generator {opts.generator}"] if opts.generator else []
+    said += [f"{k}={v}" for k, v in opts.settings.items()]
+    return ", ".join(said) if said else "default answer settings"

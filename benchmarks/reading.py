@@ -41,6 +41,7 @@ class Variant(BaseModel):
     name: str
     settings: dict[str, Any] = Field(default_factory=dict)
     k: int = Field(0, ge=0, description="Passages per Answer; 0 = the server's answer.default_k.")
+    model: str = Field("", description="Generator folder served for this variant; empty = the configured generator.")
 
 
 PREVIOUS = {
@@ -86,6 +87,18 @@ class ReadingOptions(SuiteOptions):
     deleted: bool = Field(True, description="Delete the evidence and ask again (refusals vs false answers).")
     peer: bool = Field(True, description="The LangChain chain on the same model (needs langchain-openai).")
     ttft_probe: int = Field(12, ge=0, description="Sequential answers per variant for an unloaded TTFT p50 (0 = skip).")
+    reader: str = Field(
+        "",
+        description="Folder of a reader (`kfresh provision --reader-data`, trained on dev only): adds the variants "
+        "'reader' and 'reader, prompt_passages=all (3)', the same settings on that generator.",
+    )
+
+    def all_variants(self) -> list[Variant]:
+        """The variants, plus the reader's when `reader` names one."""
+        if not self.reader:
+            return list(self.variants)
+        return [*self.variants, Variant(name="reader", model=self.reader),
+                Variant(name="reader, prompt_passages=all (3)", model=self.reader, settings={"answer.prompt_passages": 0})]  # fmt: skip
 
     @classmethod
     def quick(cls) -> ReadingOptions:
@@ -259,19 +272,20 @@ def run(opts: ReadingOptions, *, addr: str | None = None, quick: bool = False, c
     env = environment(
         model="SmolLM2-135M-Instruct", dtype=cfg.generation.dtype, dataset=str(realtimeqa.dataset_path(opts.dataset))
     )
-    groups: dict[str, tuple[dict[str, Any], list[Variant]]] = {}
-    for v in opts.variants:
-        key = repr(sorted(v.settings.items()))
-        groups.setdefault(key, (v.settings, []))[1].append(v)
+    by_model: dict[str, dict[str, tuple[dict[str, Any], list[Variant]]]] = {}
+    for v in opts.all_variants():
+        groups = by_model.setdefault(v.model, {})
+        groups.setdefault(repr(sorted(v.settings.items())), (v.settings, []))[1].append(v)
     raw: dict[str, Any] = {"questions": [q.id for q in questions], "groups": []}
     started = time.perf_counter()
-    with vllm_serve(generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
-        for i, (settings, variants) in enumerate(groups.values()):
-            raw["groups"].append(
-                measure_group(url, settings, variants, corpus, questions, opts, closed_book=opts.closed_book and i == 0)
-            )
-        if opts.peer:
-            raw["peer"] = run_peer(url, corpus, questions, opts)
+    for model, groups in by_model.items():
+        first = not raw["groups"]
+        with vllm_serve(model or generator_path(cfg.models), dtype=cfg.generation.dtype) as url:
+            for i, (settings, variants) in enumerate(groups.values()):
+                raw["groups"].append(measure_group(url, settings, variants, corpus, questions, opts,
+                                                   closed_book=opts.closed_book and first and i == 0))  # fmt: skip
+            if opts.peer and first:
+                raw["peer"] = run_peer(url, corpus, questions, opts)
     raw["wall_s"] = time.perf_counter() - started
     return build_result(raw, questions, opts, quick=quick, command=command, env=env)
 

@@ -139,10 +139,28 @@ def train_adapter(
     lm: LoadedModel, data: AugmentedFacts, replay: Sequence[ReplayItem], cfg: FinetuneConfig, out_dir: Path
 ) -> TrainResult:
     """Train a LoRA adapter on `data.train` (+ replay), early-stopped on `data.validation`; save it to `out_dir`."""
+    context = data.context[: cfg.context_examples * len(data.facts)]
+    tok = lm.tokenizer
+    train = [encode_qa(tok, qa, facts=data.facts) for qa in list(data.train) + context]
+    val = [encode_qa(tok, qa, data.facts[qa.fact].object) for qa in data.validation]
+    return train_encoded(lm, train, val, replay, cfg, out_dir, desc="distill: training")
+
+
+def train_encoded(
+    lm: LoadedModel,
+    train: Sequence[Encoded],
+    val: Sequence[Encoded],
+    replay: Sequence[ReplayItem],
+    cfg: FinetuneConfig,
+    out_dir: Path,
+    *,
+    desc: str = "training",
+) -> TrainResult:
+    """The recipe on examples already encoded (labels on what is learned); early-stopped on `val`."""
     from tqdm.auto import tqdm
 
-    run = _Trainer(lm, data, replay, cfg)
-    bar = tqdm(total=run.planned, desc="distill: training", unit="step", leave=False)
+    run = _Trainer(lm, train, val, replay, cfg)
+    bar = tqdm(total=run.planned, desc=desc, unit="step", leave=False)
     for epoch in range(1, cfg.max_epochs + 1):
         epoch_start = time.perf_counter()
         order = list(range(len(run.train)))
@@ -165,7 +183,12 @@ class _Trainer:
     """The state of one training run; `train_adapter` drives it epoch by epoch."""
 
     def __init__(
-        self, lm: LoadedModel, data: AugmentedFacts, replay: Sequence[ReplayItem], cfg: FinetuneConfig
+        self,
+        lm: LoadedModel,
+        train: Sequence[Encoded],
+        val: Sequence[Encoded],
+        replay: Sequence[ReplayItem],
+        cfg: FinetuneConfig,
     ) -> None:
         import torch
 
@@ -175,9 +198,7 @@ class _Trainer:
         self.rng = random.Random(cfg.seed)
         self.lm, self.cfg, self.tok = lm, cfg, lm.tokenizer
         self.model = attach_lora(lm, cfg)
-        context = data.context[: cfg.context_examples * len(data.facts)]
-        self.train = [encode_qa(self.tok, qa, facts=data.facts) for qa in list(data.train) + context]
-        self.val = [encode_qa(self.tok, qa, data.facts[qa.fact].object) for qa in data.validation]
+        self.train, self.val = list(train), list(val)
         self.pool = [encode_replay(self.tok, item) for item in replay] if cfg.kl_weight > 0 else []
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from kfresh.core.config import KfreshConfig, ModelsConfig
@@ -37,3 +38,25 @@ def provision(cfg: ModelsConfig | KfreshConfig) -> dict[str, Any]:
             report["embedder_onnx"] = onnx_folder(report["embedder"], models.cache_dir)
             report["embedder_onnx_s"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def provision_reader(
+    cfg: KfreshConfig, dataset: str | Path, until: str, *, dest: Path | None = None, budget_s: float | None = None
+) -> dict[str, Any]:
+    """Build the reader (finetuner/reader.py) from the reading set `dataset` (rows up to `until`) on top of the
+    configured generator, once, into the models cache; returns its folder (serve it with
+    `--models.generator FOLDER --answer.prompt_passages 0`: trained with distractors, it reads all k passages
+    better than the best one alone, unlike the base model; README: reading) and the build's figures. A reader already built from the same base, data,
+    cut-off and recipe is reused. `dest` overrides the folder, `budget_s` the training time budget."""
+    from kfresh.finetuner.reader import build_reader
+
+    source = Path(dataset).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"reading set {source} does not exist (pass --reader-data FILE, a JSONL file)")
+    base = generator_path(cfg.models)
+    dest = dest or Path(cfg.models.cache_dir).expanduser().resolve() / f"{Path(base).name}-reader"
+    t0 = time.perf_counter()
+    report = build_reader(cfg, source.resolve(), until, dest, base, budget_s=budget_s)
+    log.info("provisioned reader -> %s in %.1f s", dest, time.perf_counter() - t0)
+    return {"reader": str(dest), "reader_s": round(time.perf_counter() - t0, 3), "reader_rows": report.rows,
+            "serve_with": f"--models.generator {dest} --answer.prompt_passages 0"}  # fmt: skip

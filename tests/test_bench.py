@@ -196,6 +196,20 @@ def test_reading_quick_scores_every_stage_and_the_peer(tmp_path):
 
 
 @pytest.mark.slow
+def test_reading_measures_a_reader_folder_on_its_own_vllm_serve(tmp_path, generator_path):
+    """`--set reader=FOLDER` serves that folder on a second `vllm serve` for the reader's variants; here the base
+    folder itself, so the reader's rows read as well as the default's (bf16 batching may change a word or two)."""
+    fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
+    overrides = {"dataset": str(fixture), "reader": generator_path, "variants": [{"name": "default"}], "peer": False,
+                 "deleted": False, "closed_book": False, "ttft_probe": 0}  # fmt: skip
+    data = assert_well_formed(run_suite("reading", quick=True, out=tmp_path, overrides=overrides), "reading")
+    variants = data["summary"]["variants"]
+    assert set(variants) == {"default", "reader", "reader, prompt_passages=all (3)"}
+    assert len(data["raw"]["groups"]) == 3  # the default's server, then the reader's two settings
+    assert variants["reader"]["e2e"] >= 0.5 and variants["reader"]["hit"] == 1.0
+
+
+@pytest.mark.slow
 def test_transfer_quick_compares_question_pairs_with_template_facts(tmp_path):
     """The transfer suite on the fixture in RealTimeQA's format: the real teacher (SmolLM2 reading each document)
     keeps grounded pairs; every figure the README cites is there and in range."""
