@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kfresh.client.sources import parse_time
+from kfresh.client.sources import SourceError, json_object, parse_time, read_text
 from kfresh.core.config import FinetuneConfig, KfreshConfig
 from kfresh.core.files import build_dir_once, sha256_file
 from kfresh.finetuner.modeling import LoadedModel, Messages, render_prompt
@@ -89,16 +89,14 @@ class ReaderReport:
 def load_rows(path: Path, *, until: float | None = None) -> list[ReadingRow]:
     """The rows of a reading set dated up to `until` (all when None), oldest first."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ReadingSetError(f"{where}: not JSON ({exc.msg})") from exc
-        if not isinstance(raw, dict):
-            raise ReadingSetError(f"{where}: a row must be a JSON object")
+    try:
+        lines = read_text(path, str(path)).splitlines()
+        parsed = [
+            (f"{path}:{n}", json_object(line, f"{path}:{n}")) for n, line in enumerate(lines, start=1) if line.strip()
+        ]
+    except SourceError as exc:
+        raise ReadingSetError(str(exc)) from None
+    for where, raw in parsed:
         row = _row(raw, where)
         if until is None or row.valid_from <= until:
             rows.append(row)

@@ -59,8 +59,8 @@ def test_rows_read_both_layouts_keep_the_past_and_sort_by_date(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("{not json", "set.jsonl:2: not JSON"),
-        ("[1, 2]", "set.jsonl:2: a row must be a JSON object"),
+        ("{not json", "set.jsonl:2: not valid JSON"),
+        ("[1, 2]", "set.jsonl:2: expected a JSON object"),
         ('{"question": "q", "evidence": "e"}', "set.jsonl:2: field 'date' must be a non-empty string"),
         ('{"question": "q", "evidence": "e", "date": "2025-01-01"}', "set.jsonl:2: field 'answer' must be"),
         (
@@ -75,6 +75,14 @@ def test_a_bad_row_names_the_file_line_and_field(tmp_path, line, message):
     path.write_text('{"question": "q", "evidence": "e", "date": "2025-01-01", "answer": "a"}\n' + line + "\n")
     with pytest.raises(ReadingSetError, match=message.replace("[", r"\[")):
         load_rows(path)
+
+
+def test_a_binary_or_missing_reading_set_is_named(tmp_path):
+    (tmp_path / "blob.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ReadingSetError, match="blob.jsonl: not UTF-8 text"):
+        load_rows(tmp_path / "blob.jsonl")
+    with pytest.raises(ReadingSetError, match="gone.jsonl: cannot read it"):
+        load_rows(tmp_path / "gone.jsonl")
 
 
 def test_examples_are_the_served_prompt_with_the_evidence_and_sometimes_its_distractor(tmp_path, models_config):

@@ -78,16 +78,22 @@ def jsonl_record(line: str, where: str) -> pb.IngestRequest:
     """One JSONL line -> an IngestRequest; SourceError says what is wrong with it."""
     if len(line) > MAX_LINE_CHARS:
         raise SourceError(f"{where}: the line is {len(line):,} characters; the limit is {MAX_LINE_CHARS:,}")
+    return record_to_request(json_object(line, where), where)
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; SourceError names `where` when it is not one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{where}: not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict):
         raise SourceError(f"{where}: expected a JSON object")
-    return record_to_request(record, where)
+    return record
 
 
-def _read_text(path: Path, name: str) -> str:
+def read_text(path: Path, name: str) -> str:
+    """A text file's contents; SourceError says why it cannot be read (missing, not UTF-8, no permission)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -122,7 +128,7 @@ class Source:
             yield None, f"{self.spec}: no such file or folder"
             return
         try:
-            text = _read_text(path, self.spec)
+            text = read_text(path, self.spec)
         except SourceError as exc:
             yield None, str(exc)
             return
@@ -145,7 +151,7 @@ class Source:
                 yield None, f"{path}: cannot read it (a link to nothing)"
                 continue
             try:
-                text = _read_text(path, str(path))
+                text = read_text(path, str(path))
             except SourceError as exc:
                 yield None, str(exc)
                 continue
