@@ -136,6 +136,46 @@ def test_meta_index_postings() -> None:
     assert meta.matching({"t": "y"}) == {"a"} and len(meta) == 2
 
 
+def test_meta_index_equals_a_scan_of_every_document_under_changes() -> None:
+    """Lookups (postings, sources matched once, the valid_from binary search) against Filter.matches on every
+    document, with upserts and deletes between queries (the sorted-by-time view must follow them)."""
+    import random
+
+    rng = random.Random(7)
+    meta, truth = MetaIndex(), {}
+
+    def attrs() -> DocAttrs:
+        return DocAttrs({"t": rng.choice("xyz"), "g": rng.choice("12")}, rng.choice(["faq/a", "faq/b", "news/c", ""]),
+                        float(rng.randrange(0, 50)))  # fmt: skip
+
+    def random_filter() -> Filter:
+        lo = rng.choice([None, float(rng.randrange(0, 50))])
+        hi = rng.choice([None, float(rng.randrange(0, 60))])
+        if lo is not None and hi is not None and hi <= lo:
+            hi = lo + 1
+        return Filter(
+            equals={"t": rng.choice("xyz")} if rng.random() < 0.3 else {},
+            any_of={"g": frozenset(rng.sample("123", 2))} if rng.random() < 0.3 else {},
+            sources=tuple(rng.sample(["faq/*", "news/*", "*/b", "", "[fn]*"], rng.randrange(0, 3))) if rng.random() < 0.5 else (),
+            valid_from_min=lo if rng.random() < 0.6 else None, valid_from_max=hi if rng.random() < 0.6 else None,
+        )  # fmt: skip
+
+    for step in range(400):
+        doc = f"d{rng.randrange(60)}"
+        if rng.random() < 0.2:
+            meta.pop(doc)
+            truth.pop(doc, None)
+        else:
+            truth[doc] = attrs()
+            meta.put(doc, truth[doc])
+        f = random_filter()
+        if any(not glob for glob in f.sources):
+            continue  # an empty glob is refused by check_filter before it gets here
+        want = {d for d, a in truth.items() if f.matches(a.metadata, a.source, a.valid_from)}
+        assert meta.matching(f) == want, (step, f)
+        assert meta.estimate(f) >= len(want)
+
+
 def test_filters_are_checked_and_combined() -> None:
     with pytest.raises(InvalidInput, match="any_of\\['t'\\] is empty"):
         check_filter(Filter(any_of={"t": frozenset()}))
