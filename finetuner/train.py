@@ -180,7 +180,7 @@ def train_encoded(
 
 
 class _Trainer:
-    """The state of one training run; `train_adapter` drives it epoch by epoch."""
+    """The state of one training run; `train_encoded` drives it epoch by epoch."""
 
     def __init__(
         self,

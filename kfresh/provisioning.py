@@ -44,10 +44,12 @@ def provision_reader(
     cfg: KfreshConfig, dataset: str | Path, until: str, *, dest: Path | None = None, budget_s: float | None = None
 ) -> dict[str, Any]:
     """Build the reader (finetuner/reader.py) from the reading set `dataset` (rows up to `until`) on top of the
-    configured generator, once, into the models cache; returns its folder (serve it with
-    `--models.generator FOLDER --answer.prompt_passages 0`: trained with distractors, it reads all k passages
-    better than the best one alone, unlike the base model; README: reading) and the build's figures. A reader already built from the same base, data,
-    cut-off and recipe is reused. `dest` overrides the folder, `budget_s` the training time budget."""
+    configured generator, once, into the models cache; returns its folder and the build's figures.
+
+    Serve it with `--models.generator FOLDER --answer.prompt_passages 0`: trained beside distractors, it reads
+    all k passages better than the best one alone, unlike the base model (README: How answers read the
+    passages). A reader already built from the same base, data, cut-off and recipe is reused. `dest`
+    overrides the folder, `budget_s` the training time budget."""
     from kfresh.finetuner.reader import build_reader
 
     source = Path(dataset).expanduser()
