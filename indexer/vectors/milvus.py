@@ -38,6 +38,8 @@ log = logging.getLogger("kfresh.indexer")
 
 MAX_TOPK = 16_384  # Milvus refuses a larger search limit (search.py's MAX_CANDIDATES is the same)
 _ID_BATCH = 4_096  # ids per `id in [...]` query / delete expression
+# ids in one filtered search's `id in [...]` expression; a larger subset is scored from the store's vectors
+_SUBSET_MAX = 16_384
 _UPSERT_BYTES = 4 << 20  # rows per upsert request: ~4 MiB of vectors, well under gRPC's message limit
 # A count(*) costs about as much as a search on milvus-lite (both scan every row in Python: ~8 ms at 20k), so
 # the count is kept up to date from this process's own writes and re-read only this often, for other replicas'.
@@ -96,6 +98,18 @@ class MilvusIndex(VectorIndex):
 
     def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n, k), best first; -inf / -1 where Milvus has fewer than k vectors."""
+        return self._search(vecs, k)
+
+    def search_subset(self, vecs: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """A filtered search inside Milvus, with its own filter expression `id in [...]`, on a FLAT collection
+        (exact there); None on approximate index types and past `_SUBSET_MAX` ids, where the caller scores
+        the stored vectors instead (exact, but every vector travels from the store)."""
+        ids = as_ids(ids)
+        if self.index_type != "FLAT" or not 0 < len(ids) <= _SUBSET_MAX:
+            return None
+        return self._search(vecs, min(k, len(ids)), f"{conn.ID_FIELD} in {ids.tolist()}")
+
+    def _search(self, vecs: np.ndarray, k: int, expression: str = "") -> tuple[np.ndarray, np.ndarray]:
         q = as_vecs(vecs, self.dim)
         scores, found = self._empty(len(q), max(k, 0))
         if k <= 0 or not len(q):
@@ -106,6 +120,7 @@ class MilvusIndex(VectorIndex):
             result = self._client.search(
                 self.collection,
                 data=list(q),
+                filter=expression,
                 limit=limit,
                 anns_field=conn.VEC_FIELD,
                 search_params=params,
