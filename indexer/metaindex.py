@@ -35,6 +35,7 @@ class MetaIndex:
         self._postings: dict[tuple[str, str], set[str]] = {}
         self._by_source: dict[str, set[str]] = {}
         self._by_time: tuple[np.ndarray, list[str]] | None = None  # (sorted valid_from, their doc ids)
+        self._globbed: dict[tuple[str, ...], list[str]] = {}  # globs -> sources matched; dropped when sources change
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -44,6 +45,8 @@ class MetaIndex:
         self._docs[doc_id] = attrs
         for pair in attrs.metadata.items():
             self._postings.setdefault(pair, set()).add(doc_id)
+        if attrs.source not in self._by_source:
+            self._globbed.clear()
         self._by_source.setdefault(attrs.source, set()).add(doc_id)
         self._by_time = None
 
@@ -54,6 +57,8 @@ class MetaIndex:
         for pair in attrs.metadata.items():
             _discard(self._postings, pair, doc_id)
         _discard(self._by_source, attrs.source, doc_id)
+        if attrs.source not in self._by_source:
+            self._globbed.clear()
         self._by_time = None
 
     def matching(self, f: Filter | Mapping[str, str]) -> set[str]:
@@ -102,7 +107,12 @@ class MetaIndex:
         return sets
 
     def _sources_matching(self, globs: tuple[str, ...]) -> list[str]:
-        return [s for s in self._by_source if any(fnmatch.fnmatchcase(s, g) for g in globs)]
+        """The sources any of `globs` matches, remembered until a source appears or goes: a filtered search asks
+        twice (`estimate`, then `matching`), and a corpus of many distinct sources makes each ask cost."""
+        found = self._globbed.get(globs)
+        if found is None:
+            found = self._globbed[globs] = [s for s in self._by_source if any(fnmatch.fnmatchcase(s, g) for g in globs)]
+        return found
 
     def _sorted_by_time(self) -> tuple[np.ndarray, list[str]]:
         """Built on demand (under the read lock: no writer runs meanwhile) and dropped by any change."""

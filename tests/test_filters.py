@@ -136,6 +136,13 @@ def test_meta_index_postings() -> None:
     meta.pop("c")
     meta.pop("missing")
     assert meta.matching({"t": "y"}) == {"a"} and len(meta) == 2
+    # a glob's matched sources are remembered: a source that appears or goes afterwards must count
+    news = Filter(sources=("news/*",))
+    assert meta.matching(news) == set() and meta.estimate(news) == 0
+    meta.put("d", DocAttrs({}, "news/d", 40.0))
+    assert meta.matching(news) == {"d"} and meta.estimate(news) == 1
+    meta.pop("d")
+    assert meta.matching(news) == set() and meta.estimate(news) == 0
 
 
 def test_meta_index_equals_a_scan_of_every_document_under_changes() -> None:
