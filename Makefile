@@ -19,7 +19,8 @@ help:
 	@echo "make test   - set up, then run the whole test suite"
 	@echo "make chatbot - the customer-service chat example in your browser (examples/chatbot/README.md)"
 	@echo "make lint   - ruff (lint + format check), mypy on the package as installed; CI runs it before the tests"
-	@echo "make reliability - the long fault/load/injection suite (~16 min on 2 cores); figures in benchmarks/results/reliability-*"
+	@echo "make chaos       - two replicas over PostgreSQL under 100 random faults, history checked; benchmarks/results/chaos-*"
+	@echo "make reliability - the long fault/load/injection/fuzz suite (~19 min on 2 cores); figures in benchmarks/results/reliability-*"
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
 	@echo "make reader - train the reader once on READER_DATA up to READER_UNTIL (~27 min on 2 cores; README: reading)"
@@ -68,6 +69,11 @@ chatbot-measure: models
 
 test: models
 	$(PY) -m pytest -q
+
+# Two replicas over PostgreSQL under 100 random faults, a checker over the recorded history (~15 min on 2 cores).
+.PHONY: chaos
+chaos: models
+	$(VENV)/bin/kfresh bench chaos
 
 .PHONY: reliability
 reliability: models

@@ -27,12 +27,15 @@ SUITES = (
     "filters",
     "history",
     "newest_wins",
+    "conflicts",
+    "chaos",
 )
 _OPTIONS = {"ingest": "IngestOptions", "freshness": "FreshnessOptions", "retrieval": "RetrievalOptions",
             "answer": "AnswerOptions", "knowledge": "KnowledgeOptions", "backends": "BackendsOptions",
             "replicas": "ReplicasOptions", "reading": "ReadingOptions",
             "transfer": "TransferOptions", "knowledge_news": "NewsKnowledgeOptions",
-            "filters": "FiltersOptions", "history": "HistoryOptions", "newest_wins": "NewestWinsOptions"}  # fmt: skip
+            "filters": "FiltersOptions", "history": "HistoryOptions", "newest_wins": "NewestWinsOptions",
+            "conflicts": "ConflictsOptions", "chaos": "ChaosOptions"}  # fmt: skip
 
 
 def suite_module(name: str) -> Any:

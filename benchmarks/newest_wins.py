@@ -55,8 +55,13 @@ class NewestWinsOptions(SuiteOptions):
         return cls(sets=["here"], per_set=2, max_tokens=32)
 
 
+def load_pairs() -> list[Pair]:
+    """Every pair of benchmarks/data/corrections.jsonl, in file order."""
+    return [Pair(**json.loads(line)) for line in DATA.read_text().splitlines() if line.strip()]
+
+
 def load(opts: NewestWinsOptions) -> list[Pair]:
-    pairs = [Pair(**json.loads(line)) for line in DATA.read_text().splitlines() if line.strip()]
+    pairs = load_pairs()
     out: list[Pair] = []
     for name in opts.sets:
         chosen = [p for p in pairs if p.set == name]

@@ -64,6 +64,7 @@ def default_variants() -> list[Variant]:
         Variant(name="k=1", k=1),
         Variant(name="k=5", k=5),
         Variant(name="min_score=0.35", settings={"answer.min_score": 0.35}),
+        Variant(name="no named conflicts (similarity only)", settings={"answer.named_conflict_similarity": 1.01}),
     ]
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 
+from kfresh.core.text import content_words, names
 from kfresh.core.time import format_display
 from kfresh.indexer.documents import Hit
 
@@ -46,23 +47,53 @@ class Resolved:
         return max(self.kept, key=lambda h: h.score) if self.kept else None
 
 
-def _conflicts(older: Hit, newer: Hit, similarity: float) -> bool:
+@dataclass(frozen=True)
+class Asked:
+    """What the question asks about, for the name rule: its content words, and the names among them that tell
+    its story apart from the retrieved pool (server/reading.asked_names)."""
+
+    words: frozenset[str] = frozenset()
+    names: frozenset[str] = frozenset()
+
+
+def _same_question(older: Hit, newer: Hit, asked: Asked) -> bool:
+    """Both name what the question asks about, and the newer one holds at least half as many of the question's
+    words as the older: it answers the same question (not another fact about the same company)."""
+    if not asked.names & names(older.text) & names(newer.text):
+        return False
+    return 2 * len(asked.words & content_words(newer.text)) >= len(asked.words & content_words(older.text))
+
+
+def _conflicts(older: Hit, newer: Hit, similarity: float, asked: Asked, named_similarity: float) -> bool:
     if older.doc_id == newer.doc_id:
         return False
     if older.doc_id in newer.supersedes:
         return True
     if older.vector is None or newer.vector is None or newer.valid_from <= older.valid_from:
         return False
-    return float(np.dot(older.vector, newer.vector)) >= similarity
+    cosine = float(np.dot(older.vector, newer.vector))
+    if cosine >= similarity:
+        return True
+    return cosine >= named_similarity and _same_question(older, newer, asked)
 
 
 def resolve_conflicts(
-    hits: list[Hit], *, similarity: float, min_score: float = -1.0, score_margin: float = 2.0
+    hits: list[Hit],
+    *,
+    similarity: float,
+    min_score: float = -1.0,
+    score_margin: float = 2.0,
+    asked: Asked = Asked(),
+    named_similarity: float = 1.0,
 ) -> Resolved:
     """Drop weak passages and passages superseded by a newer one (explicitly, or the same fact elsewhere).
 
-    Two passages from different documents whose embeddings have a cosine of at least `similarity` are
-    treated as two versions of one fact; the one with the older `valid_from` is dropped. Passages below
+    Two passages from different documents are two versions of one fact, and the one with the older `valid_from`
+    is dropped, when their embeddings have a cosine of at least `similarity`, or of at least `named_similarity`
+    while both hold one of the `asked` names (a name the question asks about that hardly any other retrieved
+    passage holds) and the newer one holds at least half as many of the question's words as the older. A
+    correction worded afresh ("the board handed the reins to ...") is often far from its story in embedding
+    space, but it names the same company and answers the same question. Passages below
     `min_score`, or more than `score_margin` below the best one, are not shown: fewer, better passages
     help a small model more than more passages.
     """
@@ -73,7 +104,7 @@ def resolve_conflicts(
     superseded: list[Hit] = []
     for i, hit in enumerate(ordered):
         newer = ordered[i + 1 :]
-        if any(_conflicts(hit, other, similarity) for other in newer):
+        if any(_conflicts(hit, other, similarity, asked, named_similarity) for other in newer):
             superseded.append(hit)
         else:
             kept.append(hit)

@@ -16,7 +16,7 @@ from kfresh.core.config import AnswerConfig
 from kfresh.core.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
 from kfresh.indexer.filters import Filter
-from kfresh.prompt import NOT_FOUND_REPLY, PromptFormat, build_messages, closed_book_messages, resolve_conflicts
+from kfresh.prompt import NOT_FOUND_REPLY, PromptFormat, build_messages, closed_book_messages
 from kfresh.server import reading
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
 from kfresh.server.answer_log import AnswerLog, AnswerRecord, filter_json
@@ -213,33 +213,25 @@ class Answerer:
         self._log(query, reading, result, NOT_FOUND_REPLY, log_as)
         yield result
 
-    def _retrieve(self, query: AnswerQuery) -> list[tuple[Hit, float]]:
-        """The k passages to answer from with their reading scores, best first: a wider pool is fetched and
-        reranked (answer.rerank_weight) so a passage naming the question's rare words can move up into k."""
+    def _retrieve(self, query: AnswerQuery) -> list[Hit]:
+        """The retrieved pool: wider than k (answer.rerank_pool) when the reading step reranks, so a passage
+        naming the question's rare words can move up into k."""
         k = query.k or self._cfg.default_k
         pool = min(self._cfg.rerank_pool, self._indexer.cfg.retrieval.max_k)
         # A k the request got wrong goes to the indexer as it is, which rejects it (the one place k is checked).
         fetch = pool if self._cfg.rerank_weight and 0 <= query.k <= pool and k < pool else query.k
-        hits = self._indexer.search(
+        return self._indexer.search(
             query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k,
             as_of=query.as_of, valid_at=query.valid_at,
         )  # fmt: skip
-        return reading.rerank(query.question, hits, self._cfg.rerank_weight)[:k]
 
     async def _read(self, query: AnswerQuery) -> Reading:
-        """Retrieve, rerank, resolve conflicts (newest wins) and pick the passages the model is shown."""
+        """Retrieve, then the reading step (reading.select: rerank, resolve conflicts, the passages shown)."""
         start = time.perf_counter()
         if query.closed_book:
             return Reading([], [], None, 0.0)
-        ranked = await asyncio.to_thread(self._retrieve, query)
-        reading_score = {id(h): s for h, s in ranked}
-        resolved = resolve_conflicts(
-            [h for h, _ in ranked],
-            similarity=self._cfg.conflict_similarity,
-            min_score=self._cfg.min_score,
-            score_margin=self._cfg.score_margin,
-        )
-        passages = reading.shown_passages(resolved.kept, self._cfg.prompt_passages, lambda h: reading_score[id(h)])
+        pool = await asyncio.to_thread(self._retrieve, query)
+        passages, resolved = reading.select(query.question, pool, query.k or self._cfg.default_k, self._cfg)
         return Reading(passages, resolved.superseded, resolved.primary, (time.perf_counter() - start) * 1000)
 
     async def _answer(self, query: AnswerQuery, adapter: AdapterChoice) -> AsyncIterator[AnswerDelta | AnswerResult]:

@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from kfresh.core.text import content_words, split_sentences
+from kfresh.core.config import AnswerConfig
+from kfresh.core.text import content_words, names, split_sentences
 from kfresh.indexer.documents import Hit
+from kfresh.prompt import Asked, Resolved, resolve_conflicts
 
 
 def coverage(question: str, passages: Sequence[str]) -> list[float]:
@@ -49,6 +51,20 @@ def rerank(question: str, hits: Sequence[Hit], weight: float) -> list[tuple[Hit,
     return sorted(scored, key=lambda pair: -pair[1])
 
 
+NAME_MAX_PASSAGES = 2
+"""A name the question asks about tells versions of one story apart from its neighbours only when at most this
+many passages of the retrieved pool hold it (the story and its correction), unlike "Trump" or "Ukraine"."""
+
+
+def asked_names(question: str, pool: Sequence[str]) -> frozenset[str]:
+    """The names of `question` (its content words that are capitalised in the passages) that at least one and at
+    most NAME_MAX_PASSAGES passages of the retrieved `pool` hold: what prompt.resolve_conflicts may treat as
+    the subject two passages share."""
+    asked = content_words(question)
+    held = [names(p) & asked for p in pool]
+    return frozenset(w for w in asked if 0 < sum(w in h for h in held) <= NAME_MAX_PASSAGES)
+
+
 def shown_passages(kept: Sequence[Hit], n: int, score: Callable[[Hit], float] | None = None) -> list[Hit]:
     """The `n` best passages (by `score`, default the retrieval score) that survived conflict resolution, back
     in their display order (oldest first). Measured on real news: SmolLM2-135M reads one good passage better
@@ -58,6 +74,25 @@ def shown_passages(kept: Sequence[Hit], n: int, score: Callable[[Hit], float] | 
     key = score or (lambda h: h.score)
     best = sorted(kept, key=lambda h: -key(h))[:n]
     return [h for h in kept if any(h is b for b in best)]
+
+
+def select(question: str, pool: Sequence[Hit], k: int, cfg: AnswerConfig) -> tuple[list[Hit], Resolved]:
+    """What the model reads of a retrieved `pool`, in display order, and the conflict resolution behind it:
+    rerank the pool, keep the best `k`, drop superseded and weak passages (prompt.resolve_conflicts, with
+    the question's words and the names that tell its story apart in the pool), then the best
+    `answer.prompt_passages`."""
+    asked = Asked(words=frozenset(content_words(question)), names=asked_names(question, [h.text for h in pool]))
+    ranked = rerank(question, pool, cfg.rerank_weight)[:k]
+    score = {id(h): s for h, s in ranked}
+    resolved = resolve_conflicts(
+        [h for h, _ in ranked],
+        similarity=cfg.conflict_similarity,
+        min_score=cfg.min_score,
+        score_margin=cfg.score_margin,
+        asked=asked,
+        named_similarity=cfg.named_conflict_similarity,
+    )
+    return shown_passages(resolved.kept, cfg.prompt_passages, lambda h: score[id(h)]), resolved
 
 
 def quote_candidates(passages: Sequence[Hit]) -> list[tuple[int, str]]:

@@ -16,6 +16,7 @@ import pytest
 from kfresh.benchmarks import answer
 from kfresh.benchmarks.cli import SUITES, run_suite
 from kfresh.benchmarks.report import write_result
+from kfresh.testing.pgcluster import find_pg_bin
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -193,6 +194,63 @@ def test_reading_quick_scores_every_stage_and_the_peer(tmp_path):
     assert set(summary["variants"]) == {"default", "k=1", "before"}
     assert 0.0 <= summary["deleted_refused"] <= 1.0 and summary["false_refusal"] == 0.0
     assert set(summary["retrieval_levers"]) == {"dense (kfresh Retrieve)", "BM25 (bm25s)", "hybrid: RRF k=60"}
+
+
+@pytest.mark.slow
+def test_chaos_quick_checks_the_history_under_every_kind_of_fault(tmp_path):
+    """`make chaos` in small: two replicas over a throwaway PostgreSQL, 4 faults; the checker's verdict is clean."""
+    if find_pg_bin() is None:
+        pytest.skip("needs Debian's postgresql binaries")
+    data = assert_well_formed(run_suite("chaos", quick=True, out=tmp_path), "chaos")
+    s = data["summary"]
+    assert s["rounds"] == 4 and s["acked"] > 10 and s["reads"] > 10 and s["ryw_checked"] > 0
+    assert (s["lost"], s["resurrected"], s["monotonic_violations"], s["ryw_violations"]) == (0, 0, 0, 0), data["raw"][
+        "verdict"
+    ]
+    assert s["passed"] is True
+    assert all("healed" in f for f in data["raw"]["faults"])
+
+
+def test_chaos_checker_finds_a_lost_write_a_resurrected_delete_and_a_stale_read():
+    """The checker on hand-made histories: each anomaly is reported, an unknown outcome is accepted either way."""
+    from kfresh.benchmarks.chaos import ChaosOptions, History, allowed_final, check
+
+    w = lambda rev, kind="upsert", outcome="ok": {"op": "write", "doc": "a-0", "rev": rev, "kind": kind,  # noqa: E731
+                                                  "outcome": outcome, "seq": rev, "t0": rev, "t1": rev}  # fmt: skip
+    assert allowed_final([w(1), w(2, outcome="DEADLINE_EXCEEDED")]) == {1, 2}
+    assert allowed_final([w(1), w(2, "delete")]) == {None}
+    assert allowed_final([w(1, outcome="UNAVAILABLE")]) == {None, 1}
+    history = History()
+    history.ops = [w(1), w(2), w(3, "delete"),
+                   {"op": "read", "doc": "a-0", "on": "A", "t0": 2.5, "t1": 2.6, "outcome": "ok", "seen": 2},
+                   {"op": "read", "doc": "a-0", "on": "A", "t0": 2.7, "t1": 2.8, "outcome": "ok", "seen": 1},
+                   {"op": "ryw", "doc": "a-0", "rev": 2, "kind": "upsert", "on": "B", "t0": 2, "t1": 2.1,
+                    "outcome": "ok", "seen": 1, "violated": True}]  # fmt: skip
+    verdict = check(history, ChaosOptions.quick(), {"A": {"a-0": 2}, "B": {"a-0": None}})
+    assert [v["replica"] for v in verdict["resurrected"]] == ["A"] and verdict["lost"] == []
+    assert [(v["served"], v["after"]) for v in verdict["monotonic"]] == [(1, 2)]
+    assert len(verdict["ryw_violations"]) == 1
+    verdict = check(history, ChaosOptions.quick(), {"A": {"a-0": None}, "B": {"a-0": None}})
+    assert verdict["resurrected"] == [] and verdict["lost"] == []
+    history.ops = [w(1), w(2)]
+    assert [v["served"] for v in check(history, ChaosOptions.quick(), {"A": {"a-0": None}})["lost"]] == [None]
+
+
+def test_conflicts_quick_compares_the_name_rule_on_corrections_and_news(tmp_path):
+    """The offline selection suite: the corrections pairs (the real ones) and a RealTimeQA-format fixture."""
+    fixture = Path(__file__).parent / "data" / "realtimeqa-fixture.jsonl"
+    written = run_suite("conflicts", quick=True, out=tmp_path, overrides={"dataset": str(fixture)})
+    data = assert_well_formed(written, "conflicts")
+    summary = data["summary"]
+    assert data["settings"]["named_similarities"] == [1.01, 0.4]
+    # Off, unlinked corrections worded afresh lose to their stories; with the rule every one is shown alone.
+    assert summary["fix_shown_blind_1.01"] < summary["fix_shown_blind_0.4"] == 1.0
+    assert summary["fix_shown_here_0.4"] == 1.0
+    # Asked at its date, a question cannot see later weeks; its evidence is shown at least as often.
+    for period in ("dev", "test"):
+        for value in ("1.01", "0.4"):
+            assert summary[f"evidence_shown_{period}_then_{value}"] >= summary[f"evidence_shown_{period}_now_{value}"]
+    assert "| 0.4 (default) |" in written.markdown.read_text()
 
 
 @pytest.mark.slow

@@ -7,13 +7,16 @@ Two kinds of cases:
 
 The server may answer any status except INTERNAL and UNKNOWN, and must stay healthy: Stats works at the
 end and a document acknowledged before the fuzzing is still retrievable. The number of cases run is
-printed at the end of the session line ("fuzz cases: ...").
+printed at the end of the session line ("fuzz cases: ..."). `make reliability` runs KFRESH_FUZZ_SCALE (5) times
+as many cases (over 10,000) and records the counts in benchmarks/results/reliability-<date>.*; every RPC of the
+service is fuzzed (checked at the end).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,17 +26,26 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_helper import LONG, record
 from server_helper import ServerHandle, server_config
 
 from kfresh.client import SERVICE_NAME, KfreshClient, document
 from kfresh.v1 import kfresh_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reliability]  # `make reliability` runs it SCALE times larger
 COUNTS: collections.Counter[str] = collections.Counter()
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 CANARY = ("fuzz-canary", "The Ombra canal lock lifts barges nine metres.")
-FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+SCALE = int(os.environ.get("KFRESH_FUZZ_SCALE", "5" if LONG else "1"))
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings for n cases per test (times SCALE)."""
+    return settings(max_examples=n * SCALE, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+FAST = examples(150)
+SLOW = examples(25)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +65,7 @@ def server(engine_loop: Any, vllm_backend: Any, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def client(server: ServerHandle, request: pytest.FixtureRequest) -> Iterator[KfreshClient]:
+    started = time.monotonic()
     with KfreshClient(f"127.0.0.1:{server.port}") as c:
         c.wait_ready(timeout=120)
         list(c.ingest([document(*CANARY)], timeout=30))
@@ -62,6 +75,9 @@ def client(server: ServerHandle, request: pytest.FixtureRequest) -> Iterator[Kfr
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         print(f"\n{line}")
+    if LONG and cases:
+        record("fuzz", {"cases": cases, "scale": SCALE, "internal_or_unknown": COUNTS["(INTERNAL or UNKNOWN)"],
+                        "seconds": round(time.monotonic() - started, 1), **dict(sorted(COUNTS.items()))})  # fmt: skip
 
 
 def _expect_no_server_fault(kind: str, call: Callable[[], Any]) -> list[Any]:
@@ -75,6 +91,8 @@ def _expect_no_server_fault(kind: str, call: Callable[[], Any]) -> list[Any]:
         else:
             received.append(result)
     except grpc.RpcError as exc:
+        if exc.code() in FORBIDDEN:
+            COUNTS["(INTERNAL or UNKNOWN)"] += 1
         assert exc.code() not in FORBIDDEN, f"{kind}: {exc.code().name}: {exc.details()}"
     return received
 
@@ -93,6 +111,28 @@ HUGE = st.sampled_from([0, 257, 4_001, 20_001, 600_000]).map(lambda n: "x" * n)
 INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, -1, 100, 101, 2**31 - 1, -(2**31)]))
 INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-70_000_000_000, 260_000_000_000))
 MAP = st.dictionaries(TEXT, TEXT, max_size=40)
+
+
+def _timestamp(seconds: int, nanos: int) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+TIMESTAMP = st.one_of(
+    st.none(), st.builds(_timestamp, INT64, INT32), st.builds(_timestamp, st.integers(0, 2**34), st.just(0))
+)
+WHERE = st.one_of(
+    st.none(),
+    st.builds(
+        lambda eq, any_of, source, lo, hi: pb.Filter(
+            equals=eq, any_of={k: pb.StringList(values=v) for k, v in any_of.items()}, source=source,
+            valid_from_min=lo, valid_from_max=hi,
+        ),
+        MAP, st.dictionaries(TEXT, st.lists(TEXT, max_size=1100), max_size=4),
+        st.lists(st.one_of(TEXT, st.sampled_from(["*", "[", "[!]", "**/x", "day?"])), max_size=8), TIMESTAMP, TIMESTAMP,
+    ),
+)  # fmt: skip
 
 
 NAME = st.from_regex(r"[a-z]{1,8}-[0-9]{1,4}", fullmatch=True)
@@ -129,6 +169,11 @@ def answers(draw: st.DrawFn) -> pb.AnswerRequest:
     )  # fmt: skip
     if draw(st.booleans()):
         req.temperature = draw(st.floats(width=32))
+    if draw(st.booleans()):
+        req.min_seq = draw(INT64)
+    for field, value in (("where", draw(WHERE)), ("as_of", draw(TIMESTAMP)), ("valid_at", draw(TIMESTAMP))):
+        if value is not None:
+            getattr(req, field).CopyFrom(value)
     return req
 
 
@@ -196,9 +241,11 @@ def test_ingest(client: KfreshClient) -> None:
 
 def test_retrieve(client: KfreshClient) -> None:
     @FAST
-    @given(query=st.one_of(TEXT, HUGE), k=INT32, filters=MAP, min_seq=st.one_of(st.just(0), INT64))
-    def case(query: str, k: int, filters: dict[str, str], min_seq: int) -> None:
-        request = pb.RetrieveRequest(query=query, k=k, filter=filters, min_seq=min_seq)
+    @given(query=st.one_of(TEXT, HUGE), k=INT32, filters=MAP, min_seq=st.one_of(st.just(0), INT64), where=WHERE,
+           as_of=TIMESTAMP, valid_at=TIMESTAMP)  # fmt: skip
+    def case(query: str, k: int, filters: dict[str, str], min_seq: int, where: Any, as_of: Any, valid_at: Any) -> None:
+        request = pb.RetrieveRequest(query=query, k=k, filter=filters, min_seq=min_seq, where=where, as_of=as_of,
+                                     valid_at=valid_at)  # fmt: skip
         _expect_no_server_fault("Retrieve", lambda: client._stub.Retrieve(request, timeout=30))
 
     case()
@@ -227,7 +274,7 @@ def test_delete_stats_and_adapter_admin(client: KfreshClient) -> None:
 def test_watch(client: KfreshClient) -> None:
     """A valid Watch runs until the client stops it: each case ends at its deadline (DEADLINE_EXCEEDED is fine)."""
 
-    @settings(FAST, max_examples=40)
+    @examples(40)
     @given(after_seq=st.one_of(st.just(0), INT64), from_now=st.booleans())
     def case(after_seq: int, from_now: bool) -> None:
         request = pb.WatchRequest(after_seq=after_seq, from_now=from_now)
@@ -245,6 +292,42 @@ def test_answer(client: KfreshClient) -> None:
     case()
 
 
+def test_answer_log_purge_and_review(client: KfreshClient) -> None:
+    """The audit, erasure and review RPCs: random ids beside real ones (a logged answer, a stored document)."""
+    events = list(client.answer("What do the Ombra canal locks lift?", max_tokens=4, timeout=120))
+    logged = events[-1].done.answer_id
+    assert logged
+    list(client.ingest([document("fuzz-purge-me", "A document the fuzzer may purge.")], timeout=30))
+    ids = st.one_of(
+        TEXT, HUGE, st.sampled_from([logged, logged.upper(), logged + "x", "fuzz-purge-me", CANARY[0] + "x"])
+    )
+
+    @examples(60)
+    @given(answer_id=ids, doc_id=ids, state=st.one_of(TEXT, st.sampled_from(["pending", "approved", "rejected", ""])),
+           limit=INT32, item=INT64, review_ids=st.lists(INT64, max_size=50),
+           decision=st.sampled_from([*pb.DecideReviewRequest.Decision.values(), 7, -1]), note=TEXT)  # fmt: skip
+    def case(answer_id: str, doc_id: str, state: str, limit: int, item: int, review_ids: list[int], decision: int,
+             note: str) -> None:  # fmt: skip
+        stub = client._stub
+        _expect_no_server_fault("GetAnswer", lambda: stub.GetAnswer(pb.GetAnswerRequest(id=answer_id), timeout=30))
+        _expect_no_server_fault("Purge", lambda: stub.Purge(pb.PurgeRequest(id=doc_id), timeout=30))
+        _expect_no_server_fault("ListReview", lambda: stub.ListReview(
+            pb.ListReviewRequest(state=state, limit=limit, id=item), timeout=30))  # fmt: skip
+        _expect_no_server_fault("DecideReview", lambda: stub.DecideReview(
+            pb.DecideReviewRequest(ids=review_ids, decision=decision, reviewer=note, note=note), timeout=30))  # fmt: skip
+
+    case()
+
+    stub_replay = client._stub.ReplayAnswer
+
+    @examples(6)
+    @given(answer_id=ids)
+    def replay(answer_id: str) -> None:
+        _expect_no_server_fault("ReplayAnswer", lambda: stub_replay(pb.ReplayAnswerRequest(id=answer_id), timeout=120))
+
+    replay()
+
+
 # -- raw bytes ---------------------------------------------------------------------------------------
 UNARY = {
     "Retrieve": st.builds(pb.RetrieveRequest, query=TEXT, k=INT32, filter=MAP),
@@ -259,6 +342,12 @@ UNARY = {
     "ListAdapters": st.just(pb.ListAdaptersRequest()),
     "PromoteAdapter": st.builds(pb.PromoteAdapterRequest, version=TEXT),
     "RollbackAdapter": st.just(pb.RollbackAdapterRequest()),
+    "Purge": st.builds(pb.PurgeRequest, id=TEXT),
+    "GetAnswer": st.builds(pb.GetAnswerRequest, id=TEXT),
+    "ListReview": st.builds(pb.ListReviewRequest, state=TEXT, limit=INT32, id=INT64),
+    "DecideReview": st.builds(
+        pb.DecideReviewRequest, ids=st.lists(INT64, max_size=20), decision=st.integers(-3, 9), reviewer=TEXT, note=TEXT
+    ),
 }
 
 
@@ -266,7 +355,7 @@ UNARY = {
 def test_raw_bytes_to_unary_rpcs(channel: grpc.Channel, method: str) -> None:
     call = _raw_unary(channel, method)
 
-    @settings(FAST, max_examples=60)
+    @examples(60)
     @given(raw=raw_bytes(UNARY[method]))
     def case(raw: bytes) -> None:
         _expect_no_server_fault(f"raw {method}", lambda: call(raw, timeout=30))
@@ -292,7 +381,7 @@ def test_raw_bytes_to_answer(channel: grpc.Channel) -> None:
         "/kfresh.v1.Kfresh/Answer", request_serializer=lambda b: b, response_deserializer=lambda b: b
     )
 
-    @settings(SLOW, max_examples=40)
+    @examples(40)
     @given(raw=raw_bytes(answers()))
     def case(raw: bytes) -> None:
         _expect_no_server_fault("raw Answer", lambda: call(raw, timeout=120))
@@ -305,7 +394,7 @@ def test_raw_bytes_to_watch(channel: grpc.Channel) -> None:
         "/kfresh.v1.Kfresh/Watch", request_serializer=lambda b: b, response_deserializer=lambda b: b
     )
 
-    @settings(FAST, max_examples=40)
+    @examples(40)
     @given(raw=raw_bytes(st.builds(pb.WatchRequest, after_seq=INT64, from_now=st.booleans())))
     def case(raw: bytes) -> None:
         _expect_no_server_fault("raw Watch", lambda: call(raw, timeout=0.3))
@@ -327,7 +416,7 @@ def test_raw_bytes_to_distill_and_probes(channel: grpc.Channel) -> None:
             return True
         return False
 
-    @settings(FAST, max_examples=60)
+    @examples(60)
     @given(raw=st.one_of(st.binary(max_size=256), st.sampled_from(BAD_UTF8)))
     def case(raw: bytes) -> None:
         if undecodable(raw):
@@ -360,6 +449,13 @@ def test_out_of_range_valid_from_is_rejected_not_stored(client: KfreshClient) ->
     with pytest.raises(grpc.RpcError) as err:
         list(client.ingest([doc], timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "valid_from" in err.value.details()
+
+
+def test_every_rpc_of_the_service_was_fuzzed(client: KfreshClient) -> None:
+    """A new RPC without a fuzz case fails here (Distill only gets undecodable bytes: a valid one trains)."""
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Kfresh"].methods}
+    fuzzed = {kind.removeprefix("raw ") for kind, n in COUNTS.items() if n and not kind.startswith("(")}
+    assert methods - fuzzed == set(), f"RPCs no case reached: {sorted(methods - fuzzed)}"
 
 
 def test_server_is_healthy_after_fuzzing(client: KfreshClient) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kfresh.indexer.documents import Hit
-from kfresh.prompt import build_messages, closed_book_messages, resolve_conflicts
+from kfresh.prompt import Asked, build_messages, closed_book_messages, resolve_conflicts
 
 DAY = 86_400.0
 
@@ -68,6 +68,40 @@ def test_dissimilar_passages_all_kept_and_low_scores_dropped() -> None:
     resolved = resolve_conflicts([b, a, weak], similarity=0.9, min_score=0.2)
     assert [h.doc_id for h in resolved.kept] == ["a", "b"]
     assert resolved.superseded == []
+
+
+def test_a_correction_worded_afresh_wins_when_both_name_the_subject_the_question_asks_about() -> None:
+    story = _hit("story", "Halvorne Shipping named Priya Castellane as its chief executive.", 0.0, [1, 0.9, 0])
+    fix = _hit("fix", "The board of Halvorne handed the reins to finance director Anselm Brooke as chief executive.",
+               DAY, [1, -0.2, 0.3])  # fmt: skip
+    cosine = float(np.dot(story.vector, fix.vector))  # type: ignore[arg-type]
+    assert 0.4 <= cosine < 0.65
+    words = frozenset(
+        {"chief", "executive", "halvorne", "shipping"}
+    )  # "Who is the chief executive of Halvorne Shipping?"
+    asked = Asked(words=words, names=frozenset({"halvorne", "shipping"}))
+    resolved = resolve_conflicts([story, fix], similarity=0.65, asked=asked, named_similarity=0.4)
+    assert [h.doc_id for h in resolved.kept] == ["fix"]
+    assert [h.doc_id for h in resolved.superseded] == ["story"]
+    # Each condition is needed: a name the question asks about in both, the cosine, the setting on.
+    for kwargs in ({"asked": Asked(words=words, names=frozenset({"castellane"}))},
+                   {"asked": asked, "named_similarity": cosine + 0.01}, {"asked": asked, "named_similarity": 1.01}):  # fmt: skip
+        kept = resolve_conflicts([story, fix], similarity=0.65, **{"named_similarity": 0.4, **kwargs}).kept  # type: ignore[arg-type]
+        assert [h.doc_id for h in kept] == ["story", "fix"], kwargs
+    # The older passage never wins this way, whatever the order they arrive in.
+    older_fix = _hit("fix", fix.text, -DAY, [1, -0.2, 0.3])
+    kept = resolve_conflicts([story, older_fix], similarity=0.65, asked=asked, named_similarity=0.4).kept
+    assert [h.doc_id for h in kept] == ["story"]
+
+
+def test_another_fact_about_the_same_subject_is_not_a_correction() -> None:
+    # "Which pier does the Velmora night ferry leave from?": both name Velmora, but the newer passage holds one
+    # of the question's words against the ferry's four ("leaves" is not "leave"): it answers another question.
+    ferry = _hit("ferry", "The Velmora night ferry leaves from Pier 14 at 23:10.", 0.0, [1, 0.9, 0])
+    lighthouse = _hit("lighthouse", "The Velmora lighthouse is painted ochre and white.", DAY, [1, -0.2, 0.3])
+    asked = Asked(words=frozenset({"pier", "velmora", "night", "ferry", "leave"}), names=frozenset({"velmora"}))
+    kept = resolve_conflicts([ferry, lighthouse], similarity=0.65, asked=asked, named_similarity=0.4).kept
+    assert [h.doc_id for h in kept] == ["ferry", "lighthouse"]
 
 
 def test_same_document_chunks_never_conflict() -> None:

@@ -6,9 +6,17 @@ import numpy as np
 
 from kfresh import prompt
 from kfresh.core.config import AnswerConfig
-from kfresh.core.text import content_words, split_sentences
+from kfresh.core.text import content_words, names, split_sentences
 from kfresh.indexer.documents import Hit
-from kfresh.server.reading import coverage, format_quote, pick_quote, quote_candidates, rerank, shown_passages
+from kfresh.server.reading import (
+    asked_names,
+    coverage,
+    format_quote,
+    pick_quote,
+    quote_candidates,
+    rerank,
+    shown_passages,
+)
 
 
 def _hit(doc_id: str, text: str, *, score: float, valid_from: float = 0.0) -> Hit:
@@ -127,3 +135,25 @@ def test_prompt_formats_put_question_and_passages_where_they_say() -> None:
 
 def test_the_finetuner_trains_on_the_served_prompt_format() -> None:
     assert AnswerConfig().prompt_format == prompt.DEFAULT_FORMAT
+
+
+def test_names_are_capitalised_words_without_calendar_or_function_words() -> None:
+    text = "On Monday, Halvorne Shipping's board met in May at the U.S. office of AI firm Brindlewood."
+    assert names(text) == {"halvorne", "shipping", "brindlewood"}
+    assert names("The Dallowmere council rescinded the Family Car of the Year honor.") == {
+        "dallowmere",
+        "family",
+        "car",
+    }
+
+
+def test_asked_names_are_the_question_names_few_passages_of_the_pool_hold() -> None:
+    pool = [
+        "Trump said Halvorne Shipping named Priya Castellane its chief executive.",
+        "Trump said the board of Halvorne picked Anselm Brooke.",
+        "Trump spoke about tariffs.",
+        "A shipping strike closed the port.",  # lower-case "shipping" is not a name here
+    ]
+    named = asked_names("Who did Trump say runs Halvorne Shipping?", pool)
+    assert named == frozenset({"halvorne", "shipping"})  # "trump" is in three passages: it tells none apart
+    assert asked_names("Who runs the port?", pool) == frozenset()

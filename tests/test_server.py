@@ -240,6 +240,25 @@ def test_answer_cites_the_newest_of_two_conflicting_documents(client: KfreshClie
     assert "Dunmore" in text and "Roos" not in text
 
 
+def test_an_unlinked_correction_worded_afresh_wins_over_its_story(client: KfreshClient) -> None:
+    # Cosine 0.49 between the two, under answer.conflict_similarity (0.65): they are versions of one fact only
+    # because both name "Quillon", which the question asks about and no other passage holds.
+    _ingest(
+        client,
+        document("obs-old", "The Quillon Observatory appointed astronomer Maren Vosk as its director last spring.",
+                 valid_from=T0),
+        document("obs-new", "After an ethics review, trustees at Quillon installed physicist Hale Ardent to run the "
+                 "observatory instead.", valid_from=T0 + DAY),
+    )  # fmt: skip
+    question = "Who is the director of the Quillon Observatory?"
+    _visible(client, question, "obs-new", 1)
+    _visible(client, question, "obs-old", 1)
+    text, done = _answer(client, question)
+    assert [c.doc_id for c in done.citations if c.primary] == ["obs-new"]
+    assert [c.doc_id for c in done.superseded] == ["obs-old"]
+    assert "Ardent" in text and "Vosk" not in text
+
+
 def test_answer_quotes_the_sentence_that_answers_after_the_models_words(client: KfreshClient) -> None:
     sentence = "The Ostrava ferry museum keeps 74 brass lamps in its east hall."
     _ingest(

@@ -155,3 +155,40 @@ def content_words(text: str) -> set[str]:
     ("Biden's" -> "biden")."""
     words = (w.removesuffix("'s").removesuffix("’s") for w in _WORD.findall(text.lower()))
     return {w for w in words if w and w not in STOPWORDS}
+
+
+_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:['’\-][A-Za-z0-9]+)*")
+_CALENDAR = frozenset(
+    [
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+        "sunday",
+        "january",
+        "february",
+        "march",
+        "april",
+        "may",
+        "june",
+        "july",
+        "august",
+        "september",
+        "october",
+        "november",
+        "december",
+    ]
+)
+
+
+def names(text: str) -> set[str]:
+    """The capitalised words of `text`, lower-cased, possessive dropped, at least three letters, neither function
+    words nor days or months: its proper names, roughly ("Halvorne Shipping's" -> {"halvorne", "shipping"})."""
+    out = set()
+    for word in _NAME.findall(text):
+        w = word.lower().removesuffix("'s").removesuffix("’s")
+        if len(w) >= 3 and w not in STOPWORDS and w not in _CALENDAR:
+            out.add(w)
+    return out

@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,13 @@ class PgCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def restart(self, mode: str = "fast") -> float:
+        """pg_ctl restart with `mode` fast (clients disconnected, a clean checkpoint) or immediate (no checkpoint:
+        crash recovery at start); returns the seconds until it accepts connections again."""
+        started = time.perf_counter()
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w", "-t", "60", "restart")
+        return time.perf_counter() - started
+
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=kfresh dbname={dbname}"
 
@@ -111,12 +119,19 @@ class PgCluster:
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     """A running throwaway cluster; yields the DSN of a new, empty database. Needs Debian's postgresql."""
+    with postgres_cluster() as cluster:
+        yield cluster.create_database()
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[PgCluster]:
+    """A running throwaway cluster (stopped and removed afterwards). Needs Debian's postgresql."""
     bin_dir = find_pg_bin()
     if bin_dir is None:
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (or pass a DSN)")
     cluster = PgCluster(bin_dir)
     try:
         cluster.start()
-        yield cluster.create_database()
+        yield cluster
     finally:
         cluster.stop()

@@ -114,6 +114,60 @@ def kfresh_server(
             shutil.rmtree(home, ignore_errors=True)
 
 
+class Replica:
+    """A `kfresh serve` that can be killed, paused and started again on the same port and home (fault tests):
+    its own process group, its log appended to home/server.log across starts."""
+
+    def __init__(self, settings: Mapping[str, Any], home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.settings = {"server.port": self.port, "store.path": home / "kfresh.db", "index.snapshot_dir": home / "index",
+                         "finetune.registry_dir": home / "adapters", "finetune.work_dir": home / "distill",
+                         "server.log_level": "WARNING", **settings}  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self, timeout_s: float = 300.0) -> float:
+        """Start it and wait until the index serves; returns the seconds that took."""
+        from kfresh.client import SERVICE_NAME
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        with (self.home / "server.log").open("ab") as log_file:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kfresh.cli", "serve", *_flags(self.settings)],
+                                         stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+        _wait(self.proc, Target(self.addr, self.proc.pid, self.home, self.home / "server.log"), service=SERVICE_NAME,
+              timeout_s=timeout_s)  # fmt: skip
+        return time.perf_counter() - started
+
+    def kill(self) -> None:
+        """SIGKILL the process group (no shutdown of any kind) and reap it."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+            self.proc, self.paused = None, False
+
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its sockets and its store connections but answers nothing."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.proc is not None and self.paused:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            self.paused = False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            stop_group(self.proc)
+            self.proc = None
+
+
 def _wait(proc: subprocess.Popen[bytes], target: Target, *, service: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     with client(target.addr) as c:

@@ -21,6 +21,13 @@ class AnswerConfig(Section):
         le=1,
         description="Passages from different documents this similar are treated as versions of one fact; the newest wins.",
     )
+    named_conflict_similarity: float = Field(
+        0.4, ge=0, le=1.01,
+        description="The same from this similarity for passages that both hold a name the question asks about which at "
+        "most one other retrieved passage holds, when the newer one holds at least half as many of the question's "
+        "words (a correction worded afresh names the same company and answers the same question); 1.01 = off. "
+        "Measured by `kfresh bench conflicts`, `newest_wins` and `reading`.",
+    )  # fmt: skip
     min_score: float = Field(0.2, ge=-1, le=1, description="Passages scoring below this are not shown to the model.")
     score_margin: float = Field(
         0.25, ge=0, le=2, description="Passages scoring this far below the best one are not shown to the model."
