@@ -44,14 +44,15 @@ class ChaosOptions(SuiteOptions):
     rounds: int = Field(100, ge=1, description="Faults the nemesis injects, one after the other.")
     docs_per_writer: int = Field(40, ge=2, description="Documents each of the two writers changes.")
     fault_s: float = Field(2.0, gt=0, description="How long a paused replica stays stopped, or a killed one down.")
-    calm_s: float = Field(2.0, ge=0, description="Time without a fault between two faults.")
-    settle_s: float = Field(3.0, ge=0, description="A fault's window lasts this long after it healed.")
+    calm_s: float = Field(5.0, ge=0, description="Time without a fault between two faults.")
+    settle_s: float = Field(2.0, ge=0, description="A fault's window lasts this long after it healed.")
+    backoff_s: float = Field(0.2, ge=0, description="A client's pause after a failed call, before its next one.")
     min_seq_wait_s: float = Field(3.0, gt=0, description="retrieval.min_seq_wait_s of the replicas.")
     seed: int = Field(2026, description="Seed of the nemesis and the workload.")
 
     @classmethod
     def quick(cls) -> ChaosOptions:
-        return cls(rounds=4, docs_per_writer=6, fault_s=1.0, calm_s=1.0, settle_s=2.0)
+        return cls(rounds=4, docs_per_writer=6, fault_s=1.0, calm_s=2.0, settle_s=1.0)
 
 
 @dataclass
@@ -135,6 +136,8 @@ class Writer(threading.Thread):
                              t1=self.history.now(), outcome=outcome, seq=seq)  # fmt: skip
             if outcome == "ok" and seq and self.other_name not in self.history.down:
                 self._read_your_write(doc, rev, kind, seq)
+            elif outcome != "ok":
+                time.sleep(self.opts.backoff_s)
 
     def _read_your_write(self, doc: str, rev: int, kind: str, seq: int) -> None:
         t0 = self.history.now()
@@ -151,10 +154,12 @@ class Writer(threading.Thread):
 class Reader(threading.Thread):
     """Reads random documents on one replica, one after the other: the monotonic-read check's history."""
 
-    def __init__(self, name: str, c: Any, docs: list[str], history: History, seed: int, stop: threading.Event) -> None:
+    def __init__(self, name: str, c: Any, docs: list[str], history: History, opts: ChaosOptions,
+                 stop: threading.Event) -> None:  # fmt: skip
         super().__init__(daemon=True, name=f"reader-{name}")
         self.replica, self.c, self.docs, self.history, self.stop = name, c, docs, history, stop
-        self.rng = random.Random(f"{seed}-reader-{name}")
+        self.rng = random.Random(f"{opts.seed}-reader-{name}")
+        self.backoff_s = opts.backoff_s
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -169,6 +174,7 @@ class Reader(threading.Thread):
                 seen, outcome = None, _status(exc)
             self.history.add(op="read", doc=doc, on=self.replica, t0=t0, t1=self.history.now(), outcome=outcome,
                              seen=seen)  # fmt: skip
+            time.sleep(0.02 if outcome == "ok" else self.backoff_s)
 
 
 class Prober(threading.Thread):
@@ -254,7 +260,7 @@ def run(opts: ChaosOptions, *, addr: str | None = None, quick: bool = False, com
         threads: list[threading.Thread] = [
             Writer("a", clients["A"], stack.enter_context(client(replicas["B"].addr)), "B", history, opts, stop),
             Writer("b", clients["B"], stack.enter_context(client(replicas["A"].addr)), "A", history, opts, stop),
-            *(Reader(name, stack.enter_context(client(r.addr)), docs, history, opts.seed, stop)
+            *(Reader(name, stack.enter_context(client(r.addr)), docs, history, opts, stop)
               for name, r in replicas.items()),
             Prober({name: stack.enter_context(client(r.addr)) for name, r in replicas.items()}, history, stop),
         ]  # fmt: skip
@@ -333,6 +339,20 @@ def check(history: History, opts: ChaosOptions, recovered: dict[str, Any]) -> di
     }  # fmt: skip
 
 
+HISTORY_COLUMNS = {
+    "write": ("t0", "t1", "via", "kind", "doc", "rev", "outcome", "seq"),
+    "ryw": ("t0", "t1", "on", "kind", "doc", "rev", "outcome", "seen", "violated"),
+    "probe": ("t0", "t1", "src", "dst", "doc", "seen"),
+}
+
+
+def as_rows(ops: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """One kind of operation as tab-separated rows (the JSON stays a few MB at 100 rounds)."""
+    columns = HISTORY_COLUMNS[kind]
+    rows = ["\t".join(str(o[c]) for c in columns) for o in ops if o["op"] == kind]
+    return {"columns": "\t".join(columns), "rows": rows}
+
+
 def build_result(verdict: dict[str, Any], history: History, opts: ChaosOptions, *, quick: bool, command: str,
                  env: dict[str, Any]) -> Result:  # fmt: skip
     writes = [o for o in history.ops if o["op"] == "write"]
@@ -343,7 +363,9 @@ def build_result(verdict: dict[str, Any], history: History, opts: ChaosOptions, 
     lag_met = lag["n"] > 0 and lag["p99"] <= LAG_TARGET_P99_MS and verdict["probes_outside_faults_unseen"] == 0
     result = Result(suite="chaos", title="Chaos: two replicas over PostgreSQL under random faults", command=command,
                     quick=quick, settings=opts.model_dump(), env=env,
-                    raw={"ops": history.ops, "faults": history.faults, "verdict": verdict})  # fmt: skip
+                    raw={"history": {kind: as_rows(history.ops, kind) for kind in HISTORY_COLUMNS},
+                         "faults": history.faults, "verdict": verdict,
+                         "reads_by_outcome": dict(Counter(o["outcome"] for o in reads))})  # fmt: skip
     acked = sum(o["outcome"] == "ok" for o in writes)
     result.summary = {
         "passed": passed, "lag_met": lag_met, "rounds": len(history.faults), "writes": len(writes), "acked": acked,
@@ -366,18 +388,26 @@ def build_result(verdict: dict[str, Any], history: History, opts: ChaosOptions, 
         ["inside fault windows", verdict["lag_in_faults_ms"]["n"], round(verdict["lag_in_faults_ms"]["p50"], 1),
          round(verdict["lag_in_faults_ms"]["p99"], 1), round(verdict["lag_in_faults_ms"]["max"], 1), "-"],
     ]))  # fmt: skip
-    restarts = [f["restart_s"] for f in history.faults if "restart_s" in f]
+
+    def median_restart(kinds: tuple[str, ...]) -> Any:
+        got = sorted(f["restart_s"] for f in history.faults if f["kind"] in kinds and "restart_s" in f)
+        return got[len(got) // 2] if got else "-"
+
     result.tables.append(Table("Faults and write outcomes", ["what", "count"], [
         *[[f"fault: {k}", v] for k, v in sorted(s["faults"].items())],
         *[[f"write: {kind} {outcome}", n] for (kind, outcome), n in sorted(outcomes.items())],
-        ["restart to serving (replica) / accepting (PostgreSQL), median s", round(sorted(restarts)[len(restarts) // 2], 2) if restarts else "-"],
+        ["killed replica: start to serving, median s", median_restart(("kill",))],
+        ["PostgreSQL restart (fast, immediate) to accepting, median s", median_restart(("pg-fast", "pg-immediate"))],
     ]))  # fmt: skip
     result.notes += [
         "One 2-core machine runs PostgreSQL, both replicas, the nemesis and every client. A write whose call failed "
         "(UNAVAILABLE, DEADLINE_EXCEEDED) has an unknown outcome: the checker accepts it applied or not.",
         f"A fault window runs from the fault's start until {opts.settle_s:g} s after it healed; the lag target "
         "applies outside them.",
-        "The raw history (every operation with its invocation and completion time, every fault) is in the JSON file.",
+        "The raw history (every write, read-your-writes read and probe with its invocation and completion time, "
+        "every fault) is in the JSON file; the readers' reads are checked in the run and only counted there.",
+        "A failed call is followed by a pause of backoff_s before the client's next one, as a client with retries "
+        "would do.",
     ]
     return result
 
@@ -386,8 +416,9 @@ def plot(result: Result, fig: Any) -> None:
     from kfresh.benchmarks.report import series_axes
 
     (ax,) = series_axes(fig, 1)
-    probes = [o for o in result.raw["ops"] if o["op"] == "probe" and o["seen"]]
-    ax.scatter([o["t0"] for o in probes], [(o["t1"] - o["t0"]) * 1000 for o in probes], s=4, label="probe lag")
+    probes = [row.split("\t") for row in result.raw["history"]["probe"]["rows"]]
+    seen = [(float(p[0]), float(p[1])) for p in probes if p[-1] == "True"]
+    ax.scatter([t0 for t0, _ in seen], [(t1 - t0) * 1000 for t0, t1 in seen], s=4, label="probe lag")
     for f in result.raw["faults"]:
         ax.axvspan(f["start"], f.get("healed", f["start"]), color="red", alpha=0.15)
     ax.set_xlabel("seconds since start (red: faults)")

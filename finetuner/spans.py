@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from kfresh.core.text import CALENDAR_WORDS
+
 SpanKind = Literal["date", "number", "name", "quote"]
 
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
@@ -86,25 +88,7 @@ _NOT_NAMES = set(
         "however",
         "meanwhile",
         "also",
-        "monday",
-        "tuesday",
-        "wednesday",
-        "thursday",
-        "friday",
-        "saturday",
-        "sunday",
-        "january",
-        "february",
-        "march",
-        "april",
-        "may",
-        "june",
-        "july",
-        "august",
-        "september",
-        "october",
-        "november",
-        "december",
+        *CALENDAR_WORDS,
     ]
 )
 _ORG_WORDS = set(

@@ -158,7 +158,8 @@ def content_words(text: str) -> set[str]:
 
 
 _NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:['’\-][A-Za-z0-9]+)*")
-_CALENDAR = frozenset(
+# Days and months: capitalised, but no name of anything a question asks about.
+CALENDAR_WORDS = frozenset(
     [
         "monday",
         "tuesday",
@@ -189,6 +190,6 @@ def names(text: str) -> set[str]:
     out = set()
     for word in _NAME.findall(text):
         w = word.lower().removesuffix("'s").removesuffix("’s")
-        if len(w) >= 3 and w not in STOPWORDS and w not in _CALENDAR:
+        if len(w) >= 3 and w not in STOPWORDS and w not in CALENDAR_WORDS:
             out.add(w)
     return out
