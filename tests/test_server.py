@@ -242,18 +242,20 @@ def test_answer_cites_the_newest_of_two_conflicting_documents(client: KfreshClie
 
 def test_an_unlinked_correction_worded_afresh_wins_over_its_story(client: KfreshClient) -> None:
     # Cosine 0.49 between the two, under answer.conflict_similarity (0.65): they are versions of one fact only
-    # because both name "Quillon", which the question asks about and no other passage holds.
+    # because both name "Quillon", which the question asks about and no other passage holds. The filter keeps the
+    # module's other documents out of the k kept (the correction ranks below the story on the question).
+    meta = {"case": "observatory"}
     _ingest(
         client,
         document("obs-old", "The Quillon Observatory appointed astronomer Maren Vosk as its director last spring.",
-                 valid_from=T0),
+                 valid_from=T0, metadata=meta),
         document("obs-new", "After an ethics review, trustees at Quillon installed physicist Hale Ardent to run the "
-                 "observatory instead.", valid_from=T0 + DAY),
+                 "observatory instead.", valid_from=T0 + DAY, metadata=meta),
     )  # fmt: skip
     question = "Who is the director of the Quillon Observatory?"
     _visible(client, question, "obs-new", 1)
     _visible(client, question, "obs-old", 1)
-    text, done = _answer(client, question)
+    text, done = _answer(client, question, filter=meta)
     assert [c.doc_id for c in done.citations if c.primary] == ["obs-new"]
     assert [c.doc_id for c in done.superseded] == ["obs-old"]
     assert "Ardent" in text and "Vosk" not in text
