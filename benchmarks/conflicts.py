@@ -74,7 +74,7 @@ def _shown(index: _Exact, questions: Sequence[str], qvecs: np.ndarray, cfg: Any,
            until: Sequence[float | None] | None = None) -> list[list[Any]]:  # fmt: skip
     from kfresh.server import reading
 
-    pool = cfg.rerank_pool if cfg.rerank_weight else cfg.default_k
+    pool = reading.fetch_size(0, cfg, max_k=len(index.ids))
     until = until or [None] * len(questions)
     return [reading.select(q, index.search(v, pool, t), cfg.default_k, cfg)[0]
             for q, v, t in zip(questions, qvecs, until, strict=True)]  # fmt: skip

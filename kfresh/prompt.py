@@ -50,7 +50,7 @@ class Resolved:
 @dataclass(frozen=True)
 class Asked:
     """What the question asks about, for the name rule: its content words, and the names among them that tell
-    its story apart from the retrieved pool (server/reading.asked_names)."""
+    its story apart from the retrieved pool (server/reading.asked)."""
 
     words: frozenset[str] = frozenset()
     names: frozenset[str] = frozenset()

@@ -214,12 +214,8 @@ class Answerer:
         yield result
 
     def _retrieve(self, query: AnswerQuery) -> list[Hit]:
-        """The retrieved pool: wider than k (answer.rerank_pool) when the reading step reranks, so a passage
-        naming the question's rare words can move up into k."""
-        k = query.k or self._cfg.default_k
-        pool = min(self._cfg.rerank_pool, self._indexer.cfg.retrieval.max_k)
-        # A k the request got wrong goes to the indexer as it is, which rejects it (the one place k is checked).
-        fetch = pool if self._cfg.rerank_weight and 0 <= query.k <= pool and k < pool else query.k
+        """The retrieved pool the reading step selects from (reading.fetch_size: wider than k when it reranks)."""
+        fetch = reading.fetch_size(query.k, self._cfg, self._indexer.cfg.retrieval.max_k)
         return self._indexer.search(
             query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k,
             as_of=query.as_of, valid_at=query.valid_at,

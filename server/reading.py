@@ -56,13 +56,23 @@ NAME_MAX_PASSAGES = 2
 many passages of the retrieved pool hold it (the story and its correction), unlike "Trump" or "Ukraine"."""
 
 
-def asked_names(question: str, pool: Sequence[str]) -> frozenset[str]:
-    """The names of `question` (its content words that are capitalised in the passages) that at least one and at
-    most NAME_MAX_PASSAGES passages of the retrieved `pool` hold: what prompt.resolve_conflicts may treat as
-    the subject two passages share."""
-    asked = content_words(question)
-    held = [names(p) & asked for p in pool]
-    return frozenset(w for w in asked if 0 < sum(w in h for h in held) <= NAME_MAX_PASSAGES)
+def asked(question: str, pool: Sequence[str]) -> Asked:
+    """What the question asks about, for prompt.resolve_conflicts: its content words, and the names among them
+    (capitalised in the passages) that at least one and at most NAME_MAX_PASSAGES passages of the retrieved
+    `pool` hold: the subject two passages may share."""
+    words = content_words(question)
+    held = [names(p) & words for p in pool]
+    named = frozenset(w for w in words if 0 < sum(w in h for h in held) <= NAME_MAX_PASSAGES)
+    return Asked(words=frozenset(words), names=named)
+
+
+def fetch_size(requested_k: int, cfg: AnswerConfig, max_k: int) -> int:
+    """How many passages to retrieve for an answer of `requested_k` (0 = answer.default_k): a pool of
+    answer.rerank_pool (at most `max_k`) when the reading step reranks, so a passage naming the question's rare
+    words can move up into k. A k the request got wrong is passed on as it is, for the indexer to reject."""
+    k = requested_k or cfg.default_k
+    pool = min(cfg.rerank_pool, max_k)
+    return pool if cfg.rerank_weight and 0 <= requested_k <= pool and k < pool else requested_k
 
 
 def shown_passages(kept: Sequence[Hit], n: int, score: Callable[[Hit], float] | None = None) -> list[Hit]:
@@ -79,9 +89,9 @@ def shown_passages(kept: Sequence[Hit], n: int, score: Callable[[Hit], float] | 
 def select(question: str, pool: Sequence[Hit], k: int, cfg: AnswerConfig) -> tuple[list[Hit], Resolved]:
     """What the model reads of a retrieved `pool`, in display order, and the conflict resolution behind it:
     rerank the pool, keep the best `k`, drop superseded and weak passages (prompt.resolve_conflicts, with
-    the question's words and the names that tell its story apart in the pool), then the best
+    the question's words and the names that tell its story apart in the pool: `asked`), then the best
     `answer.prompt_passages`."""
-    asked = Asked(words=frozenset(content_words(question)), names=asked_names(question, [h.text for h in pool]))
+    subject = asked(question, [h.text for h in pool])
     ranked = rerank(question, pool, cfg.rerank_weight)[:k]
     score = {id(h): s for h, s in ranked}
     resolved = resolve_conflicts(
@@ -89,7 +99,7 @@ def select(question: str, pool: Sequence[Hit], k: int, cfg: AnswerConfig) -> tup
         similarity=cfg.conflict_similarity,
         min_score=cfg.min_score,
         score_margin=cfg.score_margin,
-        asked=asked,
+        asked=subject,
         named_similarity=cfg.named_conflict_similarity,
     )
     return shown_passages(resolved.kept, cfg.prompt_passages, lambda h: score[id(h)]), resolved

@@ -9,7 +9,7 @@ from kfresh.core.config import AnswerConfig
 from kfresh.core.text import content_words, names, split_sentences
 from kfresh.indexer.documents import Hit
 from kfresh.server.reading import (
-    asked_names,
+    asked,
     coverage,
     format_quote,
     pick_quote,
@@ -154,6 +154,6 @@ def test_asked_names_are_the_question_names_few_passages_of_the_pool_hold() -> N
         "Trump spoke about tariffs.",
         "A shipping strike closed the port.",  # lower-case "shipping" is not a name here
     ]
-    named = asked_names("Who did Trump say runs Halvorne Shipping?", pool)
+    named = asked("Who did Trump say runs Halvorne Shipping?", pool).names
     assert named == frozenset({"halvorne", "shipping"})  # "trump" is in three passages: it tells none apart
-    assert asked_names("Who runs the port?", pool) == frozenset()
+    assert asked("Who runs the port?", pool).names == frozenset()

@@ -71,6 +71,13 @@ def _flags(settings: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def home_settings(port: int, home: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A test server's settings: its port, every file under `home`, quiet logs; then `settings` on top."""
+    return {"server.port": port, "store.path": home / "kfresh.db", "index.snapshot_dir": home / "index",
+            "finetune.registry_dir": home / "adapters", "finetune.work_dir": home / "distill",
+            "server.log_level": "WARNING", **settings}  # fmt: skip
+
+
 @contextlib.contextmanager
 def kfresh_server(
     settings: Mapping[str, Any] | None = None, *, addr: str | None = None, home: Path | None = None,
@@ -92,9 +99,7 @@ def kfresh_server(
     owned = home is None if remove_home is None else remove_home
     home = Path(tempfile.mkdtemp(prefix="kfresh-bench-")) if home is None else home
     port = free_port()
-    merged = {"server.port": port, "store.path": home / "kfresh.db", "index.snapshot_dir": home / "index",
-              "finetune.registry_dir": home / "adapters", "finetune.work_dir": home / "distill", "server.log_level": "WARNING",
-              **(settings or {})}  # fmt: skip
+    merged = home_settings(port, home, settings or {})
     log_path = home / "server.log"
     cmd = [sys.executable, "-m", "kfresh.cli", "serve", *_flags(merged)]
     child_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
@@ -122,9 +127,7 @@ class Replica:
         self.home = home
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        self.settings = {"server.port": self.port, "store.path": home / "kfresh.db", "index.snapshot_dir": home / "index",
-                         "finetune.registry_dir": home / "adapters", "finetune.work_dir": home / "distill",
-                         "server.log_level": "WARNING", **settings}  # fmt: skip
+        self.settings = home_settings(self.port, home, settings)
         self.proc: subprocess.Popen[bytes] | None = None
         self.paused = False
 
