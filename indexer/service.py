@@ -19,7 +19,7 @@ import numpy as np
 
 from kfresh.core import metrics
 from kfresh.core.config import KfreshConfig
-from kfresh.core.errors import InvalidInput, NotFound, Overloaded, StorageFull, Unavailable
+from kfresh.core.errors import Cancelled, InvalidInput, NotFound, Overloaded, StorageFull, Unavailable
 from kfresh.indexer import validation
 from kfresh.indexer.chunking import split
 from kfresh.indexer.documents import Ack, DocumentIn, HistoryStats, Hit, IndexStats, WriteOp
@@ -39,6 +39,13 @@ from kfresh.indexer.timeline import Timeline, TimelineStats
 from kfresh.indexer.worker import Worker
 
 log = logging.getLogger("kfresh.indexer")
+
+
+def _checkpoint(cancel: threading.Event | None, stage: str) -> None:
+    """Stop a search whose caller went away: after `stage`, nothing more is computed for it."""
+    if cancel is not None and cancel.is_set():
+        metrics.SEARCHES_ABANDONED.labels(stage).inc()
+        raise Cancelled(f"the search was cancelled by its caller (after: {stage})")
 
 
 class Indexer:
@@ -319,23 +326,29 @@ class Indexer:
         default_k: int | None = None,
         as_of: float | None = None,
         valid_at: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Hit]:
         """Top-k chunks for `query` among the newest indexed versions that `filters` selects (a Filter, or a map
         of metadata equalities): the exact filtered top k on exact indexes, whatever share matches.
         k=0 means `default_k` (the calling RPC's default), or retrieval.default_k when that is None.
         `as_of` / `valid_at` (unix seconds): search that slice of the history instead (`indexer/timeline.py`):
-        the knowledge base as it stood at `as_of`, what the documents say was true at `valid_at`; an exact scan."""
+        the knowledge base as it stood at `as_of`, what the documents say was true at `valid_at`; an exact scan.
+        `cancel` set (the caller's RPC was cancelled): raises Cancelled at the next stage boundary instead of
+        running the rest (the wait for a thread, the query embedding, the history refresh are the long stages)."""
         store, _ = self._require_started()
         validation.check_query(query, self.cfg.retrieval)
         k = validation.check_k(k, self.cfg.retrieval, default_k)
         chosen = as_filter(filters)
+        _checkpoint(cancel, "queued")
         vec = self.query_embeddings.encode(query)
+        _checkpoint(cancel, "embedded")
         if as_of is None and valid_at is None:
             return self._search(vec, k, chosen, with_vectors)
-        return self._search_slice(store, vec, k, chosen, as_of=as_of, valid_at=valid_at, with_vectors=with_vectors)
+        return self._search_slice(store, vec, k, chosen, as_of=as_of, valid_at=valid_at, with_vectors=with_vectors,
+                                  cancel=cancel)  # fmt: skip
 
     def _search_slice(self, store: DocumentStore, q: np.ndarray, k: int, filters: Filter, *, as_of: float | None,
-                      valid_at: float | None, with_vectors: bool) -> list[Hit]:  # fmt: skip
+                      valid_at: float | None, with_vectors: bool, cancel: threading.Event | None = None) -> list[Hit]:  # fmt: skip
         """The exact top k of the history's slice (`timeline.py`), its texts read from the store."""
         started = time.perf_counter()
         with self._timeline_lock:
@@ -344,6 +357,7 @@ class Indexer:
             timeline = self._timeline
         try:
             timeline.refresh(store, self.embedder)
+            _checkpoint(cancel, "sliced")
             found = timeline.search(q, k, filters, as_of=as_of, valid_at=valid_at)
             texts = store.chunk_texts([h.chunk_id for h in found])
         except StoreError as exc:

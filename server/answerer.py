@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from kfresh.core.errors import NotFound, Overloaded, Unavailable
 from kfresh.indexer.documents import Hit
 from kfresh.indexer.filters import Filter
 from kfresh.prompt import NOT_FOUND_REPLY, PromptFormat, build_messages, closed_book_messages
-from kfresh.server import reading
+from kfresh.server import cancellable, reading
 from kfresh.server.adapters import BASE_MODEL, AdapterChoice, AdapterManager
 from kfresh.server.answer_log import AnswerLog, AnswerRecord, filter_json
 from kfresh.server.generation.base import GenerationBackend, GenerationChunk, GenerationRequest
@@ -213,12 +214,12 @@ class Answerer:
         self._log(query, reading, result, NOT_FOUND_REPLY, log_as)
         yield result
 
-    def _retrieve(self, query: AnswerQuery) -> list[Hit]:
+    def _retrieve(self, query: AnswerQuery, *, cancel: threading.Event | None = None) -> list[Hit]:
         """The retrieved pool the reading step selects from (reading.fetch_size: wider than k when it reranks)."""
         fetch = reading.fetch_size(query.k, self._cfg, self._indexer.cfg.retrieval.max_k)
         return self._indexer.search(
             query.question, fetch, query.filters or None, with_vectors=True, default_k=self._cfg.default_k,
-            as_of=query.as_of, valid_at=query.valid_at,
+            as_of=query.as_of, valid_at=query.valid_at, cancel=cancel,
         )  # fmt: skip
 
     async def _read(self, query: AnswerQuery) -> Reading:
@@ -226,7 +227,7 @@ class Answerer:
         start = time.perf_counter()
         if query.closed_book:
             return Reading([], [], None, 0.0)
-        pool = await asyncio.to_thread(self._retrieve, query)
+        pool = await cancellable.in_thread(self._retrieve, query)  # a cancelled Answer stops its search
         passages, resolved = reading.select(query.question, pool, query.k or self._cfg.default_k, self._cfg)
         return Reading(passages, resolved.superseded, resolved.primary, (time.perf_counter() - start) * 1000)
 

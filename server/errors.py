@@ -13,7 +13,16 @@ from typing import Any
 import grpc
 
 from kfresh.core import metrics
-from kfresh.core.errors import Forbidden, InvalidInput, KfreshError, NotFound, Overloaded, StorageFull, Unavailable
+from kfresh.core.errors import (
+    Cancelled,
+    Forbidden,
+    InvalidInput,
+    KfreshError,
+    NotFound,
+    Overloaded,
+    StorageFull,
+    Unavailable,
+)
 
 log = logging.getLogger("kfresh.server")
 
@@ -24,6 +33,7 @@ STATUS_OF: dict[type[KfreshError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,  # disk full: gRPC's own example of this code
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 

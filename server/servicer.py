@@ -17,7 +17,7 @@ from kfresh.core.config import KfreshConfig
 from kfresh.core.errors import InvalidInput, NotFound, Unavailable
 from kfresh.indexer.documents import WriteOp
 from kfresh.indexer.validation import check_k
-from kfresh.server import convert, ingest_stream, purge, tenancy, validation, watch
+from kfresh.server import cancellable, convert, ingest_stream, purge, tenancy, validation, watch
 from kfresh.server.adapters import AdapterManager, read_only_statuses
 from kfresh.server.answer_log import AnswerLog
 from kfresh.server.answerer import Answerer
@@ -164,10 +164,9 @@ class KfreshServicer(pb_grpc.KfreshServicer):
         await ingest_stream.require_applied(indexer, request.min_seq, self._rt.cfg.retrieval.min_seq_wait_s)
         start = time.perf_counter()
         filters = tenancy.bind_filters(query.filters, self._rt.binding(context))
-        hits = await asyncio.to_thread(
-            functools.partial(indexer.search, as_of=query.as_of, valid_at=query.valid_at), query.query, query.k,
-            filters or None,
-        )  # fmt: skip
+        hits = await cancellable.in_thread(
+            indexer.search, query.query, query.k, filters or None, as_of=query.as_of, valid_at=query.valid_at
+        )
         elapsed_ms = (time.perf_counter() - start) * 1000
         metrics.RETRIEVE_DURATION.observe(elapsed_ms / 1000)
         k = check_k(query.k, self._rt.cfg.retrieval)  # already accepted by the search: this only resolves 0

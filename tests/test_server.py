@@ -297,6 +297,55 @@ def test_deadline_aborts_and_server_keeps_serving(client: KfreshClient) -> None:
     assert text.strip()
 
 
+@pytest.mark.parametrize("rpc", ["Answer", "Retrieve"])
+def test_a_cancelled_call_stops_its_search_before_the_index(
+    server: ServerHandle, client: KfreshClient, monkeypatch: pytest.MonkeyPatch, rpc: str
+) -> None:
+    """The client cancels while its query is being embedded (held there: fault injection). The search stops at
+    the next stage: the vector index and the store are never read for it, and the server keeps serving."""
+    from prometheus_client import REGISTRY
+
+    from kfresh.v1 import kfresh_pb2_grpc as pb_grpc
+
+    indexer = server.runtime.require_indexer()
+    real_search, real_encode, real_index = indexer.search, indexer.query_embeddings.encode, indexer._search
+    entered, cancels, searched = threading.Event(), [], []
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        cancels.append(kwargs.get("cancel"))
+        return real_search(*args, **kwargs)
+
+    def held_encode(query: str) -> Any:
+        entered.set()
+        if cancels[-1] is not None:
+            cancels[-1].wait(10)  # until the server sees the call cancelled
+        else:
+            time.sleep(2)  # nothing to wait on: a search that cannot be stopped
+        return real_encode(query)
+
+    monkeypatch.setattr(indexer, "search", search)
+    monkeypatch.setattr(indexer.query_embeddings, "encode", held_encode)
+    monkeypatch.setattr(indexer, "_search", lambda *a, **kw: searched.append(a) or real_index(*a, **kw))
+    sample = lambda: REGISTRY.get_sample_value("kfresh_searches_abandoned_total", {"stage": "embedded"}) or 0  # noqa: E731
+    before = sample()
+    question = f"Which harbour does the {rpc} cancellation test ask about?"
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.KfreshStub(channel)
+        if rpc == "Answer":
+            call = stub.Answer(pb.AnswerRequest(question=question, k=3), timeout=30)
+        else:
+            call = stub.Retrieve.future(pb.RetrieveRequest(query=question, k=3), timeout=30)
+        assert entered.wait(10), "the search never reached the query embedding"
+        call.cancel()
+        deadline = time.monotonic() + 15
+        while sample() == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sample() == before + 1, "the cancelled search was not stopped"
+    assert searched == [], "the cancelled search still read the vector index"
+    monkeypatch.undo()
+    assert client.retrieve("harbour", k=1, timeout=10) is not None
+
+
 def test_unknown_adapter_is_not_found(client: KfreshClient) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _answer(client, "Hi?", adapter="v999")

@@ -27,5 +27,9 @@ class Unavailable(KfreshError):
     """A component is not ready or has failed (-> UNAVAILABLE)."""
 
 
+class Cancelled(KfreshError):
+    """The caller went away (its RPC was cancelled or ran out of time): the work stopped early (-> CANCELLED)."""
+
+
 class StorageFull(Overloaded):
     """The disk (or the store's size limit) is full: the write was not committed (-> RESOURCE_EXHAUSTED)."""

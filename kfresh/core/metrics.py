@@ -39,6 +39,11 @@ QUERY_CACHE = Counter(
 RETRIEVE_DURATION = Histogram(
     "kfresh_retrieve_seconds", "Embedding + vector search time of one retrieval.", buckets=_FAST
 )
+SEARCHES_ABANDONED = Counter(
+    "kfresh_searches_abandoned",
+    "Searches stopped early because their RPC was cancelled, by the last stage that ran (queued, embedded, sliced).",
+    ["stage"],
+)
 TIME_SLICE_DURATION = Histogram(
     "kfresh_time_slice_search_seconds",
     "One 'as of' / 'valid at' search of the history (refresh of the in-memory copy, mask, scoring, texts).",
