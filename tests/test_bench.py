@@ -7,6 +7,7 @@ suite reuses the session's vLLM engine and `vllm serve` (conftest) instead of st
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,14 +202,22 @@ def test_chaos_quick_checks_the_history_under_every_kind_of_fault(tmp_path):
     """`make chaos` in small: two replicas over a throwaway PostgreSQL, 4 faults; the checker's verdict is clean."""
     if find_pg_bin() is None:
         pytest.skip("needs Debian's postgresql binaries")
+    from kfresh.benchmarks.chaos import FAULTS
+    from kfresh.testing.nats import nats_bin
+
     data = assert_well_formed(run_suite("chaos", quick=True, out=tmp_path), "chaos")
     s = data["summary"]
-    assert s["rounds"] == 4 and s["acked"] > 10 and s["reads"] > 10 and s["ryw_checked"] > 0
-    assert (s["lost"], s["resurrected"], s["monotonic_violations"], s["ryw_violations"]) == (0, 0, 0, 0), data["raw"][
-        "verdict"
-    ]
+    assert s["rounds"] == len(FAULTS) and s["acked"] > 10 and s["reads"] > 10 and s["ryw_checked"] > 0
+    assert (s["lost"], s["resurrected"], s["monotonic_violations"], s["ryw_violations"], s["crashes"]) == (
+        0, 0, 0, 0, 0), data["raw"]["verdict"]  # fmt: skip
     assert s["passed"] is True
     assert all("healed" in f for f in data["raw"]["faults"])
+    # Every kind of fault once (the consumer's and the full disk's where nats-server and root are there).
+    expected = {*FAULTS} - ({"consumer-kill"} if nats_bin() is None else set()) - (
+        {"disk-full"} if os.geteuid() != 0 else set())  # fmt: skip
+    assert set(s["faults"]) == expected, s["faults"]
+    if nats_bin() is not None:
+        assert s["acked_via_nats"] > 10
 
 
 def test_chaos_checker_finds_a_lost_write_a_resurrected_delete_and_a_stale_read():

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +19,9 @@ from kfresh.client.nats_ingest import NatsIngestor, parse_message
 from kfresh.client.sources import SourceError
 from kfresh.core.config import NatsConfig
 from kfresh.core.net import free_port
+from kfresh.testing.nats import nats_bin, nats_server
 
-NATS = shutil.which("nats-server")
+NATS = nats_bin()
 pytestmark = pytest.mark.skipif(
     NATS is None, reason="nats-server is missing (Debian package `nats-server`; .ci/run installs it)"
 )
@@ -39,20 +37,8 @@ def test_messages_parse_like_ingest_jsonl() -> None:
 
 @pytest.fixture()
 def nats_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([NATS, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp_path / "js")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    with nats_server(tmp_path / "js") as url:
+        yield url
 
 
 def kfresh_server(engine_loop: Any, home: Path, port: int = 0) -> ServerHandle:

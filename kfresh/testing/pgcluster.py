@@ -44,7 +44,7 @@ def _version(path: str) -> float:
 class PgCluster:
     """initdb + pg_ctl on 127.0.0.1:<free port>; `create_database()` returns a DSN to a new, empty database."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, parent: Path | None = None) -> None:
         self.bin_dir = bin_dir
         self.as_user: str | None = None
         if os.geteuid() == 0:
@@ -53,7 +53,8 @@ class PgCluster:
             except KeyError:
                 raise RuntimeError("running as root and there is no 'postgres' user to run the server as") from None
             self.as_user = "postgres"
-        self.root = Path(tempfile.mkdtemp(prefix="kfresh-pg-"))  # not under pytest's root-only tmp folders
+        # Not under pytest's root-only tmp folders; `parent`: on a given disk (e.g. one a fault test fills).
+        self.root = Path(tempfile.mkdtemp(prefix="kfresh-pg-", dir=parent))
         self.data = self.root / "data"
         self.socket_dir = self.root / "socket"
         self.log = self.root / "server.log"
@@ -77,11 +78,13 @@ class PgCluster:
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", "kfresh", "--auth=trust", "-E", "UTF8", "--locale=C",
                   "--no-instructions")  # fmt: skip
-        options = (
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
+
+    def _options(self) -> str:
+        return (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.socket_dir}"
             " -c fsync=on -c synchronous_commit=on -c max_connections=200 -c shared_buffers=32MB"
         )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self) -> None:
         try:
@@ -95,6 +98,21 @@ class PgCluster:
         crash recovery at start); returns the seconds until it accepts connections again."""
         started = time.perf_counter()
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w", "-t", "60", "restart")
+        return time.perf_counter() - started
+
+    def running(self) -> bool:
+        cmd = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "status"]
+        if self.as_user:
+            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, timeout=30, cwd=self.root).returncode == 0
+
+    def ensure_running(self) -> float | None:
+        """Start it again if it stopped (e.g. a PANIC on a full disk, then a failed crash recovery), as an operator
+        would; returns the seconds until it accepted connections, or None when it was running."""
+        if self.running():
+            return None
+        started = time.perf_counter()
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
         return time.perf_counter() - started
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -124,12 +142,13 @@ def postgres_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[PgCluster]:
-    """A running throwaway cluster (stopped and removed afterwards). Needs Debian's postgresql."""
+def postgres_cluster(parent: Path | None = None) -> Iterator[PgCluster]:
+    """A running throwaway cluster (stopped and removed afterwards), its files in a new folder under `parent`
+    (the temp folder by default). Needs Debian's postgresql."""
     bin_dir = find_pg_bin()
     if bin_dir is None:
         raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (or pass a DSN)")
-    cluster = PgCluster(bin_dir)
+    cluster = PgCluster(bin_dir, parent)
     try:
         cluster.start()
         yield cluster

@@ -64,7 +64,7 @@ def aclient(addr: str) -> Any:
     return AsyncKfreshClient(addr, **client_options())
 
 
-def _flags(settings: Mapping[str, Any]) -> list[str]:
+def flags(settings: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     for key, value in settings.items():
         out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -101,7 +101,7 @@ def kfresh_server(
     port = free_port()
     merged = home_settings(port, home, settings or {})
     log_path = home / "server.log"
-    cmd = [sys.executable, "-m", "kfresh.cli", "serve", *_flags(merged)]
+    cmd = [sys.executable, "-m", "kfresh.cli", "serve", *flags(merged)]
     child_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     started = time.perf_counter()
     with log_path.open("wb") as log_file:
@@ -139,7 +139,7 @@ class Replica:
         started = time.perf_counter()
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         with (self.home / "server.log").open("ab") as log_file:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kfresh.cli", "serve", *_flags(self.settings)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "kfresh.cli", "serve", *flags(self.settings)],
                                          stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
         _wait(self.proc, Target(self.addr, self.proc.pid, self.home, self.home / "server.log"), service=SERVICE_NAME,
               timeout_s=timeout_s)  # fmt: skip
