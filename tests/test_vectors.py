@@ -17,9 +17,9 @@ from kfresh.indexer.vectors.torch_exact import TorchIndex
 DIM, K = 32, 10
 
 
-def clustered(n: int, *, seed: int, centers: int = 64, spread: float = 1.0) -> np.ndarray:
-    """Unit vectors around fixed cluster centres (the centres depend only on the dimension)."""
-    c = np.random.default_rng(1234).standard_normal((centers, DIM)).astype(np.float32)
+def clustered(n: int, *, seed: int, centers: int = 64, spread: float = 1.0, topics: int = 1234) -> np.ndarray:
+    """Unit vectors around fixed cluster centres (the centres depend only on `topics` and the dimension)."""
+    c = np.random.default_rng(topics).standard_normal((centers, DIM)).astype(np.float32)
     rng = np.random.default_rng(seed)
     x = c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, DIM)).astype(np.float32)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -219,6 +219,36 @@ def test_auto_is_exact_when_small_then_holds_its_recall_through_growth_and_snaps
     blind.add(ids[:5_000], base[:5_000])
     blind.maintain()
     assert blind.measured_recall is None and blind._ivf.nprobe == -(-blind._ivf.nlist // 16)
+
+
+def test_auto_retrains_when_new_vectors_drift_away_from_its_centroids():
+    """Vectors of topics the IVF was never trained on land far from its centroids: their residual over the
+    trained one (the drift) passes 1.25, and the maintenance turn retrains, which gives back the recall the
+    drift cost at the same share of lists probed. More vectors of the trained topics do not trigger it."""
+    from kfresh.indexer.vectors.auto import AutoIndex
+
+    old, more_old = clustered(5_000, seed=11), clustered(1_000, seed=12)
+    new, new_queries = clustered(2_000, seed=13, topics=99), clustered(100, seed=14, topics=99)
+    index = AutoIndex(DIM, auto_min=4_000, recall=0.95)
+    index.add(np.arange(5_000), old)
+    index.apply_maintenance(index.prepare_maintenance())
+    assert index.trained and index.drift() == 1.0 and index.fit_reference
+
+    index.add(np.arange(5_000, 6_000), more_old)  # the same topics: no drift
+    assert index.drift() < 1.25 and not index.drifted() and not index.needs_maintenance()
+
+    index.add(np.arange(6_000, 8_000), new)  # new topics
+    assert index.drift() >= 1.25 and index.drifted() and index.needs_maintenance()
+    assert "drift" in index.describe()
+    ids, base = np.arange(8_000), np.concatenate([old, more_old, new])
+    truth = exact(ids, base, new_queries)
+    index._ivf.nprobe = -(-index._ivf.nlist // 16)  # compare at the same share of lists probed
+    before = recall(index.search(new_queries, K)[1], truth, base, ids, new_queries)
+    index.apply_maintenance(index.prepare_maintenance())
+    assert index.trained_at == 8_000 and index.drift() == 1.0 and not index.needs_maintenance()
+    index._ivf.nprobe = -(-index._ivf.nlist // 16)
+    after = recall(index.search(new_queries, K)[1], truth, base, ids, new_queries)
+    assert after > before, (before, after)
 
 
 def test_factory_builds_each_cpu_kind():

@@ -1,9 +1,15 @@
 """index.kind=auto: exact search while the corpus is small, an IVF index past `auto_min` vectors, retrained as
-the corpus grows, its probe count chosen to hold `auto_recall`.
+the corpus grows or drifts, its probe count chosen to hold `auto_recall`.
 
 Below `auto_min` vectors it is the flat index (exact). Then, and again whenever the corpus has grown 4x since
-the last training, the worker's maintenance turn trains a new IVFFlat (about 4 sqrt(n) lists) on a sample,
-adds every vector to it and picks nprobe; it picks nprobe again each time the corpus has doubled since.
+the last training or has drifted away from its centroids, the worker's maintenance turn trains a new IVFFlat
+(about 4 sqrt(n) lists) on a sample, adds every vector to it and picks nprobe; it picks nprobe again each time
+the corpus has doubled since.
+Drift is measured on every add at the cost of one centroid lookup per vector: the residual 1 - cosine to the
+nearest centroid of the vectors added since training, against that of the training vectors. New topics land far
+from every centroid and crowd the lists they fall into, which costs recall at the same nprobe; when the added
+vectors' mean residual exceeds the trained one by `_DRIFT_RATIO` (over at least a tenth of the trained size), it
+retrains. After a restart from a snapshot the first vectors added set the reference instead.
 nprobe is measured where it can be: with at least 64 recent real queries (`query_source`, the server's query
 cache), the smallest power of two whose recall@10 against an exact search of the same index (every list
 probed) reaches `auto_recall` on them. Without them it is a sixteenth of the lists: stored vectors as queries,
@@ -28,6 +34,9 @@ log = logging.getLogger("kfresh.indexer")
 _K = 10
 _MIN_QUERIES = 64  # real queries needed to measure recall instead of using the share rule
 _SHARE = 16  # without them: probe nlist / _SHARE lists
+_DRIFT_RATIO = 1.25  # added vectors' mean residual over the trained one that triggers retraining
+_DRIFT_MIN = 1_000  # and at least this many added vectors (and a tenth of the trained size)
+_FIT_SAMPLE = 10_000  # training vectors whose residual sets the reference
 
 
 class AutoIndex(IvfIndex):
@@ -39,6 +48,8 @@ class AutoIndex(IvfIndex):
         self.trained_at = 0  # vectors when the IVF was last trained
         self.tuned_at = 0  # vectors when nprobe was last chosen
         self.measured_recall: float | None = None  # None: nprobe came from the share rule
+        self.fit_reference: float | None = None  # mean residual (1 - cosine to the nearest centroid) when trained
+        self._fit_sum, self._fit_n = 0.0, 0  # the same over the vectors added since
         # Recent real query vectors (n, dim), e.g. the server's query cache; set by the owner of the index.
         self.query_source: Callable[[], np.ndarray] | None = None
 
@@ -51,7 +62,31 @@ class AutoIndex(IvfIndex):
             if self.measured_recall is not None
             else "1/16 of the lists"
         )
-        return f"{text} ({how})"
+        drift = f", drift {self.drift():.2f}x over {self._fit_n:,} added" if self._fit_n else ""
+        return f"{text} ({how}{drift})"
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        super().add(ids, vecs)
+        if self._ivf is not None and len(ids):
+            residual = self._residuals(self._ivf, np.asarray(vecs, dtype=np.float32).reshape(-1, self.dim))
+            self._fit_sum, self._fit_n = self._fit_sum + float(residual.sum()), self._fit_n + len(residual)
+            if self.fit_reference is None and self._fit_n >= _DRIFT_MIN:  # restored from a snapshot: start here
+                self.fit_reference = self._fit_sum / self._fit_n
+                self._fit_sum, self._fit_n = 0.0, 0
+
+    def drift(self) -> float:
+        """The added vectors' mean residual over the trained one (1.0 = they fit the centroids as well)."""
+        if not self._fit_n or not self.fit_reference:
+            return 1.0
+        return (self._fit_sum / self._fit_n) / self.fit_reference
+
+    def drifted(self) -> bool:
+        return self._fit_n >= max(_DRIFT_MIN, self.trained_at // 10) and self.drift() >= _DRIFT_RATIO
+
+    @staticmethod
+    def _residuals(ivf: Any, vecs: np.ndarray) -> np.ndarray:
+        sims, _ = ivf.quantizer.search(np.ascontiguousarray(vecs), 1)
+        return np.asarray(1.0 - sims[:, 0], dtype=np.float64)
 
     def use_queries(self, source: Callable[[], np.ndarray]) -> None:
         self.query_source = source
@@ -60,7 +95,7 @@ class AutoIndex(IvfIndex):
         n = self.ntotal
         if self._ivf is None:
             return n >= self.train_min
-        return n >= 4 * max(self.trained_at, 1) or n >= 2 * max(self.tuned_at, 1)
+        return n >= 4 * max(self.trained_at, 1) or n >= 2 * max(self.tuned_at, 1) or self.drifted()
 
     def prepare_maintenance(self) -> Any:
         """A new trained and filled IVF with its nprobe (train), or a new nprobe for the current one (tune)."""
@@ -68,7 +103,7 @@ class AutoIndex(IvfIndex):
 
         ids, vecs = self._vectors()
         n = len(ids)
-        if self._ivf is not None and n < 4 * max(self.trained_at, 1):
+        if self._ivf is not None and n < 4 * max(self.trained_at, 1) and not self.drifted():
             nprobe, recall = self._choose_nprobe(self._ivf, vecs, ids)
             return ("tune", n, nprobe, recall)
         nlist = int(min(max(16, 4 * math.sqrt(n)), max(1, n // _MIN_POINTS_PER_LIST), 65_536))
@@ -83,8 +118,10 @@ class AutoIndex(IvfIndex):
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         ivf.add_with_ids(vecs, ids)
         nprobe, recall = self._choose_nprobe(ivf, vecs, ids)
-        log.info("auto.trained vectors=%d nlist=%d nprobe=%d recall@10=%s", n, nlist, nprobe, recall)
-        return ("train", n, nprobe, recall, ivf, ids)
+        fit = float(self._residuals(ivf, sample[:_FIT_SAMPLE]).mean())
+        log.info("auto.trained vectors=%d nlist=%d nprobe=%d recall@10=%s drift=%.2f", n, nlist, nprobe, recall,
+                 self.drift())  # fmt: skip
+        return ("train", n, nprobe, recall, ivf, ids, fit)
 
     def apply_maintenance(self, prepared: Any) -> None:
         if prepared is None:
@@ -96,13 +133,14 @@ class AutoIndex(IvfIndex):
             self.tuned_at, self.measured_recall = n, recall
             log.info("auto.tuned vectors=%d nprobe=%d recall@10=%s", n, nprobe, recall)
             return
-        _, n, nprobe, recall, ivf, ids = prepared
+        _, n, nprobe, recall, ivf, ids, fit = prepared
         # Only this worker writes, and it ran prepare_maintenance itself: nothing was added or removed since.
         assert len(ids) == self.ntotal, "the index changed during maintenance"
         ivf.nprobe = nprobe
         self._ivf, self._flat = ivf, None
         self.trained_at = self.tuned_at = n
         self.measured_recall = recall
+        self.fit_reference, self._fit_sum, self._fit_n = fit, 0.0, 0
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (id, vector): the flat index's, or those in the IVF's inverted lists."""
