@@ -12,7 +12,7 @@ TORCH_PACKAGE ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint proto models reader bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-filters bench-quick clean help
+.PHONY: setup demo test test-fast lint proto models reader reader-docs bench-foundation bench-adapters bench bench-ingest bench-freshness bench-retrieval bench-answer bench-knowledge bench-backends bench-replicas bench-reading bench-transfer bench-knowledge_news bench-filters bench-quick clean help
 
 help:
 	@echo "make demo   - set up, start a server, stream a changing corpus, ask before/after a correction"
@@ -24,6 +24,7 @@ help:
 	@echo "make proto  - regenerate the gRPC stubs from proto/kfresh/v1/*.proto"
 	@echo "make models - convert the packaged models once (cached in .kfresh/models)"
 	@echo "make reader - train the reader once on READER_DATA up to READER_UNTIL (~27 min on 2 cores; README: reading)"
+	@echo "make reader-docs - the same from the dev months' evidence passages alone, questions built by rule"
 	@echo "make bench-foundation - ingest rate, freshness lag, Retrieve latency, TTFT, memory of a real server"
 	@echo "make bench-adapters - what enable_lora and an active adapter cost; hot-swap and rollback times"
 	@echo "make bench  - every benchmark suite at full size (kfresh bench all; ~1-2 h on 2 cores), results in benchmarks/results"
@@ -54,6 +55,14 @@ READER_DATA ?= ../shared/datasets/realtimeqa-2025.jsonl
 READER_UNTIL ?= 2025-09-30
 reader: $(STAMP)
 	$(VENV)/bin/kfresh provision --reader-data $(READER_DATA) --reader-until $(READER_UNTIL)
+
+# The same reader trained on documents alone (the dev months' evidence passages, no question of the dataset):
+# questions are built around each passage's names, dates and numbers (finetuner/reader.py, document rows).
+READER_DOCS ?= .kfresh/realtimeqa-dev-documents.jsonl
+reader-docs: $(STAMP)
+	$(VENV)/bin/python -m kfresh.benchmarks.realtimeqa --until $(READER_UNTIL) --out $(READER_DOCS) --dataset $(READER_DATA)
+	$(VENV)/bin/kfresh provision --reader-data $(READER_DOCS) --reader-until $(READER_UNTIL) \
+		--reader-out .kfresh/models/SmolLM2-135M-Instruct-reader-docs
 
 demo: models
 	$(VENV)/bin/kfresh demo

@@ -8,6 +8,7 @@ Pure functions: no model, no server.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -116,3 +117,34 @@ def is_right(answer: str, choices: Sequence[str], right: int) -> bool:
         if other in (rest if other in target else said):
             return False
     return True
+
+
+def write_documents(out: Path, *, until: str, path: str | Path = "") -> int:
+    """The evidence passages dated up to `until` (YYYY-MM-DD) as a documents file (`kfresh ingest` JSONL: id,
+    text, valid_from), each passage once, without its question: what `kfresh provision --reader-data` builds a
+    reader from when no questions may be used. Returns how many were written."""
+    seen: set[str] = set()
+    lines = []
+    for q in load(path):
+        if q.date <= until and q.evidence not in seen:
+            seen.add(q.evidence)
+            lines.append(json.dumps({"id": q.id, "text": q.evidence, "valid_from": q.date, "source": q.source}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Export RealTimeQA evidence passages as documents (no questions): "
+        "python -m kfresh.benchmarks.realtimeqa --until 2025-09-30 --out .kfresh/realtimeqa-dev-documents.jsonl"
+    )
+    parser.add_argument("--until", required=True, help="last date (YYYY-MM-DD) whose passages are written")
+    parser.add_argument("--out", type=Path, required=True, help="the documents file to write (outside the package)")
+    parser.add_argument("--dataset", default="", help=f"the dataset file (default ${ENV_PATH} or {DEFAULT_PATH})")
+    args = parser.parse_args()
+    print(f"wrote {write_documents(args.out, until=args.until, path=args.dataset)} documents to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,11 @@ record its sha256. `kfresh provision --reader-data FILE` builds it once (kfresh.
 A reading set is JSONL; each row has `question`, `evidence`, `date` (YYYY-MM-DD or ISO time) and the answer as
 `answer` (text) or as `choices` + `answer` (the index of the right choice, the RealTimeQA layout). Rows dated
 after `until` are not read: train on the past, report on what comes after.
+A row without `question` that has `text` is a document (a `kfresh ingest` JSONL line: `id`, `text`,
+`valid_from`): it becomes up to `DOC_QUESTIONS` rows by itself, questions built by rule around its answer spans
+(`transfer.candidates`: names, dates, numbers, quotes; the sentence with the span turned into a wh-phrase), the
+span as the answer and the document as the evidence. So a reader can be built from a deployment's own
+documents, with no questions written by anyone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ RECIPE_VERSION = 1  # bump when the examples or the recipe change, so cached rea
 # not a few facts, and no answer is ever "learned" (so early stopping on the validation loss ends it).
 RECIPE: dict[str, Any] = {"learning_rate": 5e-4, "max_epochs": 2, "time_budget_s": 1500.0, "learned_accuracy": 1.0}
 PAIR_SHARE = 0.3  # rows shown with their distractor
+DOC_QUESTIONS = 3  # rows generated from one document of a reading set
 
 
 class ReadingSetError(ValueError):
@@ -97,10 +103,38 @@ def load_rows(path: Path, *, until: float | None = None) -> list[ReadingRow]:
     except SourceError as exc:
         raise ReadingSetError(str(exc)) from None
     for where, raw in parsed:
-        row = _row(raw, where)
-        if until is None or row.valid_from <= until:
-            rows.append(row)
+        for row in document_rows(raw, where) if "question" not in raw and "text" in raw else [_row(raw, where)]:
+            if until is None or row.valid_from <= until:
+                rows.append(row)
     return sorted(rows, key=lambda r: (r.valid_from, r.id))
+
+
+@dataclass(frozen=True)
+class _Document:
+    doc_id: str
+    text: str
+    valid_from: float
+    source: str = ""
+    version: int = 1
+
+
+def document_rows(raw: dict[str, Any], where: str, per_doc: int = DOC_QUESTIONS) -> list[ReadingRow]:
+    """Up to `per_doc` rows from one document: questions built around its answer spans, the span the answer."""
+    from kfresh.finetuner.transfer import candidates
+
+    for name in ("id", "text"):
+        if not isinstance(raw.get(name), str) or not raw[name].strip():
+            raise ReadingSetError(f"{where}: field '{name}' must be a non-empty string (a document row)")
+    try:
+        valid_from = parse_time(raw.get("valid_from") or raw.get("date"), where)
+    except (SourceError, ValueError) as exc:
+        raise ReadingSetError(f"{where}: field 'valid_from': {exc}") from exc
+    if valid_from is None:
+        raise ReadingSetError(f"{where}: field 'valid_from' is required (the reader learns dates as served)")
+    doc = _Document(raw["id"].strip(), raw["text"].strip(), valid_from, str(raw.get("source", "")))
+    found, _ = candidates(doc, per_doc=per_doc)
+    return [ReadingRow(id=f"{doc.doc_id}#{n}", question=c.question, answer=c.span, evidence=doc.text,
+                       valid_from=valid_from, source=doc.source) for n, c in enumerate(found, start=1)]  # fmt: skip
 
 
 def _row(raw: dict[str, Any], where: str) -> ReadingRow:
@@ -130,7 +164,8 @@ def nearest_other(rows: Sequence[ReadingRow], encode: Callable[[list[str]], np.n
     evidence = encode([r.evidence for r in rows])
     questions = encode([r.question for r in rows])
     sims = questions @ evidence.T
-    np.fill_diagonal(sims, -np.inf)
+    texts = np.array([r.evidence for r in rows], dtype=object)
+    sims[texts[:, None] == texts[None, :]] = -np.inf  # its own evidence (other rows from the same document too)
     return [int(i) for i in sims.argmax(axis=1)]
 
 

@@ -77,6 +77,32 @@ def test_a_bad_row_names_the_file_line_and_field(tmp_path, line, message):
         load_rows(path)
 
 
+def test_documents_become_questions_around_their_spans_with_no_questions_written(tmp_path):
+    """A reading set of plain documents (ingest JSONL): each yields questions built around its answer spans,
+    the span verbatim in the evidence as the answer; bad document rows name the file, line and field."""
+    docs = [
+        {"id": "robotics", "valid_from": "2025-03-04", "text": "The board of Brindlewood Robotics appointed "
+         "Odalys Fenwick as chief executive officer on 3 March 2025, the company said. She replaces Peter Tallis, "
+         "who led the firm for 12 years."},
+        {"id": "bridge", "valid_from": 1_741_000_000, "text": "The Tallis Bridge in Marrowgate will close for "
+         "repairs in June. About 40,000 vehicles cross it every day."},
+        {"question": "Who won the marathon in Tolby?", "evidence": "Mara Quell won the Tolby marathon.",
+         "date": "2025-01-02", "answer": "Mara Quell"},
+    ]  # fmt: skip
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs) + "\n", encoding="utf-8")
+    rows = load_rows(path)
+    made = [r for r in rows if "#" in r.id]
+    assert {r.id.split("#")[0] for r in made} == {"robotics", "bridge"}
+    assert 2 <= len(made) <= 6 and any(r.answer == "Odalys Fenwick" for r in made)
+    for r in made:
+        assert r.answer in r.evidence and r.answer not in r.question and r.question.endswith("?")
+    assert any(r.question == "Who won the marathon in Tolby?" for r in rows)  # a question row as before
+    path.write_text('{"id": "x", "text": "Mara Quell won the race on Sunday."}\n', encoding="utf-8")
+    with pytest.raises(ReadingSetError, match="docs.jsonl:1: field 'valid_from' is required"):
+        load_rows(path)
+
+
 def test_a_binary_or_missing_reading_set_is_named(tmp_path):
     (tmp_path / "blob.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ReadingSetError, match="blob.jsonl: not UTF-8 text"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from kfresh.cli.common import (
@@ -28,7 +29,10 @@ def cmd_provision(args: argparse.Namespace) -> int:
     if args.reader_data:
         from kfresh.provisioning import provision_reader
 
-        result.update(provision_reader(cfg, args.reader_data, args.reader_until, budget_s=args.reader_budget_s))
+        dest = Path(args.reader_out).expanduser().resolve() if args.reader_out else None
+        result.update(
+            provision_reader(cfg, args.reader_data, args.reader_until, dest=dest, budget_s=args.reader_budget_s)
+        )
     print_json({k: str(v) for k, v in result.items()})
     return 0
 
@@ -60,7 +64,14 @@ def register(sub: Any) -> None:
         metavar="FILE",
         default="",
         help="reading set (JSONL: question, evidence, date, answer or choices+answer), e.g. "
-        "../shared/datasets/realtimeqa-2025.jsonl",
+        "../shared/datasets/realtimeqa-2025.jsonl; rows that are documents (id, text, valid_from, as for "
+        "`kfresh ingest`) become questions built around their names, dates and numbers",
+    )
+    p.add_argument(
+        "--reader-out",
+        metavar="DIR",
+        default="",
+        help="where the reader goes (default: <models.cache_dir>/<generator>-reader)",
     )
     p.add_argument(
         "--reader-until",
