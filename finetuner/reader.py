@@ -47,7 +47,7 @@ from kfresh.prompt import build_messages
 
 log = logging.getLogger("kfresh.finetuner")
 MANIFEST = "kfresh-reader.json"
-RECIPE_VERSION = 1  # bump when the examples or the recipe change, so cached readers are rebuilt
+RECIPE_VERSION = 2  # bump when the examples or the recipe change, so cached readers are rebuilt
 # The distillation recipe with a gentler rate and a longer budget: reading is a skill over hundreds of rows,
 # not a few facts, and no answer is ever "learned" (so early stopping on the validation loss ends it).
 RECIPE: dict[str, Any] = {"learning_rate": 5e-4, "max_epochs": 2, "time_budget_s": 1500.0, "learned_accuracy": 1.0}
