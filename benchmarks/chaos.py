@@ -338,7 +338,6 @@ def restart_crashed(replicas: dict[str, Any], fault: dict[str, Any], history: Hi
         if replica.proc is not None and replica.proc.poll() is not None:
             history.crashes.append({"replica": name, "round": fault["round"], "fault": fault["kind"],
                                     "exit": replica.proc.returncode, "t": history.now()})  # fmt: skip
-            replica.proc = None
             history.down.add(name)
             replica.start()
             history.down.discard(name)

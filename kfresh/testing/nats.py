@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kfresh.core.net import free_port
-from kfresh.testing.servers import flags, stop_group, tail
+from kfresh.testing.servers import flags, kill_group, stop_group, tail
 
 
 def nats_bin() -> str | None:
@@ -66,9 +66,7 @@ class Consumer:
     def kill(self) -> None:
         """SIGKILL: whatever it had fetched and not acknowledged to NATS is delivered again after its restart."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=60)
+            kill_group(self.proc)
             self.proc = None
 
     def stop(self) -> None:

@@ -67,24 +67,27 @@ class PgCluster:
             for path in (self.socket_dir, self.log):
                 shutil.chown(path, self.as_user)
 
-    def _run(self, tool: str, *args: str, timeout: float = 120) -> None:
+    def _cmd(self, tool: str, *args: str) -> list[str]:
+        """A PostgreSQL tool's command line, run as the server's user."""
         cmd = [str(self.bin_dir / tool), *args]
-        if self.as_user:
-            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        return ["runuser", "-u", self.as_user, "--", *cmd] if self.as_user else cmd
+
+    def _run(self, tool: str, *args: str, timeout: float = 120) -> None:
+        done = subprocess.run(self._cmd(tool, *args), capture_output=True, text=True, timeout=timeout, cwd=self.root)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{self.log_tail()}")
 
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", "kfresh", "--auth=trust", "-E", "UTF8", "--locale=C",
                   "--no-instructions")  # fmt: skip
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
+        self._start()
 
-    def _options(self) -> str:
-        return (
+    def _start(self) -> None:
+        options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.socket_dir}"
             " -c fsync=on -c synchronous_commit=on -c max_connections=200 -c shared_buffers=32MB"
         )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self) -> None:
         try:
@@ -101,10 +104,9 @@ class PgCluster:
         return time.perf_counter() - started
 
     def running(self) -> bool:
-        cmd = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "status"]
-        if self.as_user:
-            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, timeout=30, cwd=self.root).returncode == 0
+        done = subprocess.run(self._cmd("pg_ctl", "-D", str(self.data), "status"), capture_output=True, timeout=30,
+                              cwd=self.root)  # fmt: skip
+        return done.returncode == 0
 
     def ensure_running(self) -> float | None:
         """Start it again if it stopped (e.g. a PANIC on a full disk, then a failed crash recovery), as an operator
@@ -112,7 +114,7 @@ class PgCluster:
         if self.running():
             return None
         started = time.perf_counter()
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "-t", "60", "start")
+        self._start()
         return time.perf_counter() - started
 
     def dsn(self, dbname: str = "postgres") -> str:

@@ -148,9 +148,7 @@ class Replica:
     def kill(self) -> None:
         """SIGKILL the process group (no shutdown of any kind) and reap it."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=60)
+            kill_group(self.proc)
             self.proc, self.paused = None, False
 
     def pause(self) -> None:
@@ -218,6 +216,13 @@ def vllm_serve(model_path: str, *, dtype: str = "bfloat16", timeout_s: float = 3
         yield url
     finally:
         stop_group(proc)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group (no shutdown of any kind) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
