@@ -36,12 +36,20 @@ from kfresh.prompt import closed_book_messages
 
 
 def transfer_data(
-    pairs: list[dict[str, Any]], docs: dict[str, EvidenceDoc], passage: str = "document", cloze: bool = False
+    pairs: list[dict[str, Any]],
+    docs: dict[str, EvidenceDoc],
+    passage: str = "document",
+    cloze: bool = False,
+    target: str = "teacher",
 ) -> AugmentedFacts:
-    """The pairs as the trainer's input: one pseudo-fact per pair (its span is what validation checks)."""
+    """The pairs as the trainer's input: one pseudo-fact per pair (its span is what validation checks). `target`:
+    the teacher's answer, or the span first and then the teacher's answer (the distillation default)."""
+    from kfresh.finetuner.pairs import span_first
+
     facts = [Fact(p["question"], "question", p["span"], format_iso(docs[p["doc_id"]].valid_from), p["doc_id"],
                   p["version"], p["sentence"]) for p in pairs]  # fmt: skip
-    train = [QA(p["question"], p["answer"], i) for i, p in enumerate(pairs)]
+    answer = (lambda p: span_first(p["answer"], p["span"])) if target == "span-first" else (lambda p: p["answer"])
+    train = [QA(p["question"], answer(p), i) for i, p in enumerate(pairs)]
     if cloze:
         train += [QA(_cloze(p), p["sentence"], i) for i, p in enumerate(pairs)]
     shown = {"document": lambda p: docs[p["doc_id"]].text, "sentence": lambda p: p["sentence"]}
@@ -99,6 +107,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="training wall-clock budget, seconds")
     parser.add_argument("--passage", choices=["document", "sentence", "none"], default="document")
     parser.add_argument("--cloze", action="store_true", help="train on the cloze phrasing too")
+    parser.add_argument(
+        "--target",
+        choices=["teacher", "span-first"],
+        default="teacher",
+        help="training target: the teacher's answer, or the span first and then it",
+    )
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -113,7 +127,7 @@ def main() -> None:
     lm = load_base(path, device="cpu")
     t0 = time.perf_counter()
     before = score(lm, questions, pairs, docs, "base")
-    data = transfer_data(pairs, docs, args.passage, args.cloze)
+    data = transfer_data(pairs, docs, args.passage, args.cloze, args.target)
     replay_n = args.epochs * len(data.train) + len(data.train)
     replay = build_pool(lm, Path(ft.work_dir) / "cache", model_sha256(path), limit=replay_n)
     with tempfile.TemporaryDirectory() as tmp:
