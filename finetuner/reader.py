@@ -4,7 +4,11 @@ Retrieval finds the evidence; the 135M model then misreads it (issue 18). RAFT (
 reader on question + right passage + distractors -> answer. Here each row of a reading set (a question, its
 short answer, the evidence passage and its date) becomes the server's own prompt (`kfresh.prompt.build_messages`,
 the served layout): the evidence alone, or (a share `pair_share`) the evidence with the most similar other
-passage of the set, both in date order as the server shows them. The target is the short answer; the loss is
+passage of the set, both in date order as the server shows them. The target is the short answer. With
+`refuse_share` (0 by default: measured, it refuses far too often), that share of rows is shown the two most
+similar other passages WITHOUT the evidence, and its target is the server's "not in the documents" reply (RAFT's
+distractor-only rows, with a refusal as the answer): what a retriever shows once the evidence is deleted or was
+never there. The loss is
 on the answer only, and KL toward the base model on the replay pool (`finetune.kl_weight`) keeps its general
 behaviour (the distillation recipe, `finetuner.train.train_encoded`).
 
@@ -43,7 +47,7 @@ from kfresh.core.files import build_dir_once, sha256_file
 from kfresh.finetuner.modeling import LoadedModel, Messages, render_prompt
 from kfresh.finetuner.train import Encoded
 from kfresh.indexer.documents import Hit
-from kfresh.prompt import build_messages
+from kfresh.prompt import NOT_FOUND_REPLY, build_messages
 
 log = logging.getLogger("kfresh.finetuner")
 MANIFEST = "kfresh-reader.json"
@@ -52,6 +56,9 @@ RECIPE_VERSION = 2  # bump when the examples or the recipe change, so cached rea
 # not a few facts, and no answer is ever "learned" (so early stopping on the validation loss ends it).
 RECIPE: dict[str, Any] = {"learning_rate": 5e-4, "max_epochs": 2, "time_budget_s": 1500.0, "learned_accuracy": 1.0}
 PAIR_SHARE = 0.3  # rows shown with their distractor
+REFUSE_SHARE = 0.0  # rows shown with distractors only, answered with the "not in the documents" reply (off:
+# at 0.2 the reader refused 46% of deleted-evidence questions but 32% with the evidence shown, README: Reading)
+REFUSE_WITH = 2  # distractors shown on a refusal row
 DOC_QUESTIONS = 3  # rows generated from one document of a reading set
 
 
@@ -86,6 +93,7 @@ class ReaderReport:
     validation_examples: int
     pair_share: float
     base_model: str
+    refuse_share: float = 0.0
     train: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -161,23 +169,54 @@ def _row(raw: dict[str, Any], where: str) -> ReadingRow:
 def nearest_other(rows: Sequence[ReadingRow], encode: Callable[[list[str]], np.ndarray]) -> list[int]:
     """For each row, the row whose evidence is closest to its question, other than its own: the distractor a
     retriever would most likely show beside (or instead of) the evidence."""
+    return [others[0] for others in nearest_others(rows, encode, 1)]
+
+
+def nearest_others(rows: Sequence[ReadingRow], encode: Callable[[list[str]], np.ndarray], n: int) -> list[list[int]]:
+    """For each row, the `n` rows with other evidence closest to its question, the closest first; one row per
+    evidence text (rows built from one document share it)."""
     evidence = encode([r.evidence for r in rows])
     questions = encode([r.question for r in rows])
     sims = questions @ evidence.T
     texts = np.array([r.evidence for r in rows], dtype=object)
     sims[texts[:, None] == texts[None, :]] = -np.inf  # its own evidence (other rows from the same document too)
-    return [int(i) for i in sims.argmax(axis=1)]
+    out = []
+    for i in range(len(rows)):
+        picked: list[int] = []
+        for j in np.argsort(-sims[i], kind="stable"):
+            if len(picked) == n or sims[i, j] == -np.inf:
+                break
+            if all(rows[j].evidence != rows[k].evidence for k in picked):
+                picked.append(int(j))
+        out.append(picked)
+    return out
 
 
 def examples(
-    rows: Sequence[ReadingRow], distractor: Sequence[int], *, pair_share: float, seed: int
+    rows: Sequence[ReadingRow],
+    distractor: Sequence[int],
+    *,
+    pair_share: float,
+    seed: int,
+    refuse_share: float = 0.0,
+    others: Sequence[Sequence[int]] = (),
 ) -> list[tuple[Messages, str]]:
-    """(the served prompt, the target answer) per row: the evidence alone, or with its distractor (in date order)."""
+    """(the served prompt, the target answer) per row: the evidence alone, or with its distractor (in date order);
+    or, a share `refuse_share`, its distractors alone (`others[i]`, default the distractor) answered with
+    NOT_FOUND_REPLY. A row whose answer one of those distractors states is never a refusal row (it is shown
+    with its evidence and distractor instead): the reply would be false."""
     rng = random.Random(seed)
     out = []
-    for row, other in zip(rows, distractor, strict=True):
+    for i, (row, other) in enumerate(zip(rows, distractor, strict=True)):
         shown = [row.hit()]
-        if rng.random() < pair_share:
+        draw = rng.random()
+        if draw < refuse_share:
+            hidden = [rows[j] for j in (others[i] if others else [other])]
+            if not any(row.answer.lower() in h.evidence.lower() for h in hidden):
+                shown = sorted([h.hit(0.5) for h in hidden], key=lambda h: (h.valid_from, h.doc_id))
+                out.append((build_messages(row.question, shown), NOT_FOUND_REPLY))
+                continue
+        if draw < refuse_share + pair_share:
             shown = sorted([row.hit(), rows[other].hit(0.5)], key=lambda h: (h.valid_from, h.doc_id))
         out.append((build_messages(row.question, shown), target(row.answer)))
     return out
@@ -202,11 +241,15 @@ def recipe(cfg: KfreshConfig, budget_s: float | None = None) -> FinetuneConfig:
     return cfg.finetune.model_copy(update=update)
 
 
-def reader_key(base_sha256: str, dataset_sha256: str, until: str, f: FinetuneConfig) -> str:
+def reader_key(
+    base_sha256: str, dataset_sha256: str, until: str, f: FinetuneConfig, refuse_share: float = REFUSE_SHARE
+) -> str:
     """What a built reader depends on: the base weights, the data, the cut-off and the recipe."""
     shape = {"v": RECIPE_VERSION, "lr": f.learning_rate, "rank": f.lora_rank, "alpha": f.lora_alpha,
               "targets": list(f.target_modules), "kl": f.kl_weight, "seed": f.seed, "budget": f.time_budget_s,
               "epochs": f.max_epochs, "batch": f.batch_size}  # fmt: skip
+    if refuse_share:  # keys of readers built without refusal rows stay what they were
+        shape["refuse"] = refuse_share
     blob = json.dumps([base_sha256, dataset_sha256, until, shape], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -232,6 +275,7 @@ def train_reader(
     *,
     settings: FinetuneConfig | None = None,
     pair_share: float = PAIR_SHARE,
+    refuse_share: float = REFUSE_SHARE,
     validation: int | None = None,
 ) -> dict[str, Any]:
     """Train the reader LoRA on `rows` (the newest `validation` rows early-stop it) with `settings` (default
@@ -248,11 +292,13 @@ def train_reader(
         if cfg.finetune.kl_weight > 0
         else []
     )
-    distractor = nearest_other(rows, encode)
-    pairs = examples(rows, distractor, pair_share=pair_share, seed=cfg.finetune.seed)
+    others = nearest_others(rows, encode, REFUSE_WITH)
+    pairs = examples(rows, [o[0] for o in others], pair_share=pair_share, seed=cfg.finetune.seed,
+                     refuse_share=refuse_share, others=others)  # fmt: skip
     encoded = [encode_example(lm.tokenizer, m, a) for m, a in pairs]
     train, val = encoded[:-validation], encoded[-validation:]
-    log.info("reader.examples train=%d validation=%d pair_share=%.2f", len(train), len(val), pair_share)
+    log.info("reader.examples train=%d validation=%d pair_share=%.2f refusals=%d", len(train), len(val), pair_share,
+             sum(a == NOT_FOUND_REPLY for _, a in pairs))  # fmt: skip
     result = train_encoded(lm, train, val, pool, settings or recipe(cfg), work_dir / "adapter", desc="reader: training")
     return {**result.to_dict(), "train_examples": len(train), "validation_examples": len(val)}
 
@@ -273,7 +319,14 @@ def merge(lm: LoadedModel, out_dir: Path, manifest: dict[str, Any]) -> Path:
 
 
 def build_reader(
-    cfg: KfreshConfig, dataset: Path, until: str, dest: Path, base_path: str, *, budget_s: float | None = None
+    cfg: KfreshConfig,
+    dataset: Path,
+    until: str,
+    dest: Path,
+    base_path: str,
+    *,
+    budget_s: float | None = None,
+    refuse_share: float = REFUSE_SHARE,
 ) -> ReaderReport:
     """Everything `kfresh provision --reader-data` does, into `dest` (a finished folder appears atomically);
     a reader already there for the same base, data, cut-off and recipe is kept (its report is returned)."""
@@ -286,16 +339,18 @@ def build_reader(
     rows = load_rows(dataset, until=cut)
     check_size(rows)
     data_sha, base_sha = sha256_file(dataset), model_sha256(base_path)
-    key = reader_key(base_sha, data_sha, until, settings)
+    key = reader_key(base_sha, data_sha, until, settings, refuse_share)
     report = ReaderReport(dataset=str(dataset), dataset_sha256=data_sha, until=until, rows=len(rows),
-                          train_examples=0, validation_examples=0, pair_share=PAIR_SHARE, base_model=base_path)  # fmt: skip
+                          train_examples=0, validation_examples=0, pair_share=PAIR_SHARE, base_model=base_path,
+                          refuse_share=refuse_share)  # fmt: skip
 
     def build(tmp: Path) -> None:
         import shutil
 
         lm = load_base(base_path, device=resolve_device(cfg.finetune.device))
         before = retention(lm)
-        figures = train_reader(cfg, lm, rows, create_embedder(cfg).encode, tmp / ".work", settings=settings)
+        figures = train_reader(cfg, lm, rows, create_embedder(cfg).encode, tmp / ".work", settings=settings,
+                               refuse_share=refuse_share)  # fmt: skip
         report.train = {k: v for k, v in figures.items() if k not in ("train_examples", "validation_examples")}
         report.train_examples, report.validation_examples = figures["train_examples"], figures["validation_examples"]
         report.checks = {"before": before, "after": retention(lm)}

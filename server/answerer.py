@@ -188,8 +188,9 @@ class Answerer:
         return asyncio.create_task(asyncio.to_thread(pick))
 
     async def _finish_quote(self, quoting: asyncio.Task[tuple[int, str] | None] | None, answer: str) -> str:
-        """The quote to append; a failure to pick one is logged and never fails the answer."""
-        if quoting is None:
+        """The quote to append; a failure to pick one is logged and never fails the answer. A model that said the
+        passages do not answer (a reader trained to refuse) gets no quote: it would contradict the reply."""
+        if quoting is None or reading.is_refusal(answer):
             return ""
         try:
             picked = await quoting
@@ -284,6 +285,8 @@ class Answerer:
             if want_quote:  # the model said nothing: the quote is the whole answer
                 quoting = self._start_quote(query.question, passages)
             quote = await self._finish_quote(quoting, "".join(said))
+            if not query.closed_book and reading.is_refusal("".join(said)):
+                finish_reason = "not_found"
             if quote:
                 said.append(quote)
                 yield AnswerDelta(quote)

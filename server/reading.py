@@ -23,7 +23,7 @@ import numpy as np
 from kfresh.core.config import AnswerConfig
 from kfresh.core.text import content_words, names, split_sentences
 from kfresh.indexer.documents import Hit
-from kfresh.prompt import Asked, Resolved, resolve_conflicts
+from kfresh.prompt import NOT_FOUND_REPLY, Asked, Resolved, resolve_conflicts
 
 
 def coverage(question: str, passages: Sequence[str]) -> list[float]:
@@ -120,6 +120,11 @@ def pick_quote(
     scores = np.asarray(vectors, dtype=np.float32) @ np.asarray(query_vec, dtype=np.float32)
     best = max(range(len(candidates)), key=lambda i: (round(float(scores[i]), 6), candidates[i][0]))
     return candidates[best]
+
+
+def is_refusal(answer: str) -> bool:
+    """The model's answer is the "not in the documents" reply (a reader trained to refuse says it)."""
+    return " ".join(answer.split()).lower().startswith(NOT_FOUND_REPLY.lower().rstrip("."))
 
 
 def format_quote(number: int, sentence: str, answer: str) -> str:

@@ -62,6 +62,15 @@ def test_bad_setting_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> Non
     assert "retrieval.max_k" in err and "Traceback" not in err
 
 
+def test_a_reader_refusal_share_outside_zero_to_one_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["provision", "--reader-refuse-share", "1.5"])
+    assert exc.value.code == 2
+    assert "--reader-refuse-share: 1.5 is not a share in [0, 1)" in capsys.readouterr().err
+
+
 def test_list_settings_take_comma_separated_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--finetune.trusted_sources", "port-avel-*, city/*"]) == 0
     assert '"trusted_sources": [\n      "port-avel-*",\n      "city/*"\n    ]' in capsys.readouterr().out

@@ -16,9 +16,10 @@ from kfresh.finetuner.reader import (
     examples,
     load_rows,
     nearest_other,
+    nearest_others,
     target,
 )
-from kfresh.prompt import build_messages
+from kfresh.prompt import NOT_FOUND_REPLY, build_messages
 
 CITIES = ["Tolby", "Marrowgate", "Quellin", "Ardent Bay", "Selwyn", "Brindle", "Fenwick Cross", "Odal"]
 RUNNERS = ["Mara Quell", "Jonas Vell", "Ilse Marrow", "Odalys Fenwick", "Peter Tallis", "Anika Crumb"]
@@ -135,6 +136,33 @@ def test_examples_are_the_served_prompt_with_the_evidence_and_sometimes_its_dist
             assert messages == build_messages(row.question, [row.hit()])
     assert singles and pairs  # both kinds at pair_share 0.5
     assert examples(rows, other, pair_share=0.5, seed=0) == made  # seeded
+
+
+def test_refusal_rows_show_other_passages_only_and_never_one_that_states_the_answer(tmp_path, models_config):
+    from kfresh.core.config import KfreshConfig
+    from kfresh.indexer.embedding.embedder import create_embedder
+
+    rows = load_rows(reading_set(tmp_path / "set.jsonl"))
+    others = nearest_others(rows, create_embedder(KfreshConfig(models=models_config)).encode, 2)
+    for i, picked in enumerate(others):
+        assert len(picked) == 2 and i not in picked
+        assert len({rows[j].evidence for j in [*picked, i]}) == 3  # two other passages, not its own twice
+    distractor = [o[0] for o in others]
+    assert distractor == nearest_other(rows, create_embedder(KfreshConfig(models=models_config)).encode)
+    made = examples(rows, distractor, pair_share=0.3, seed=0, refuse_share=0.6, others=others)
+    refusals = [(row, picked, m) for row, picked, (m, a) in zip(rows, others, made) if a == NOT_FOUND_REPLY]
+    assert refusals  # some rows at refuse_share 0.6
+    for row, picked, messages in refusals:
+        prompt = messages[1]["content"]
+        assert row.evidence not in prompt and all(rows[j].evidence in prompt for j in picked)
+        assert row.answer not in prompt  # the reply "not in the documents" is true
+    # rows whose distractors name their winner (the runners repeat across cities) are answered, never refused
+    stated = [i for i, p in enumerate(others) if any(rows[i].answer in rows[j].evidence for j in p)]
+    assert stated and all(made[i][1] == target(rows[i].answer) for i in stated)
+    # no refusal share: the examples of before, draw for draw
+    assert examples(rows, distractor, pair_share=0.3, seed=0, refuse_share=0.0, others=others) == examples(
+        rows, distractor, pair_share=0.3, seed=0
+    )
 
 
 def test_the_loss_is_on_the_answer_only(generator_path):

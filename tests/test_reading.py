@@ -12,6 +12,7 @@ from kfresh.server.reading import (
     asked,
     coverage,
     format_quote,
+    is_refusal,
     pick_quote,
     quote_candidates,
     rerank,
@@ -109,6 +110,13 @@ def test_the_quote_is_the_sentence_closest_to_the_question() -> None:
         "Lamps are old.",
     )  # tie: later passage
     assert pick_quote(np.zeros(3, dtype=np.float32), [], np.zeros((0, 3), dtype=np.float32)) is None
+
+
+def test_the_models_own_not_in_the_documents_reply_is_recognised() -> None:
+    assert is_refusal("I could not find this in the documents.")
+    assert is_refusal("  I could not find this in the\ndocuments")  # as streamed, cut short
+    assert not is_refusal("Mara Quell won. I could not find this in the documents.")
+    assert not is_refusal("I could not find the ferry, but the pier is open.")
 
 
 def test_a_quote_the_answer_already_holds_is_not_repeated() -> None:

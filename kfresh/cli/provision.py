@@ -30,11 +30,20 @@ def cmd_provision(args: argparse.Namespace) -> int:
         from kfresh.provisioning import provision_reader
 
         dest = Path(args.reader_out).expanduser().resolve() if args.reader_out else None
-        result.update(
-            provision_reader(cfg, args.reader_data, args.reader_until, dest=dest, budget_s=args.reader_budget_s)
-        )
+        built = provision_reader(
+            cfg, args.reader_data, args.reader_until, dest=dest, budget_s=args.reader_budget_s,
+            refuse_share=args.reader_refuse_share,
+        )  # fmt: skip
+        result.update(built)
     print_json({k: str(v) for k, v in result.items()})
     return 0
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in [0, 1)")
+    return value
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -85,6 +94,15 @@ def register(sub: Any) -> None:
         type=float,
         default=None,
         help="the reader's training time budget in seconds (default 1500; a shorter one trains less)",
+    )
+    p.add_argument(
+        "--reader-refuse-share",
+        metavar="P",
+        type=_share,
+        default=0.0,
+        help="share of rows shown without their evidence (its two nearest other passages) and answered 'I could not "
+        "find this in the documents.' (default 0; 0.2 refused 46%% of questions whose evidence was deleted but 32%% "
+        "of answerable ones, README: Reading)",
     )
     add_config_flags(p)
     p.set_defaults(func=cmd_provision)
