@@ -260,6 +260,11 @@ MIN_ROWS = 10
 def check_size(rows: Sequence[ReadingRow]) -> None:
     if len(rows) < MIN_ROWS:
         raise ReadingSetError(f"a reading set needs at least {MIN_ROWS} rows up to the cut-off; it has {len(rows)}")
+    if len({r.evidence for r in rows}) < 1 + REFUSE_WITH:  # every row needs other passages to be shown beside it
+        raise ReadingSetError(
+            f"a reading set needs at least {1 + REFUSE_WITH} different evidence passages up to the cut-off; "
+            f"it has {len({r.evidence for r in rows})}"
+        )
 
 
 def validation_size(rows: int) -> int:

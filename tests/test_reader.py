@@ -5,6 +5,7 @@ merged folder."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,16 @@ def test_refusal_rows_show_other_passages_only_and_never_one_that_states_the_ans
     assert examples(rows, distractor, pair_share=0.3, seed=0, refuse_share=0.0, others=others) == examples(
         rows, distractor, pair_share=0.3, seed=0
     )
+
+
+def test_a_reading_set_of_one_passage_is_refused_with_a_reason(tmp_path):
+    from kfresh.finetuner.reader import check_size
+
+    rows = load_rows(reading_set(tmp_path / "set.jsonl"))
+    same = [replace(r, evidence=rows[0].evidence) for r in rows]
+    with pytest.raises(ReadingSetError, match="at least 3 different evidence passages up to the cut-off; it has 1"):
+        check_size(same)
+    check_size(rows)
 
 
 def test_the_loss_is_on_the_answer_only(generator_path):
