@@ -47,7 +47,7 @@ def provision_reader(
     *,
     dest: Path | None = None,
     budget_s: float | None = None,
-    refuse_share: float = 0.0,
+    refuse_share: float | None = None,
 ) -> dict[str, Any]:
     """Build the reader (finetuner/reader.py) from the reading set `dataset` (rows up to `until`) on top of the
     configured generator, once, into the models cache; returns its folder and the build's figures.
@@ -56,8 +56,8 @@ def provision_reader(
     all k passages better than the best one alone, unlike the base model (README: How answers read the
     passages). A reader already built from the same base, data, cut-off and recipe is reused. `dest`
     overrides the folder, `budget_s` the training time budget, `refuse_share` the share of rows shown without their
-    evidence and answered "not in the documents" (0: measured, a higher share refuses too often)."""
-    from kfresh.finetuner.reader import build_reader
+    evidence and answered "not in the documents" (default the recipe's `reader.REFUSE_SHARE`)."""
+    from kfresh.finetuner.reader import REFUSE_SHARE, build_reader
 
     source = Path(dataset).expanduser()
     if not source.is_file():
@@ -65,7 +65,8 @@ def provision_reader(
     base = generator_path(cfg.models)
     dest = dest or Path(cfg.models.cache_dir).expanduser().resolve() / f"{Path(base).name}-reader"
     t0 = time.perf_counter()
-    report = build_reader(cfg, source.resolve(), until, dest, base, budget_s=budget_s, refuse_share=refuse_share)
+    report = build_reader(cfg, source.resolve(), until, dest, base, budget_s=budget_s,
+                          refuse_share=REFUSE_SHARE if refuse_share is None else refuse_share)  # fmt: skip
     log.info("provisioned reader -> %s in %.1f s", dest, time.perf_counter() - t0)
     return {"reader": str(dest), "reader_s": round(time.perf_counter() - t0, 3), "reader_rows": report.rows,
             "serve_with": f"--models.generator {dest} --answer.prompt_passages 0"}  # fmt: skip

@@ -284,8 +284,9 @@ class Answerer:
                     finish_reason = chunk.finish_reason or "stop"
             if want_quote:  # the model said nothing: the quote is the whole answer
                 quoting = self._start_quote(query.question, passages)
-            quote = await self._finish_quote(quoting, "".join(said))
-            if not query.closed_book and reading.is_refusal("".join(said)):
+            text = "".join(said)
+            quote = await self._finish_quote(quoting, text)
+            if not query.closed_book and reading.is_refusal(text):
                 finish_reason = "not_found"
             if quote:
                 said.append(quote)

@@ -99,7 +99,7 @@ def register(sub: Any) -> None:
         "--reader-refuse-share",
         metavar="P",
         type=_share,
-        default=0.0,
+        default=None,
         help="share of rows shown without their evidence (its two nearest other passages) and answered 'I could not "
         "find this in the documents.' (default 0; 0.2 refused 46%% of questions whose evidence was deleted but 32%% "
         "of answerable ones, README: Reading)",
